@@ -1,0 +1,312 @@
+//! The configuration vocabulary both services share: loading a TOML file so that every error
+//! names the file, the key and what was expected; secrets that come from a file, an
+//! environment variable or systemd credentials and never print; and byte sizes with units.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+/// A configuration problem, precise enough to fix without reading the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the configuration: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}{line}: {message}", line = line_suffix(*.line))]
+    Syntax {
+        file: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("{file}{line}: key `{key}`: {message}", line = line_suffix(*.line))]
+    Key {
+        file: PathBuf,
+        line: Option<usize>,
+        key: String,
+        message: String,
+    },
+}
+
+fn line_suffix(line: Option<usize>) -> String {
+    line.map(|l| format!(":{l}")).unwrap_or_default()
+}
+
+impl ConfigError {
+    /// A value that parsed but breaks a rule the type cannot express.
+    pub fn invalid(file: &Path, key: &str, expected: impl fmt::Display) -> ConfigError {
+        ConfigError::Key {
+            file: file.to_path_buf(),
+            line: None,
+            key: key.to_string(),
+            message: format!("expected {expected}"),
+        }
+    }
+}
+
+/// Reads and deserializes a TOML file; unknown keys are errors when `T` denies them.
+pub fn load_toml_file<T: DeserializeOwned>(file: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse_toml(file, &text)
+}
+
+/// Deserializes TOML text; `file` is only used to name the source in errors.
+pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    };
+    let deserializer = toml::de::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
+        file: file.to_path_buf(),
+        line: line_of(e.span()),
+        message: e.message().trim().to_string(),
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().trim().to_string();
+        if key == "." || key.is_empty() {
+            ConfigError::Syntax {
+                file: file.to_path_buf(),
+                line: line_of(inner.span()),
+                message,
+            }
+        } else {
+            ConfigError::Key {
+                file: file.to_path_buf(),
+                line: line_of(inner.span()),
+                key,
+                message,
+            }
+        }
+    })
+}
+
+/// Where a secret comes from: `{ file = "..." }` (a path, where `$CREDENTIALS_DIRECTORY` is
+/// expanded for systemd's `LoadCredential=`), `{ env = "VAR" }`, or `{ value = "..." }`.
+#[derive(Clone, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SecretSource {
+    File(String),
+    Env(String),
+    Value(String),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::File(path) => write!(f, "file {path:?}"),
+            SecretSource::Env(var) => write!(f, "env {var:?}"),
+            SecretSource::Value(_) => f.write_str("inline value"),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret; the error says where it looked, never what it found.
+    pub fn resolve(&self) -> Result<Secret, String> {
+        match self {
+            SecretSource::Value(value) => Ok(Secret(value.clone())),
+            SecretSource::Env(var) => std::env::var(var)
+                .map(Secret)
+                .map_err(|_| format!("the environment variable {var} is not set")),
+            SecretSource::File(path) => {
+                let path = expand_credentials_dir(path)?;
+                std::fs::read_to_string(&path)
+                    .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
+                    .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+fn expand_credentials_dir(path: &str) -> Result<PathBuf, String> {
+    for pattern in ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"] {
+        if path.contains(pattern) {
+            let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
+                format!(
+                    "{path} names $CREDENTIALS_DIRECTORY, which is not set (systemd sets it \
+                     for units with LoadCredential=)"
+                )
+            })?;
+            return Ok(PathBuf::from(path.replace(pattern, &dir)));
+        }
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// A resolved secret. It prints as `<redacted>` so it cannot leak into logs or config dumps.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A number of bytes, written as an integer or with a unit: `"64 MiB"`, `"10GB"`, `"512k"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size like 1048576, \"64 MiB\" or \"10 GB\""))?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?}: expected B, kB, KiB, MB, MiB, GB, GiB, TB or TiB"
+                ));
+            }
+        };
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        for (name, size) in UNITS {
+            if self.0 >= size && self.0 % size == 0 {
+                return write!(f, "{} {name}", self.0 / size);
+            }
+        }
+        write!(f, "{} B", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a size: a number of bytes or a string like \"64 MiB\"",
+            )
+        })? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => ByteSize::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        #[allow(dead_code)]
+        name: String,
+        inner: Inner,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        size: ByteSize,
+        #[allow(dead_code)]
+        #[serde(default)]
+        token: Option<SecretSource>,
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(ByteSize::parse("64 MiB"), Ok(ByteSize(64 << 20)));
+        assert_eq!(ByteSize::parse("10GB"), Ok(ByteSize(10_000_000_000)));
+        assert_eq!(ByteSize::parse("512"), Ok(ByteSize(512)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert_eq!(ByteSize(64 << 20).to_string(), "64 MiB");
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let file = Path::new("agent.toml");
+        let err = parse_toml::<Sample>(file, "name = \"x\"\n[inner]\nsize = \"3 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agent.toml:3: key `inner.size`"), "{err}");
+        assert!(err.contains("unknown size unit"), "{err}");
+
+        let err = parse_toml::<Sample>(file, "name = \"x\"\n[inner]\nsize = 1\nsise = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `sise`"), "{err}");
+        assert!(err.contains("key `inner"), "{err}");
+
+        let err = parse_toml::<Sample>(file, "name = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `inner`"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let secret = SecretSource::Value("hunter2".into()).resolve().unwrap();
+        assert_eq!(format!("{secret:?}"), "<redacted>");
+        assert!(!format!("{:?}", SecretSource::Value("hunter2".into())).contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_files_expand_the_credentials_directory() {
+        let dir = std::env::temp_dir().join(format!("backhaul-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token"), "s3cret\n").unwrap();
+        // SAFETY: this is the only test in the crate that touches this variable.
+        unsafe { std::env::set_var("CREDENTIALS_DIRECTORY", &dir) };
+        let secret = SecretSource::File("$CREDENTIALS_DIRECTORY/token".into())
+            .resolve()
+            .unwrap();
+        assert_eq!(secret.expose(), "s3cret");
+        let err = SecretSource::File("/nonexistent/token".into())
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("/nonexistent/token"), "{err}");
+    }
+}

@@ -1,0 +1,173 @@
+//! The binary frames between agent and relay: a batch of logged events, and the relay's
+//! acknowledgement. Each frame is one version byte followed by postcard.
+//!
+//! Decoding takes bytes from the network, so it never panics, refuses frames over a size
+//! limit before looking inside, and checks that a batch is consistent with itself.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::event::Event;
+use crate::stamped::{Epoch, StampedEvent};
+use crate::topics::check_site_id;
+
+/// The frame format version this build writes and reads.
+pub const FRAME_VERSION: u8 = 1;
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("empty frame")]
+    Empty,
+    #[error("frame of {len} bytes is over the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame version {0} is not supported (this build reads version {FRAME_VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("frame cannot be decoded: {0}")]
+    Malformed(String),
+    #[error("frame is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("frame cannot be encoded: {0}")]
+    Encode(String),
+}
+
+/// One event inside a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchEntry {
+    pub seq: u64,
+    pub received_at_ms: i64,
+    pub event: Event,
+}
+
+/// A run of events from one site's log, in sequence order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchFrame {
+    pub site: String,
+    pub epoch: Epoch,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub events: Vec<BatchEntry>,
+    /// Reserved for per-site batch signatures; `None` until signing exists.
+    pub signature: Option<Vec<u8>>,
+}
+
+/// What became of one event, as far as the relay knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Durable in the relay's outbox.
+    Stored,
+    /// Already in the outbox from an earlier batch; stored once.
+    Duplicate,
+    /// The ERP has it; `erp_ref` is the ERP's record id.
+    Posted { erp_ref: String },
+    /// The ERP refused it for good; it waits in the dead-letter queue.
+    DeadLettered { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventOutcome {
+    pub seq: u64,
+    pub id: String,
+    pub outcome: Outcome,
+}
+
+/// The relay's answer to a batch: everything of this epoch up to and including
+/// `acked_through` is durable in its outbox, and the agent may delete it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckFrame {
+    pub site: String,
+    pub epoch: Epoch,
+    pub acked_through: u64,
+    pub outcomes: Vec<EventOutcome>,
+}
+
+fn encode<T: Serialize>(frame: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![FRAME_VERSION];
+    postcard::to_io(frame, &mut out).map_err(|e| FrameError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, FrameError> {
+    if bytes.len() > max_len {
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            max: max_len,
+        });
+    }
+    let (&version, body) = bytes.split_first().ok_or(FrameError::Empty)?;
+    if version != FRAME_VERSION {
+        return Err(FrameError::UnsupportedVersion(version));
+    }
+    let (frame, rest) =
+        postcard::take_from_bytes(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the frame",
+            rest.len()
+        )));
+    }
+    Ok(frame)
+}
+
+impl BatchFrame {
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        encode(self)
+    }
+
+    /// Decodes a batch and checks it: a valid site id, a non-empty run of events with strictly
+    /// increasing sequence numbers inside `first_seq..=last_seq`.
+    pub fn decode(bytes: &[u8], max_len: usize) -> Result<BatchFrame, FrameError> {
+        let frame: BatchFrame = decode(bytes, max_len)?;
+        frame.check()?;
+        Ok(frame)
+    }
+
+    fn check(&self) -> Result<(), FrameError> {
+        check_site_id(&self.site).map_err(|e| FrameError::Inconsistent(format!("site: {e}")))?;
+        if self.first_seq > self.last_seq {
+            return Err(FrameError::Inconsistent(format!(
+                "first_seq {} is after last_seq {}",
+                self.first_seq, self.last_seq
+            )));
+        }
+        let (Some(first), Some(last)) = (self.events.first(), self.events.last()) else {
+            return Err(FrameError::Inconsistent("a batch holds no events".into()));
+        };
+        if first.seq != self.first_seq || last.seq != self.last_seq {
+            return Err(FrameError::Inconsistent(format!(
+                "events run from {} to {} but the batch says {} to {}",
+                first.seq, last.seq, self.first_seq, self.last_seq
+            )));
+        }
+        if let Some(pair) = self.events.windows(2).find(|w| w[0].seq >= w[1].seq) {
+            return Err(FrameError::Inconsistent(format!(
+                "sequence numbers must increase, but {} is followed by {}",
+                pair[0].seq, pair[1].seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// The batch's events as stamped records.
+    pub fn stamped(&self) -> impl Iterator<Item = StampedEvent> + '_ {
+        self.events.iter().map(|entry| StampedEvent {
+            site: self.site.clone(),
+            epoch: self.epoch,
+            seq: entry.seq,
+            received_at_ms: entry.received_at_ms,
+            event: entry.event.clone(),
+        })
+    }
+}
+
+impl AckFrame {
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8], max_len: usize) -> Result<AckFrame, FrameError> {
+        let frame: AckFrame = decode(bytes, max_len)?;
+        check_site_id(&frame.site).map_err(|e| FrameError::Inconsistent(format!("site: {e}")))?;
+        Ok(frame)
+    }
+}

@@ -1,0 +1,14 @@
+//! The public contract of Backhaul: the canonical warehouse event (its v1 JSON form and
+//! validation), the record the agent stamps on each accepted event, the postcard wire frames
+//! between agent and relay, the MQTT topic names, and the configuration vocabulary (secrets,
+//! byte sizes, precise config errors) that both services share.
+
+pub mod config;
+pub mod event;
+pub mod frame;
+pub mod stamped;
+pub mod topics;
+
+pub use event::{Event, EventType, MAX_EVENT_BYTES, MAX_STRING_CHARS, Violation, Violations};
+pub use frame::{AckFrame, BatchEntry, BatchFrame, EventOutcome, FrameError, Outcome};
+pub use stamped::{Epoch, OrderingKey, StampedEvent};

@@ -1,0 +1,61 @@
+//! MQTT topic names between agent and relay, and the rule for site ids that appear in them.
+
+/// The filter a relay subscribes to for every site's batches.
+pub const ALL_BATCHES_FILTER: &str = "backhaul/v1/sites/+/batches";
+const PREFIX: &str = "backhaul/v1/sites/";
+
+/// Where an agent publishes its batches.
+pub fn batches_topic(site: &str) -> String {
+    format!("{PREFIX}{site}/batches")
+}
+
+/// Where the relay acknowledges a site's batches.
+pub fn acks_topic(site: &str) -> String {
+    format!("{PREFIX}{site}/acks")
+}
+
+/// Where the relay reports what the ERP did with each of a site's events.
+pub fn outcomes_topic(site: &str) -> String {
+    format!("{PREFIX}{site}/outcomes")
+}
+
+/// The site a batches topic belongs to, or `None` if the topic is not a batches topic.
+pub fn site_of_batches_topic(topic: &str) -> Option<&str> {
+    let site = topic.strip_prefix(PREFIX)?.strip_suffix("/batches")?;
+    check_site_id(site).ok().map(|()| site)
+}
+
+/// A site id names a topic level, a directory and a metric label: 1-64 characters of
+/// `a-z 0-9 - _`, starting with a letter or digit.
+pub fn check_site_id(site: &str) -> Result<(), String> {
+    let ok_chars = site
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    let ok_start = site
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if site.is_empty() || site.len() > 64 || !ok_chars || !ok_start {
+        return Err(format!(
+            "{site:?} is not a site id: expected 1-64 characters of a-z, 0-9, '-' and '_', \
+             starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_topic_round_trips_to_its_site() {
+        assert_eq!(
+            site_of_batches_topic(&batches_topic("wh-east")),
+            Some("wh-east")
+        );
+        assert_eq!(site_of_batches_topic("backhaul/v1/sites/+/batches"), None);
+        assert_eq!(site_of_batches_topic("backhaul/v1/sites/a/b/batches"), None);
+        assert_eq!(site_of_batches_topic(&acks_topic("wh-east")), None);
+    }
+}
