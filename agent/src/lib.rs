@@ -1,1 +1,6 @@
-//! placeholder
+//! The site agent: takes scans over MQTT and WMS events over HTTP, makes each durable in its
+//! local log before acknowledging it, and forwards the log to the relay.
+
+pub mod config;
+pub mod service;
+pub mod shutdown;

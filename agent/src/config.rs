@@ -1,0 +1,205 @@
+//! The agent's configuration file: its shape, defaults and the checks made at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use backhaul_events::config::{ByteSize, ConfigError, Secret, SecretSource, load_toml_file};
+use backhaul_events::topics::check_site_id;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This warehouse's id; it names topics, metrics and every event's `site`.
+    pub site: String,
+    /// Where the durable log and the reject store live.
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Disk quota for events not yet acknowledged by the relay. When reached, producers are
+    /// refused (back-pressure) and an alarm is raised; nothing acknowledged is deleted.
+    pub max_bytes: ByteSize,
+    /// A durable flush happens at most this long after the first event starts waiting.
+    pub group_commit_delay_ms: u64,
+    /// At most this many events go into one flush.
+    pub group_commit_max_events: usize,
+    /// Page cache of the log's database.
+    pub cache_size: ByteSize,
+    /// How many rejected events are kept for inspection; the oldest go first.
+    pub max_rejects: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            max_bytes: ByteSize(10 << 30),
+            group_commit_delay_ms: 2,
+            group_commit_max_events: 4096,
+            cache_size: ByteSize(32 << 20),
+            max_rejects: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Where scanners connect (MQTT 3.1.1 and 5). Leave out `listen` to turn MQTT ingest off.
+    pub listen: Option<SocketAddr>,
+    /// Topic scanners publish to; `{device}` matches one topic level, the device id.
+    pub topic: String,
+    pub max_connections: usize,
+    pub max_packet_size: ByteSize,
+    /// Keep-alive asked of clients that ask for none (0), and the largest one granted.
+    pub max_keep_alive_secs: u16,
+    /// When true, a client may only publish to the topic of its own client id.
+    pub own_device_topic_only: bool,
+    /// Usernames and passwords of scanners; when empty, anonymous clients are accepted.
+    pub users: Vec<MqttUser>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: None,
+            topic: "scans/{device}".into(),
+            max_connections: 1000,
+            max_packet_size: ByteSize(64 << 10),
+            max_keep_alive_secs: 300,
+            own_device_topic_only: false,
+            users: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttUser {
+    pub username: String,
+    pub password: SecretSource,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where the WMS posts events and where `/healthz`, `/metrics` and `/v1/status` answer.
+    pub listen: SocketAddr,
+    /// Bearer token required on `POST /v1/events`; none means no authentication.
+    pub token: Option<SecretSource>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            token: None,
+        }
+    }
+}
+
+/// The configuration with its secrets read, ready to run.
+#[derive(Debug, Clone)]
+pub struct LoadedAgentConfig {
+    pub file: PathBuf,
+    pub config: AgentConfig,
+    pub http_token: Option<Secret>,
+    pub mqtt_users: Vec<(String, Secret)>,
+}
+
+impl AgentConfig {
+    /// Loads, checks and resolves the secrets of an agent configuration file.
+    pub fn load(file: &Path) -> Result<LoadedAgentConfig, ConfigError> {
+        let config: AgentConfig = load_toml_file(file)?;
+        config.check(file)?;
+        let http_token = match &config.http.token {
+            Some(source) => Some(source.resolve().map_err(|e| {
+                ConfigError::invalid(file, "http.token", format!("a readable secret: {e}"))
+            })?),
+            None => None,
+        };
+        let mut mqtt_users = Vec::new();
+        for (i, user) in config.mqtt.users.iter().enumerate() {
+            let secret = user.password.resolve().map_err(|e| {
+                ConfigError::invalid(
+                    file,
+                    &format!("mqtt.users[{i}].password"),
+                    format!("a readable secret: {e}"),
+                )
+            })?;
+            mqtt_users.push((user.username.clone(), secret));
+        }
+        Ok(LoadedAgentConfig {
+            file: file.to_path_buf(),
+            config,
+            http_token,
+            mqtt_users,
+        })
+    }
+
+    fn check(&self, file: &Path) -> Result<(), ConfigError> {
+        check_site_id(&self.site).map_err(|e| ConfigError::invalid(file, "site", e))?;
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(file, "state_dir", "a directory path"));
+        }
+        if self.log.max_bytes.0 < 1 << 20 {
+            return Err(ConfigError::invalid(
+                file,
+                "log.max_bytes",
+                "at least 1 MiB",
+            ));
+        }
+        if self.log.group_commit_delay_ms > 1000 {
+            return Err(ConfigError::invalid(
+                file,
+                "log.group_commit_delay_ms",
+                "at most 1000 (milliseconds); a few milliseconds is typical",
+            ));
+        }
+        if self.log.group_commit_max_events == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "log.group_commit_max_events",
+                "at least 1",
+            ));
+        }
+        let topic = &self.mqtt.topic;
+        let levels: Vec<&str> = topic.split('/').collect();
+        if levels.iter().filter(|l| **l == "{device}").count() != 1
+            || topic.contains(['+', '#'])
+            || levels
+                .iter()
+                .any(|l| l.is_empty() || (l.contains("{device}") && *l != "{device}"))
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "mqtt.topic",
+                "a topic with exactly one whole level `{device}` and no wildcards, like \"scans/{device}\"",
+            ));
+        }
+        if self.mqtt.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "mqtt.max_connections",
+                "at least 1",
+            ));
+        }
+        let packet = self.mqtt.max_packet_size.0;
+        if !(1024..=256 << 20).contains(&packet) {
+            return Err(ConfigError::invalid(
+                file,
+                "mqtt.max_packet_size",
+                "between 1 KiB and 256 MiB",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! The relay's configuration file: its shape, defaults and the checks made at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use backhaul_events::config::{ByteSize, ConfigError, Secret, SecretSource, load_toml_file};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Where the outbox lives.
+    pub state_dir: PathBuf,
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Start an in-process broker on `host:port` so one machine needs nothing else.
+    #[serde(default)]
+    pub embedded: bool,
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    /// When set, subscribe through `$share/{group}/...` so several relays split the sites.
+    #[serde(default)]
+    pub shared_group: Option<String>,
+    /// Largest batch frame accepted.
+    #[serde(default = "default_max_frame_size")]
+    pub max_frame_size: ByteSize,
+}
+
+fn default_client_id() -> String {
+    "backhaul-relay".into()
+}
+
+fn default_max_frame_size() -> ByteSize {
+    ByteSize(8 << 20)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    pub cache_size: ByteSize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            cache_size: ByteSize(64 << 20),
+        }
+    }
+}
+
+/// Exactly one connector section: `[sink.ledger]` for now.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub ledger: Option<LedgerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// The JSONL file each event is appended to once.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/v1/sites` answer.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
+        }
+    }
+}
+
+/// The configuration with its secrets read, ready to run.
+#[derive(Debug, Clone)]
+pub struct LoadedRelayConfig {
+    pub file: PathBuf,
+    pub config: RelayConfig,
+    pub broker_password: Option<Secret>,
+}
+
+impl RelayConfig {
+    /// Loads, checks and resolves the secrets of a relay configuration file.
+    pub fn load(file: &Path) -> Result<LoadedRelayConfig, ConfigError> {
+        let config: RelayConfig = load_toml_file(file)?;
+        config.check(file)?;
+        let broker_password = match &config.broker.password {
+            Some(source) => Some(source.resolve().map_err(|e| {
+                ConfigError::invalid(file, "broker.password", format!("a readable secret: {e}"))
+            })?),
+            None => None,
+        };
+        Ok(LoadedRelayConfig {
+            file: file.to_path_buf(),
+            config,
+            broker_password,
+        })
+    }
+
+    fn check(&self, file: &Path) -> Result<(), ConfigError> {
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(file, "state_dir", "a directory path"));
+        }
+        if self.broker.host.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "broker.host",
+                "a host name or address",
+            ));
+        }
+        if self.broker.client_id.is_empty() || self.broker.client_id.len() > 128 {
+            return Err(ConfigError::invalid(
+                file,
+                "broker.client_id",
+                "1 to 128 characters",
+            ));
+        }
+        if let Some(group) = &self.broker.shared_group {
+            if group.is_empty() || group.contains(['/', '+', '#']) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "broker.shared_group",
+                    "a name without '/', '+' or '#'",
+                ));
+            }
+        }
+        if self.broker.password.is_some() && self.broker.username.is_none() {
+            return Err(ConfigError::invalid(
+                file,
+                "broker.username",
+                "a username when broker.password is set",
+            ));
+        }
+        if !(64 << 10..=256 << 20).contains(&self.broker.max_frame_size.0) {
+            return Err(ConfigError::invalid(
+                file,
+                "broker.max_frame_size",
+                "between 64 KiB and 256 MiB",
+            ));
+        }
+        if self.sink.ledger.is_none() {
+            return Err(ConfigError::invalid(
+                file,
+                "sink",
+                "one connector section, such as [sink.ledger]",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! `cargo xtask`: the project's own commands. `test` runs every check CI runs and installs what
+//! the tests need; `demo` runs the whole pipeline on one machine; `bench` measures.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Format check, clippy, and the whole test suite (installs Mosquitto when missing).
+    Test {
+        /// Also run the long soak scenarios.
+        #[arg(long)]
+        long: bool,
+        /// Extra arguments for cargo-nextest (a test name filter, say).
+        #[arg(trailing_var_arg = true)]
+        nextest_args: Vec<String>,
+    },
+    /// Run the whole pipeline on this machine with a live view.
+    Demo,
+    /// Measure speed and memory; prints a table and writes JSON under target/bench/.
+    Bench {
+        /// Which benchmark: ingest (more arrive with later work).
+        #[arg(default_value = "all")]
+        which: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Test { long, nextest_args } => test(long, &nextest_args),
+        Task::Demo => demo(),
+        Task::Bench { which } => bench(&which),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn run(step: &str, command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {step}");
+    let status = command
+        .status()
+        .with_context(|| format!("{step}: cannot start {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{step} failed ({status})");
+    }
+    Ok(())
+}
+
+fn on_path(program: &str) -> bool {
+    let dirs = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&dirs)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .any(|dir| dir.join(program).is_file())
+}
+
+/// Installs Debian packages that provide the given programs, when any is missing.
+fn ensure_debian_packages(needs: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages {missing:?} for the tests");
+    let install = || -> anyhow::Result<()> {
+        run(
+            "apt-get update",
+            Command::new("apt-get").args(["update", "-qq"]),
+        )?;
+        run(
+            "apt-get install",
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    install().with_context(|| {
+        format!(
+            "the tests need the Debian packages {} and they could not be installed; \
+             install them with: sudo apt-get install {}",
+            missing.join(", "),
+            missing.join(" ")
+        )
+    })?;
+    for (program, package) in needs {
+        if !on_path(program) {
+            bail!("{program} is still missing after installing the Debian package {package}");
+        }
+    }
+    Ok(())
+}
+
+fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
+    if Command::new("cargo-nextest")
+        .arg("--version")
+        .output()
+        .is_err()
+        && cargo()
+            .args(["nextest", "--version"])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+    {
+        bail!("cargo-nextest is missing: install it with `cargo install cargo-nextest --locked`");
+    }
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--check"]),
+    )?;
+    run(
+        "cargo clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    ensure_debian_packages(&[
+        ("mosquitto", "mosquitto"),
+        ("mosquitto_pub", "mosquitto-clients"),
+    ])?;
+    // The end-to-end tests start the real binaries, so they must be built first.
+    run(
+        "cargo build (binaries)",
+        cargo().args(["build", "--workspace", "--bins"]),
+    )?;
+    let mut nextest = cargo();
+    nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    if long {
+        nextest.env("BACKHAUL_LONG_TESTS", "1");
+    }
+    nextest.args(nextest_args);
+    run("cargo nextest run", &mut nextest)
+}
+
+fn demo() -> anyhow::Result<()> {
+    bail!(
+        "the demo is not built yet: it needs the forwarder (agent → broker → relay), the relay's \
+         ledger, and the scanner simulator. Until they land, run `cargo xtask test`."
+    )
+}
+
+fn bench(which: &str) -> anyhow::Result<()> {
+    bail!("no benchmark named {which:?} exists yet")
+}
