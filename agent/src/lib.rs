@@ -2,5 +2,6 @@
 //! local log before acknowledging it, and forwards the log to the relay.
 
 pub mod config;
+pub mod log;
 pub mod service;
 pub mod shutdown;

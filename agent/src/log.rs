@@ -1,0 +1,766 @@
+//! The agent's durable event log: one redb database in the state directory, written by a
+//! single group-commit thread so that events arriving together share one fdatasync.
+//!
+//! What it owns: sequence numbers within the log's epoch, deduplication by event id while an
+//! event is in the log, the disk quota, deletion of what the relay acknowledged, giving freed
+//! space back to the file system, and the bounded reject store.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use backhaul_events::{Epoch, Event, Violation};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const REJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("rejects");
+
+const META_EPOCH: &str = "epoch";
+const META_NEXT_SEQ: &str = "next_seq";
+const META_LIVE_BYTES: &str = "live_bytes";
+const META_NEXT_REJECT: &str = "next_reject";
+
+/// Bytes counted for an event beyond its encoded record: its keys in both tables.
+const PER_EVENT_OVERHEAD: u64 = 8 + 8 + 16;
+/// The longest raw payload kept with a reject.
+const MAX_REJECT_PAYLOAD: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub cache_size: usize,
+    pub group_commit_delay: Duration,
+    pub group_commit_max_events: usize,
+    pub max_rejects: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(
+        "the event log {path} cannot be opened: {reason}. Nothing in it was deleted; move the \
+         file aside to start a new log (a new epoch), or restore it from a backup"
+    )]
+    Damaged { path: PathBuf, reason: String },
+    #[error("the event log {path} is in use by another process")]
+    InUse { path: PathBuf },
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("event log storage error: {0}")]
+    Storage(String),
+    #[error("the event log has stopped")]
+    Closed,
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> LogError {
+    LogError::Storage(e.to_string())
+}
+
+/// An event as kept in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedEvent {
+    pub received_at_ms: i64,
+    pub event: Event,
+}
+
+/// What became of one event offered to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Durable under this sequence number.
+    Stored { seq: u64 },
+    /// An event with this id is already in the log, under this sequence number.
+    Duplicate { seq: u64 },
+    /// The disk quota is full; the producer must keep the event and retry.
+    QuotaExceeded,
+}
+
+/// An event refused at the edge, kept for inspection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectRecord {
+    pub at_ms: i64,
+    pub transport: String,
+    /// The MQTT client id and topic, or the HTTP peer address.
+    pub sender: String,
+    /// The payload as received (lossy UTF-8), cut at 16 KiB.
+    pub payload: String,
+    pub payload_truncated: bool,
+    pub violations: Vec<Violation>,
+}
+
+impl RejectRecord {
+    pub fn new(
+        transport: &str,
+        sender: String,
+        payload: &[u8],
+        violations: Vec<Violation>,
+    ) -> Self {
+        let cut = payload.len().min(MAX_REJECT_PAYLOAD);
+        RejectRecord {
+            at_ms: now_ms(),
+            transport: transport.to_string(),
+            sender,
+            payload: String::from_utf8_lossy(&payload[..cut]).into_owned(),
+            payload_truncated: cut < payload.len(),
+            violations,
+        }
+    }
+}
+
+/// A snapshot of the log's state for status, metrics and the quota check.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LogStats {
+    pub epoch: String,
+    pub next_seq: u64,
+    pub backlog_events: u64,
+    pub backlog_bytes: u64,
+    pub oldest_seq: Option<u64>,
+    pub oldest_received_at_ms: Option<i64>,
+    pub max_bytes: u64,
+    pub quota_exceeded: bool,
+    pub rejects_stored: u64,
+    pub file_bytes: u64,
+    pub flushes: u64,
+    pub compactions: u64,
+}
+
+enum Request {
+    Append {
+        events: Vec<(Event, i64)>,
+        enqueued: Instant,
+        reply: oneshot::Sender<Result<Vec<Appended>, LogError>>,
+    },
+    Reject {
+        record: Box<RejectRecord>,
+        enqueued: Instant,
+        reply: oneshot::Sender<Result<(), LogError>>,
+    },
+    AckThrough {
+        seq: u64,
+        reply: oneshot::Sender<Result<u64, LogError>>,
+    },
+}
+
+struct Shared {
+    db: RwLock<Database>,
+    epoch: Epoch,
+    path: PathBuf,
+    stats: Mutex<LogStats>,
+    flush_observer: Mutex<Option<Box<dyn Fn(Duration, usize) + Send>>>,
+}
+
+/// A handle to the log; cheap to clone. The writer thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct EventLog {
+    shared: Arc<Shared>,
+    requests: mpsc::Sender<Request>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl EventLog {
+    /// Opens the log in `options.dir`, creating it (and a new epoch) when there is none.
+    /// A damaged file fails the open; it is never truncated or replaced.
+    pub fn open(options: LogOptions) -> Result<EventLog, LogError> {
+        std::fs::create_dir_all(&options.dir).map_err(|source| LogError::StateDir {
+            path: options.dir.clone(),
+            source,
+        })?;
+        let path = options.dir.join("events.redb");
+        let existed = path.exists();
+        let mut builder = Database::builder();
+        builder.set_cache_size(options.cache_size);
+        // A plain open trusts the file; a damaged page could then panic on read. Verifying
+        // every page at open turns damage into a clear error instead.
+        builder.set_check_integrity_on_open(true);
+        let db = match if existed {
+            builder.open(&path)
+        } else {
+            builder.create(&path)
+        } {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(LogError::InUse { path });
+            }
+            Err(e) => {
+                return Err(LogError::Damaged {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let (epoch, stats) = initialise(&db, &path, &options)?;
+        let shared = Arc::new(Shared {
+            db: RwLock::new(db),
+            epoch,
+            path: path.clone(),
+            stats: Mutex::new(stats),
+            flush_observer: Mutex::new(None),
+        });
+        let (requests, receiver) = mpsc::channel();
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || Writer::new(writer_shared, options).run(receiver))
+            .map_err(|e| LogError::Storage(format!("cannot start the log writer: {e}")))?;
+        let log = EventLog { shared, requests };
+        log.compact_now()?;
+        Ok(log)
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.shared.epoch
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Called after every durable flush with its duration and the number of requests it served.
+    pub fn set_flush_observer(&self, observer: impl Fn(Duration, usize) + Send + 'static) {
+        if let Ok(mut slot) = self.shared.flush_observer.lock() {
+            *slot = Some(Box::new(observer));
+        }
+    }
+
+    pub fn stats(&self) -> LogStats {
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Appends events; resolves only after they are flushed to disk.
+    pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, LogError> {
+        let received_at = now_ms();
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Append {
+                events: events.into_iter().map(|e| (e, received_at)).collect(),
+                enqueued: Instant::now(),
+                reply,
+            })
+            .map_err(|_| LogError::Closed)?;
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Keeps a rejected event for inspection; resolves once it is stored.
+    pub async fn record_reject(&self, record: RejectRecord) -> Result<(), LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Reject {
+                record: Box::new(record),
+                enqueued: Instant::now(),
+                reply,
+            })
+            .map_err(|_| LogError::Closed)?;
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Deletes every event up to and including `seq`; returns how many were deleted.
+    pub async fn ack_through(&self, seq: u64) -> Result<u64, LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::AckThrough { seq, reply })
+            .map_err(|_| LogError::Closed)?;
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Reads events in sequence order from `from_seq`, at most `max_events` of them and
+    /// stopping once `max_bytes` of records have been read (at least one is always returned).
+    pub fn read_from(
+        &self,
+        from_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, LoggedEvent)>, LogError> {
+        let db = self.shared.db.read().map_err(|_| LogError::Closed)?;
+        let txn = db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(EVENTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for entry in table.range(from_seq..).map_err(storage)? {
+            let (key, value) = entry.map_err(storage)?;
+            let raw = value.value();
+            let record: LoggedEvent = postcard::from_bytes(raw).map_err(|e| {
+                LogError::Storage(format!("record {} cannot be decoded: {e}", key.value()))
+            })?;
+            bytes += raw.len();
+            out.push((key.value(), record));
+            if out.len() >= max_events || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The most recent rejects, newest first.
+    pub fn recent_rejects(&self, limit: usize) -> Result<Vec<RejectRecord>, LogError> {
+        let db = self.shared.db.read().map_err(|_| LogError::Closed)?;
+        let txn = db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(REJECTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(storage)?.rev().take(limit) {
+            let (_, value) = entry.map_err(storage)?;
+            if let Ok(record) = serde_json::from_slice(value.value()) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives the file's free pages back to the file system now.
+    pub fn compact_now(&self) -> Result<bool, LogError> {
+        compact(&self.shared)
+    }
+}
+
+fn compact(shared: &Shared) -> Result<bool, LogError> {
+    let mut db = shared.db.write().map_err(|_| LogError::Closed)?;
+    let mut compacted = false;
+    // Each pass can free more of the file's tail; stop when one finds nothing to move.
+    for _ in 0..8 {
+        match db.compact() {
+            Ok(true) => compacted = true,
+            Ok(false) => break,
+            Err(e) => return Err(storage(e)),
+        }
+    }
+    drop(db);
+    if compacted {
+        if let Ok(mut stats) = shared.stats.lock() {
+            stats.compactions += 1;
+            stats.file_bytes = file_len(&shared.path);
+        }
+    }
+    Ok(compacted)
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn read_u64(table: &redb::Table<&str, &[u8]>, key: &str) -> Result<Option<u64>, LogError> {
+    match table.get(key).map_err(storage)? {
+        Some(value) => {
+            let bytes: [u8; 8] = value
+                .value()
+                .try_into()
+                .map_err(|_| LogError::Storage(format!("meta {key} is not 8 bytes")))?;
+            Ok(Some(u64::from_be_bytes(bytes)))
+        }
+        None => Ok(None),
+    }
+}
+
+fn write_u64(table: &mut redb::Table<&str, &[u8]>, key: &str, value: u64) -> Result<(), LogError> {
+    table
+        .insert(key, value.to_be_bytes().as_slice())
+        .map_err(storage)?;
+    Ok(())
+}
+
+/// Reads (or, for a new log, creates) the epoch and counters.
+fn initialise(
+    db: &Database,
+    path: &Path,
+    options: &LogOptions,
+) -> Result<(Epoch, LogStats), LogError> {
+    let txn = db.begin_write().map_err(storage)?;
+    let (epoch, next_seq, live_bytes, oldest, backlog_events, rejects_stored) = {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let stored_epoch = meta
+            .get(META_EPOCH)
+            .map_err(storage)?
+            .map(|value| value.value().to_vec());
+        let epoch = match stored_epoch {
+            Some(value) => {
+                let bytes: [u8; 16] =
+                    value.as_slice().try_into().map_err(|_| LogError::Damaged {
+                        path: path.to_path_buf(),
+                        reason: "the epoch record is not 16 bytes".into(),
+                    })?;
+                Epoch(u128::from_be_bytes(bytes))
+            }
+            None => {
+                // Zero is never used, so a missing epoch can never look valid.
+                let epoch = Epoch(rand::random::<u128>().max(1));
+                meta.insert(META_EPOCH, epoch.0.to_be_bytes().as_slice())
+                    .map_err(storage)?;
+                epoch
+            }
+        };
+        let next_seq = read_u64(&meta, META_NEXT_SEQ)?.unwrap_or(1);
+        let live_bytes = read_u64(&meta, META_LIVE_BYTES)?.unwrap_or(0);
+        let events = txn.open_table(EVENTS).map_err(storage)?;
+        let oldest = match events.first().map_err(storage)? {
+            Some((key, value)) => {
+                let record: LoggedEvent =
+                    postcard::from_bytes(value.value()).map_err(|e| LogError::Damaged {
+                        path: path.to_path_buf(),
+                        reason: format!("record {} cannot be decoded: {e}", key.value()),
+                    })?;
+                Some((key.value(), record.received_at_ms))
+            }
+            None => None,
+        };
+        let backlog_events = events.len().map_err(storage)?;
+        txn.open_table(IDS).map_err(storage)?;
+        let rejects_stored = txn
+            .open_table(REJECTS)
+            .map_err(storage)?
+            .len()
+            .map_err(storage)?;
+        (
+            epoch,
+            next_seq,
+            live_bytes,
+            oldest,
+            backlog_events,
+            rejects_stored,
+        )
+    };
+    txn.commit().map_err(storage)?;
+    let stats = LogStats {
+        epoch: epoch.to_string(),
+        next_seq,
+        backlog_events,
+        backlog_bytes: live_bytes,
+        oldest_seq: oldest.map(|o| o.0),
+        oldest_received_at_ms: oldest.map(|o| o.1),
+        max_bytes: options.max_bytes,
+        quota_exceeded: false,
+        rejects_stored,
+        file_bytes: file_len(path),
+        flushes: 0,
+        compactions: 0,
+    };
+    Ok((epoch, stats))
+}
+
+/// The single thread that writes the log.
+struct Writer {
+    shared: Arc<Shared>,
+    options: LogOptions,
+    last_compaction_check: Instant,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, options: LogOptions) -> Writer {
+        Writer {
+            shared,
+            options,
+            last_compaction_check: Instant::now(),
+        }
+    }
+
+    fn run(mut self, receiver: mpsc::Receiver<Request>) {
+        loop {
+            let first = match receiver.recv_timeout(Duration::from_secs(5)) {
+                Ok(request) => request,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.maybe_compact();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let batch = self.gather(first, &receiver);
+            self.commit(batch);
+            self.maybe_compact();
+        }
+    }
+
+    /// Takes every waiting request, and waits for more until the first has waited the group
+    /// commit delay or the batch is full.
+    fn gather(&self, first: Request, receiver: &mpsc::Receiver<Request>) -> Vec<Request> {
+        let deadline = match &first {
+            Request::Append { enqueued, .. } | Request::Reject { enqueued, .. } => {
+                *enqueued + self.options.group_commit_delay
+            }
+            Request::AckThrough { .. } => Instant::now(),
+        };
+        let mut events = event_count(&first);
+        let mut batch = vec![first];
+        while events < self.options.group_commit_max_events {
+            let next = match receiver.try_recv() {
+                Ok(request) => request,
+                Err(_) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match receiver.recv_timeout(deadline - now) {
+                        Ok(request) => request,
+                        Err(_) => break,
+                    }
+                }
+            };
+            events += event_count(&next);
+            batch.push(next);
+        }
+        batch
+    }
+
+    fn commit(&mut self, batch: Vec<Request>) {
+        let started = Instant::now();
+        let served = batch.len();
+        let result = self.write(&batch);
+        match result {
+            Ok(outcomes) => {
+                let flush = started.elapsed();
+                if let Ok(observer) = self.shared.flush_observer.lock() {
+                    if let Some(observer) = observer.as_ref() {
+                        observer(flush, served);
+                    }
+                }
+                for (request, outcome) in batch.into_iter().zip(outcomes) {
+                    match (request, outcome) {
+                        (Request::Append { reply, .. }, Outcome::Appended(list)) => {
+                            let _ = reply.send(Ok(list));
+                        }
+                        (Request::Reject { reply, .. }, Outcome::Rejected) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        (Request::AckThrough { reply, .. }, Outcome::Acked(n)) => {
+                            let _ = reply.send(Ok(n));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "event log write failed; nothing in it was acknowledged");
+                // Counters may have moved inside the failed transaction: reload them.
+                if let Ok(db) = self.shared.db.read() {
+                    if let Ok((_, stats)) = initialise(&db, &self.shared.path, &self.options) {
+                        if let Ok(mut current) = self.shared.stats.lock() {
+                            *current = stats;
+                        }
+                    }
+                }
+                let message = e.to_string();
+                for request in batch {
+                    let error = || LogError::Storage(message.clone());
+                    match request {
+                        Request::Append { reply, .. } => drop(reply.send(Err(error()))),
+                        Request::Reject { reply, .. } => drop(reply.send(Err(error()))),
+                        Request::AckThrough { reply, .. } => drop(reply.send(Err(error()))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, batch: &[Request]) -> Result<Vec<Outcome>, LogError> {
+        let db = self.shared.db.read().map_err(|_| LogError::Closed)?;
+        let mut stats = self.stats();
+        let mut txn = db.begin_write().map_err(storage)?;
+        // Recovery after a crash then takes milliseconds instead of a walk of the whole file.
+        txn.set_quick_repair(true);
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for request in batch {
+            outcomes.push(match request {
+                Request::Append { events, .. } => {
+                    Outcome::Appended(self.append(&txn, events, &mut stats)?)
+                }
+                Request::Reject { record, .. } => {
+                    self.reject(&txn, record, &mut stats)?;
+                    Outcome::Rejected
+                }
+                Request::AckThrough { seq, .. } => {
+                    Outcome::Acked(self.delete_through(&txn, *seq, &mut stats)?)
+                }
+            });
+        }
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            write_u64(&mut meta, META_NEXT_SEQ, stats.next_seq)?;
+            write_u64(&mut meta, META_LIVE_BYTES, stats.backlog_bytes)?;
+        }
+        txn.commit().map_err(storage)?;
+        drop(db);
+        stats.flushes += 1;
+        stats.file_bytes = file_len(&self.shared.path);
+        if let Ok(mut current) = self.shared.stats.lock() {
+            stats.compactions = current.compactions;
+            *current = stats;
+        }
+        Ok(outcomes)
+    }
+
+    fn stats(&self) -> LogStats {
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    fn append(
+        &self,
+        txn: &WriteTransaction,
+        events: &[(Event, i64)],
+        stats: &mut LogStats,
+    ) -> Result<Vec<Appended>, LogError> {
+        let mut table = txn.open_table(EVENTS).map_err(storage)?;
+        let mut ids = txn.open_table(IDS).map_err(storage)?;
+        let mut out = Vec::with_capacity(events.len());
+        let mut buf = Vec::with_capacity(512);
+        for (event, received_at_ms) in events {
+            if let Some(seq) = ids.get(event.id.as_str()).map_err(storage)? {
+                out.push(Appended::Duplicate { seq: seq.value() });
+                continue;
+            }
+            buf.clear();
+            let record = LoggedEvent {
+                received_at_ms: *received_at_ms,
+                event: event.clone(),
+            };
+            buf = postcard::to_extend(&record, std::mem::take(&mut buf)).map_err(storage)?;
+            let size = buf.len() as u64 + event.id.len() as u64 + PER_EVENT_OVERHEAD;
+            if stats.backlog_bytes + size > self.options.max_bytes {
+                stats.quota_exceeded = true;
+                out.push(Appended::QuotaExceeded);
+                continue;
+            }
+            let seq = stats.next_seq;
+            table.insert(seq, buf.as_slice()).map_err(storage)?;
+            ids.insert(event.id.as_str(), seq).map_err(storage)?;
+            stats.next_seq += 1;
+            stats.backlog_bytes += size;
+            stats.backlog_events += 1;
+            if stats.oldest_seq.is_none() {
+                stats.oldest_seq = Some(seq);
+                stats.oldest_received_at_ms = Some(*received_at_ms);
+            }
+            out.push(Appended::Stored { seq });
+        }
+        Ok(out)
+    }
+
+    fn reject(
+        &self,
+        txn: &WriteTransaction,
+        record: &RejectRecord,
+        stats: &mut LogStats,
+    ) -> Result<(), LogError> {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let key = read_u64(&meta, META_NEXT_REJECT)?.unwrap_or(1);
+        write_u64(&mut meta, META_NEXT_REJECT, key + 1)?;
+        let mut table = txn.open_table(REJECTS).map_err(storage)?;
+        let bytes = serde_json::to_vec(record).map_err(storage)?;
+        table.insert(key, bytes.as_slice()).map_err(storage)?;
+        while table.len().map_err(storage)? > self.options.max_rejects {
+            table.pop_first().map_err(storage)?;
+        }
+        stats.rejects_stored = table.len().map_err(storage)?;
+        Ok(())
+    }
+
+    fn delete_through(
+        &self,
+        txn: &WriteTransaction,
+        seq: u64,
+        stats: &mut LogStats,
+    ) -> Result<u64, LogError> {
+        let mut table = txn.open_table(EVENTS).map_err(storage)?;
+        let mut ids = txn.open_table(IDS).map_err(storage)?;
+        let mut deleted = 0u64;
+        let mut freed = 0u64;
+        {
+            let extracted = table
+                .extract_from_if(..=seq, |_, _| true)
+                .map_err(storage)?;
+            for entry in extracted {
+                let (key, value) = entry.map_err(storage)?;
+                let raw = value.value();
+                let record: LoggedEvent = postcard::from_bytes(raw).map_err(|e| {
+                    LogError::Storage(format!("record {} cannot be decoded: {e}", key.value()))
+                })?;
+                ids.remove(record.event.id.as_str()).map_err(storage)?;
+                freed += raw.len() as u64 + record.event.id.len() as u64 + PER_EVENT_OVERHEAD;
+                deleted += 1;
+            }
+        }
+        stats.backlog_bytes = stats.backlog_bytes.saturating_sub(freed);
+        stats.backlog_events = table.len().map_err(storage)?;
+        match table.first().map_err(storage)? {
+            Some((key, value)) => {
+                let received = postcard::from_bytes::<LoggedEvent>(value.value())
+                    .map(|r| r.received_at_ms)
+                    .ok();
+                stats.oldest_seq = Some(key.value());
+                stats.oldest_received_at_ms = received;
+            }
+            None => {
+                stats.oldest_seq = None;
+                stats.oldest_received_at_ms = None;
+            }
+        }
+        if deleted > 0 {
+            stats.quota_exceeded = false;
+        }
+        Ok(deleted)
+    }
+
+    /// Shrinks the file once most of it is free space, so an acknowledged backlog really gives
+    /// its disk back. Checked at most every few seconds, and only when nothing is waiting.
+    fn maybe_compact(&mut self) {
+        if self.last_compaction_check.elapsed() < Duration::from_secs(2) {
+            return;
+        }
+        self.last_compaction_check = Instant::now();
+        let stats = self.stats();
+        let file = file_len(&self.shared.path);
+        let worth_it = file > 16 << 20 && file > 4 * stats.backlog_bytes.max(1);
+        if worth_it {
+            let started = Instant::now();
+            match compact(&self.shared) {
+                Ok(_) => tracing::info!(
+                    before_bytes = file,
+                    after_bytes = file_len(&self.shared.path),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "event log compacted"
+                ),
+                Err(e) => tracing::warn!(error = %e, "event log compaction failed"),
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Appended(Vec<Appended>),
+    Rejected,
+    Acked(u64),
+}
+
+fn event_count(request: &Request) -> usize {
+    match request {
+        Request::Append { events, .. } => events.len(),
+        _ => 1,
+    }
+}

@@ -1,0 +1,263 @@
+//! The durable log on its own: sequence numbers, deduplication, acknowledged deletion, the
+//! quota, reopening, refusing a damaged file, and giving disk space back.
+
+use std::time::{Duration, Instant};
+
+use backhaul_agent::log::{Appended, EventLog, LogError, LogOptions, RejectRecord};
+use backhaul_events::event::parse_event;
+use backhaul_events::{Event, Violation};
+
+fn options(dir: &std::path::Path) -> LogOptions {
+    LogOptions {
+        dir: dir.to_path_buf(),
+        max_bytes: 64 << 20,
+        cache_size: 8 << 20,
+        group_commit_delay: Duration::from_millis(1),
+        group_commit_max_events: 4096,
+        max_rejects: 3,
+    }
+}
+
+fn event(id: &str) -> Event {
+    parse_event(
+        format!(
+            r#"{{"v":1,"id":"{id}","type":"pick","ts":"2026-11-22T10:15:00Z","order":"SO-1",
+               "sku":"SKU-1","qty":"1.50","location":"A-01","attrs":{{"pad":"{}"}}}}"#,
+            "x".repeat(100)
+        )
+        .as_bytes(),
+    )
+    .expect("valid test event")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn appends_get_sequence_numbers_and_duplicates_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(options(dir.path())).unwrap();
+    let rt = runtime();
+    let first = rt
+        .block_on(log.append(vec![event("a"), event("b"), event("a")]))
+        .unwrap();
+    assert_eq!(
+        first,
+        vec![
+            Appended::Stored { seq: 1 },
+            Appended::Stored { seq: 2 },
+            Appended::Duplicate { seq: 1 }
+        ]
+    );
+    let again = rt
+        .block_on(log.append(vec![event("b"), event("c")]))
+        .unwrap();
+    assert_eq!(
+        again,
+        vec![Appended::Duplicate { seq: 2 }, Appended::Stored { seq: 3 }]
+    );
+    let read = log.read_from(2, 10, usize::MAX).unwrap();
+    let ids: Vec<(u64, &str)> = read
+        .iter()
+        .map(|(s, r)| (*s, r.event.id.as_str()))
+        .collect();
+    assert_eq!(ids, vec![(2, "b"), (3, "c")]);
+    assert_eq!(read[0].1.event, event("b"));
+    assert_eq!(log.stats().backlog_events, 3);
+}
+
+#[test]
+fn acknowledged_events_are_deleted_and_their_ids_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(options(dir.path())).unwrap();
+    let rt = runtime();
+    rt.block_on(log.append((0..10).map(|i| event(&format!("e{i}"))).collect()))
+        .unwrap();
+    let bytes_before = log.stats().backlog_bytes;
+    assert_eq!(rt.block_on(log.ack_through(4)).unwrap(), 4);
+    let stats = log.stats();
+    assert_eq!(stats.backlog_events, 6);
+    assert_eq!(stats.oldest_seq, Some(5));
+    assert!(stats.backlog_bytes < bytes_before);
+    assert_eq!(log.read_from(0, 100, usize::MAX).unwrap()[0].0, 5);
+    // A deleted id may arrive again (a late retransmission); it is a new event to the log and
+    // the relay deduplicates it.
+    let again = rt.block_on(log.append(vec![event("e0")])).unwrap();
+    assert_eq!(again, vec![Appended::Stored { seq: 11 }]);
+}
+
+#[test]
+fn the_quota_refuses_new_events_and_recovers_when_acknowledged_ones_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.max_bytes = 1 << 20;
+    let log = EventLog::open(opts).unwrap();
+    let rt = runtime();
+    let mut stored = 0u64;
+    let mut refused = false;
+    for chunk in 0..1000 {
+        let events = (0..100).map(|i| event(&format!("q{chunk}-{i}"))).collect();
+        let outcome = rt.block_on(log.append(events)).unwrap();
+        stored += outcome
+            .iter()
+            .filter(|o| matches!(o, Appended::Stored { .. }))
+            .count() as u64;
+        if outcome.contains(&Appended::QuotaExceeded) {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the quota was never reached");
+    let stats = log.stats();
+    assert!(stats.quota_exceeded);
+    assert!(stats.backlog_bytes <= 1 << 20);
+    assert_eq!(stats.backlog_events, stored);
+    // Nothing acknowledged was deleted to make room.
+    assert_eq!(
+        log.read_from(0, usize::MAX, usize::MAX).unwrap().len() as u64,
+        stored
+    );
+
+    rt.block_on(log.ack_through(stored / 2)).unwrap();
+    assert!(!log.stats().quota_exceeded);
+    let outcome = rt.block_on(log.append(vec![event("after")])).unwrap();
+    assert!(matches!(outcome[0], Appended::Stored { .. }));
+}
+
+#[test]
+fn reopening_keeps_epoch_sequence_and_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let epoch = {
+        let log = EventLog::open(options(dir.path())).unwrap();
+        rt.block_on(log.append(vec![event("a"), event("b")]))
+            .unwrap();
+        rt.block_on(log.ack_through(1)).unwrap();
+        log.epoch()
+    };
+    // The writer thread lets go of the file once the last handle is dropped.
+    let log = backhaul_tests_support::reopen(dir.path(), options);
+    assert_eq!(log.epoch(), epoch);
+    let stats = log.stats();
+    assert_eq!((stats.backlog_events, stats.oldest_seq), (1, Some(2)));
+    let outcome = rt
+        .block_on(log.append(vec![event("c"), event("b")]))
+        .unwrap();
+    assert_eq!(
+        outcome,
+        vec![Appended::Stored { seq: 3 }, Appended::Duplicate { seq: 2 }]
+    );
+}
+
+#[test]
+fn a_damaged_log_fails_to_open_and_keeps_failing_until_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    {
+        let log = EventLog::open(options(dir.path())).unwrap();
+        rt.block_on(log.append((0..200).map(|i| event(&format!("d{i}"))).collect()))
+            .unwrap();
+    }
+    let path = dir.path().join("events.redb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let len = bytes.len();
+    // Scribble over the middle of the file, where the data pages are.
+    for b in &mut bytes[len / 2..len / 2 + 4096] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let error = match backhaul_tests_support::try_reopen(dir.path(), options) {
+        Err(e) => e,
+        Ok(_) => panic!("a damaged log opened"),
+    };
+    assert!(matches!(error, LogError::Damaged { .. }), "{error}");
+    let text = error.to_string();
+    assert!(text.contains("events.redb"), "{text}");
+    assert!(text.contains("cannot be opened"), "{text}");
+    // Nothing was truncated away, and the damage is still refused on the next open.
+    assert!(std::fs::metadata(&path).unwrap().len() >= len as u64);
+    assert!(backhaul_tests_support::try_reopen(dir.path(), options).is_err());
+}
+
+#[test]
+fn rejects_are_kept_newest_first_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(options(dir.path())).unwrap();
+    let rt = runtime();
+    for i in 0..5 {
+        let record = RejectRecord::new(
+            "http",
+            format!("peer-{i}"),
+            b"{\"v\":2}",
+            vec![Violation::new("v", "must be 1")],
+        );
+        rt.block_on(log.record_reject(record)).unwrap();
+    }
+    let rejects = log.recent_rejects(10).unwrap();
+    let senders: Vec<&str> = rejects.iter().map(|r| r.sender.as_str()).collect();
+    assert_eq!(senders, vec!["peer-4", "peer-3", "peer-2"]);
+    assert_eq!(rejects[0].violations[0].to_string(), "v: must be 1");
+}
+
+#[test]
+fn deleted_space_is_given_back_to_the_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(options(dir.path())).unwrap();
+    let rt = runtime();
+    for chunk in 0..100 {
+        let events = (0..1000).map(|i| event(&format!("s{chunk}-{i}"))).collect();
+        rt.block_on(log.append(events)).unwrap();
+    }
+    let full = log.stats().file_bytes;
+    assert!(full > 16 << 20, "file only {full} bytes");
+    let acked = Instant::now();
+    rt.block_on(log.ack_through(u64::MAX)).unwrap();
+    // The writer compacts on its own once most of the file is free; wait for it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(dir.path().join("events.redb"))
+        .unwrap()
+        .len()
+        > full / 4
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the file never shrank from {full} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = std::fs::metadata(dir.path().join("events.redb"))
+        .unwrap()
+        .len();
+    println!(
+        "log file {full} bytes with 100000 events → {after} bytes {:?} after acknowledging all",
+        acked.elapsed()
+    );
+}
+
+/// Reopening waits for the previous writer thread to let go of the file.
+mod backhaul_tests_support {
+    use super::*;
+
+    pub fn try_reopen(
+        dir: &std::path::Path,
+        options: fn(&std::path::Path) -> LogOptions,
+    ) -> Result<EventLog, LogError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match EventLog::open(options(dir)) {
+                Err(LogError::InUse { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub fn reopen(dir: &std::path::Path, options: fn(&std::path::Path) -> LogOptions) -> EventLog {
+        try_reopen(dir, options).unwrap()
+    }
+}
