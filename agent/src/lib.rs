@@ -2,6 +2,9 @@
 //! local log before acknowledging it, and forwards the log to the relay.
 
 pub mod config;
+pub mod http;
 pub mod log;
+pub mod metrics;
+pub mod mqtt;
 pub mod service;
 pub mod shutdown;

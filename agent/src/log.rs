@@ -151,12 +151,15 @@ enum Request {
     },
 }
 
+/// Told the duration of each durable flush and how many requests it served.
+type FlushObserver = Box<dyn Fn(Duration, usize) + Send>;
+
 struct Shared {
     db: RwLock<Database>,
     epoch: Epoch,
     path: PathBuf,
     stats: Mutex<LogStats>,
-    flush_observer: Mutex<Option<Box<dyn Fn(Duration, usize) + Send>>>,
+    flush_observer: Mutex<Option<FlushObserver>>,
 }
 
 /// A handle to the log; cheap to clone. The writer thread stops when every handle is gone.
@@ -246,31 +249,42 @@ impl EventLog {
             .unwrap_or_default()
     }
 
-    /// Appends events; resolves only after they are flushed to disk.
-    pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, LogError> {
+    /// Appends events; the returned future resolves only after they are flushed to disk.
+    /// The request is queued at once, before the future is first polled, so a caller can keep
+    /// many appends in flight and still see their results in order.
+    pub fn append(
+        &self,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Result<Vec<Appended>, LogError>> + Send + 'static {
         let received_at = now_ms();
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request::Append {
-                events: events.into_iter().map(|e| (e, received_at)).collect(),
-                enqueued: Instant::now(),
-                reply,
-            })
-            .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+        let sent = self.requests.send(Request::Append {
+            events: events.into_iter().map(|e| (e, received_at)).collect(),
+            enqueued: Instant::now(),
+            reply,
+        });
+        async move {
+            sent.map_err(|_| LogError::Closed)?;
+            answer.await.map_err(|_| LogError::Closed)?
+        }
     }
 
-    /// Keeps a rejected event for inspection; resolves once it is stored.
-    pub async fn record_reject(&self, record: RejectRecord) -> Result<(), LogError> {
+    /// Keeps a rejected event for inspection; the future resolves once it is stored. Queued at
+    /// once, like [`EventLog::append`].
+    pub fn record_reject(
+        &self,
+        record: RejectRecord,
+    ) -> impl Future<Output = Result<(), LogError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request::Reject {
-                record: Box::new(record),
-                enqueued: Instant::now(),
-                reply,
-            })
-            .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+        let sent = self.requests.send(Request::Reject {
+            record: Box::new(record),
+            enqueued: Instant::now(),
+            reply,
+        });
+        async move {
+            sent.map_err(|_| LogError::Closed)?;
+            answer.await.map_err(|_| LogError::Closed)?
+        }
     }
 
     /// Deletes every event up to and including `seq`; returns how many were deleted.
@@ -351,11 +365,9 @@ fn compact(shared: &Shared) -> Result<bool, LogError> {
         }
     }
     drop(db);
-    if compacted {
-        if let Ok(mut stats) = shared.stats.lock() {
-            stats.compactions += 1;
-            stats.file_bytes = file_len(&shared.path);
-        }
+    if compacted && let Ok(mut stats) = shared.stats.lock() {
+        stats.compactions += 1;
+        stats.file_bytes = file_len(&shared.path);
     }
     Ok(compacted)
 }
@@ -532,10 +544,10 @@ impl Writer {
         match result {
             Ok(outcomes) => {
                 let flush = started.elapsed();
-                if let Ok(observer) = self.shared.flush_observer.lock() {
-                    if let Some(observer) = observer.as_ref() {
-                        observer(flush, served);
-                    }
+                if let Ok(observer) = self.shared.flush_observer.lock()
+                    && let Some(observer) = observer.as_ref()
+                {
+                    observer(flush, served);
                 }
                 for (request, outcome) in batch.into_iter().zip(outcomes) {
                     match (request, outcome) {
@@ -555,12 +567,11 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "event log write failed; nothing in it was acknowledged");
                 // Counters may have moved inside the failed transaction: reload them.
-                if let Ok(db) = self.shared.db.read() {
-                    if let Ok((_, stats)) = initialise(&db, &self.shared.path, &self.options) {
-                        if let Ok(mut current) = self.shared.stats.lock() {
-                            *current = stats;
-                        }
-                    }
+                if let Ok(db) = self.shared.db.read()
+                    && let Ok((_, stats)) = initialise(&db, &self.shared.path, &self.options)
+                    && let Ok(mut current) = self.shared.stats.lock()
+                {
+                    *current = stats;
                 }
                 let message = e.to_string();
                 for request in batch {

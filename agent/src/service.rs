@@ -1,25 +1,119 @@
-//! Starts the agent's parts from a loaded configuration and stops them on a signal.
+//! Starts the agent's parts from a loaded configuration (log, MQTT endpoint, HTTP server) and
+//! stops them in order on SIGINT or SIGTERM: stop taking new work, answer what was taken in,
+//! then close the log.
 
-use axum::Router;
-use axum::routing::get;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::LoadedAgentConfig;
+use crate::http::{HttpState, router};
+use crate::log::{EventLog, LogOptions};
+use crate::metrics::AgentMetrics;
+use crate::mqtt::{Endpoint, MqttSettings};
 use crate::shutdown;
 
+/// How long in-flight acknowledgements may take to go out once a stop is asked for.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
-    let config = &loaded.config;
+    let config = loaded.config.clone();
     tracing::info!(site = %config.site, config = %loaded.file.display(), "agent starting");
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
+    let options = LogOptions {
+        dir: config.state_dir.clone(),
+        max_bytes: config.log.max_bytes.0,
+        cache_size: config.log.cache_size.0 as usize,
+        group_commit_delay: Duration::from_millis(config.log.group_commit_delay_ms),
+        group_commit_max_events: config.log.group_commit_max_events,
+        max_rejects: config.log.max_rejects,
+    };
+    let log = tokio::task::spawn_blocking(move || EventLog::open(options))
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e}", config.http.listen))?;
-    let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            match shutdown::signalled().await {
-                Ok(signal) => tracing::info!(signal, "agent stopping"),
-                Err(e) => tracing::error!("cannot wait for signals: {e}"),
+        .context("the log could not be opened")??;
+    let stats = log.stats();
+    tracing::info!(
+        path = %log.path().display(), epoch = %log.epoch(), backlog_events = stats.backlog_events,
+        backlog_bytes = stats.backlog_bytes, "event log open"
+    );
+    let metrics = AgentMetrics::new();
+    let flush_histogram = metrics.flush_seconds.clone();
+    log.set_flush_observer(move |took, _| flush_histogram.observe(took.as_secs_f64()));
+
+    let stop = CancellationToken::new();
+    let mut mqtt_endpoint = None;
+    let mut mqtt_task = None;
+    if let Some(listen) = config.mqtt.listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen for MQTT on {listen} (mqtt.listen)"))?;
+        let endpoint = Endpoint::new(
+            MqttSettings {
+                topic: config.mqtt.topic.clone(),
+                max_connections: config.mqtt.max_connections,
+                max_packet_size: config.mqtt.max_packet_size.0 as usize,
+                max_keep_alive_secs: config.mqtt.max_keep_alive_secs,
+                own_device_topic_only: config.mqtt.own_device_topic_only,
+                users: loaded.mqtt_users.clone(),
+            },
+            log.clone(),
+            metrics.clone(),
+        );
+        tracing::info!(%listen, topic = %config.mqtt.topic, "MQTT endpoint listening");
+        mqtt_task = Some(tokio::spawn(endpoint.clone().serve(listener, stop.clone())));
+        mqtt_endpoint = Some(endpoint);
+    }
+
+    let http_listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for HTTP on {} (http.listen)",
+                config.http.listen
+            )
+        })?;
+    tracing::info!(listen = %config.http.listen, "HTTP ingest and admin listening");
+    let state = HttpState {
+        site: config.site.clone(),
+        log: log.clone(),
+        metrics: metrics.clone(),
+        mqtt: mqtt_endpoint.clone(),
+        mqtt_listen: config.mqtt.listen.map(|a| a.to_string()),
+        token: loaded.http_token.clone(),
+        started: Instant::now(),
+    };
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let http_stop = stop.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+
+    let signal = shutdown::signalled().await?;
+    tracing::info!(
+        signal,
+        "agent stopping: answering what was taken in, then closing the log"
+    );
+    stop.cancel();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        if let Some(task) = mqtt_task {
+            let _ = task.await;
+        }
+        if let Some(endpoint) = &mqtt_endpoint {
+            while endpoint.connected_clients() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-        })
-        .await?;
+        }
+        let _ = http_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "stopped before every connection finished; unacknowledged events will be re-sent by their producers"
+        );
+    }
+    tracing::info!("agent stopped");
     Ok(())
 }

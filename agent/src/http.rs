@@ -1,0 +1,366 @@
+//! The agent's HTTP side: `POST /v1/events` for the WMS (202 only after the flush), and the
+//! admin endpoints `/healthz`, `/readyz`, `/metrics`, `/v1/status`, `/v1/rejects`, `/v1/log`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use backhaul_events::config::Secret;
+use backhaul_events::event::{MAX_EVENT_BYTES, parse_event_value};
+use backhaul_events::{Event, Violation};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::log::{Appended, EventLog, RejectRecord, now_ms};
+use crate::metrics::{AgentMetrics, HTTP, MQTT, TransportLabel};
+use crate::mqtt::Endpoint;
+
+/// The most events one request may carry.
+pub const MAX_EVENTS_PER_REQUEST: usize = 1000;
+/// How long a producer refused for a full quota should wait before retrying.
+const RETRY_AFTER_SECS: u64 = 5;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub site: String,
+    pub log: EventLog,
+    pub metrics: Arc<AgentMetrics>,
+    pub mqtt: Option<Arc<Endpoint>>,
+    pub mqtt_listen: Option<String>,
+    pub token: Option<Secret>,
+    pub started: Instant,
+}
+
+pub fn router(state: HttpState) -> Router {
+    // Room for a full array of maximal events and its punctuation.
+    let body_limit = MAX_EVENTS_PER_REQUEST * (MAX_EVENT_BYTES + 2) + 1024;
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/rejects", get(rejects))
+        .route("/v1/log", get(read_log))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn violations_json(violations: &[Violation]) -> Vec<Value> {
+    violations
+        .iter()
+        .map(|v| json!({"field": v.field, "rule": v.rule, "message": v.to_string()}))
+        .collect()
+}
+
+fn authorized(state: &HttpState, headers: &HeaderMap) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let expected = token.expose().as_bytes();
+    expected.len() == given.len()
+        && expected
+            .iter()
+            .zip(given.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn post_events(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        let mut response = error(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required: send `Authorization: Bearer <token>`",
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let text = body.trim_ascii_start();
+    let items: Vec<&RawValue> = if text.first() == Some(&b'[') {
+        match serde_json::from_slice(text) {
+            Ok(items) => items,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not a valid JSON array: {e}"),
+                );
+            }
+        }
+    } else {
+        match serde_json::from_slice(text) {
+            Ok(item) => vec![item],
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not valid JSON: {e}"),
+                );
+            }
+        }
+    };
+    if items.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "the array holds no events");
+    }
+    if items.len() > MAX_EVENTS_PER_REQUEST {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "at most {MAX_EVENTS_PER_REQUEST} events per request (got {})",
+                items.len()
+            ),
+        );
+    }
+    let mut results: Vec<Value> = Vec::with_capacity(items.len());
+    let mut valid: Vec<(usize, Event)> = Vec::new();
+    let mut rejected = 0usize;
+    for (index, raw) in items.iter().enumerate() {
+        match parse_event_value(raw) {
+            Ok(event) => {
+                results.push(Value::Null);
+                valid.push((index, event));
+            }
+            Err(violations) => {
+                rejected += 1;
+                let id = serde_json::from_str::<Value>(raw.get())
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string));
+                results.push(json!({
+                    "index": index, "id": id, "status": "rejected",
+                    "violations": violations_json(&violations.0),
+                }));
+                state.metrics.rejected.get_or_create(&HTTP).inc();
+                // The reject store is for inspection; its write need not hold up the answer.
+                drop(state.log.record_reject(RejectRecord::new(
+                    "http",
+                    format!("http {peer}"),
+                    raw.get().as_bytes(),
+                    violations.0,
+                )));
+            }
+        }
+    }
+    let mut accepted = 0usize;
+    let mut duplicates = 0usize;
+    let mut refused = 0usize;
+    if !valid.is_empty() {
+        let events = valid.iter().map(|(_, e)| e.clone()).collect();
+        let outcomes = match state.log.append(events).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                tracing::error!(error = %e, "events from HTTP could not be logged");
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the events were not stored: {e}"),
+                );
+            }
+        };
+        for ((index, event), outcome) in valid.iter().zip(outcomes) {
+            results[*index] = match outcome {
+                Appended::Stored { seq } => {
+                    accepted += 1;
+                    json!({"index": index, "id": event.id, "status": "accepted", "seq": seq})
+                }
+                Appended::Duplicate { seq } => {
+                    duplicates += 1;
+                    json!({"index": index, "id": event.id, "status": "duplicate", "seq": seq})
+                }
+                Appended::QuotaExceeded => {
+                    refused += 1;
+                    json!({"index": index, "id": event.id, "status": "refused",
+                           "reason": "the agent's disk quota is full; retry later"})
+                }
+            };
+        }
+        state
+            .metrics
+            .accepted
+            .get_or_create(&HTTP)
+            .inc_by(accepted as u64);
+        state
+            .metrics
+            .duplicates
+            .get_or_create(&HTTP)
+            .inc_by(duplicates as u64);
+        state
+            .metrics
+            .quota_refusals
+            .get_or_create(&HTTP)
+            .inc_by(refused as u64);
+    }
+    let body = json!({
+        "accepted": accepted, "duplicates": duplicates, "rejected": rejected, "refused": refused,
+        "results": results,
+    });
+    if refused > 0 {
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        return response;
+    }
+    if accepted + duplicates == 0 {
+        let mut body = body;
+        body["error"] = json!(if items.len() == 1 {
+            "the event was refused"
+        } else {
+            "every event was refused"
+        });
+        if items.len() == 1 {
+            body["violations"] = body["results"][0]["violations"].clone();
+        }
+        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    }
+    (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let stats = state.log.stats();
+    if stats.quota_exceeded {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the log's disk quota is full\n",
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ready\n").into_response()
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let text = state.metrics.render(&state.log);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn by_transport(
+    family: &prometheus_client::metrics::family::Family<
+        TransportLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+) -> Value {
+    json!({
+        "mqtt": family.get_or_create(&MQTT).get(),
+        "http": family.get_or_create(&HTTP).get(),
+    })
+}
+
+async fn status(State(state): State<HttpState>) -> Response {
+    let stats = state.log.stats();
+    let oldest_age = stats
+        .oldest_received_at_ms
+        .map(|t| (now_ms() - t).max(0) as f64 / 1000.0);
+    let metrics = &state.metrics;
+    axum::Json(json!({
+        "site": state.site,
+        "epoch": stats.epoch,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "backlog": {
+            "events": stats.backlog_events,
+            "bytes": stats.backlog_bytes,
+            "oldest_seq": stats.oldest_seq,
+            "oldest_age_seconds": oldest_age,
+            "next_seq": stats.next_seq,
+        },
+        "quota": {
+            "max_bytes": stats.max_bytes,
+            "used_bytes": stats.backlog_bytes,
+            "used_ratio": stats.backlog_bytes as f64 / stats.max_bytes.max(1) as f64,
+            "exceeded": stats.quota_exceeded,
+        },
+        "log": {
+            "path": state.log.path().display().to_string(),
+            "file_bytes": stats.file_bytes,
+            "flushes": stats.flushes,
+            "compactions": stats.compactions,
+        },
+        "ingest": {
+            "accepted": by_transport(&metrics.accepted),
+            "duplicates": by_transport(&metrics.duplicates),
+            "rejected": by_transport(&metrics.rejected),
+            "quota_refusals": by_transport(&metrics.quota_refusals),
+        },
+        "mqtt": {
+            "listen": state.mqtt_listen,
+            "connected_clients": state.mqtt.as_ref().map(|m| m.connected_clients()).unwrap_or(0),
+        },
+        "rejects_stored": stats.rejects_stored,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+async fn rejects(State(state): State<HttpState>, Query(query): Query<LimitQuery>) -> Response {
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    match state.log.recent_rejects(limit) {
+        Ok(list) => axum::Json(json!({ "rejects": list })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Events still in the log, in sequence order, as stamped records.
+async fn read_log(State(state): State<HttpState>, Query(query): Query<LogQuery>) -> Response {
+    let from = query.from.unwrap_or(0);
+    let limit = query.limit.unwrap_or(1000).min(100_000);
+    let log = state.log.clone();
+    let read = tokio::task::spawn_blocking(move || log.read_from(from, limit, usize::MAX)).await;
+    let epoch = state.log.epoch();
+    match read {
+        Ok(Ok(records)) => {
+            let events: Vec<Value> = records
+                .into_iter()
+                .map(|(seq, record)| {
+                    backhaul_events::StampedEvent {
+                        site: state.site.clone(),
+                        epoch,
+                        seq,
+                        received_at_ms: record.received_at_ms,
+                        event: record.event,
+                    }
+                    .to_json()
+                })
+                .collect();
+            axum::Json(json!({ "events": events })).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

@@ -1,0 +1,738 @@
+//! The scanners' MQTT endpoint. The agent is the broker scanners talk to, so that a PUBACK
+//! (QoS 1) or PUBREC (QoS 2) can mean "on the warehouse server's disk": each publish is
+//! acknowledged only after the log's flush that holds it.
+//!
+//! What it owns: accepting connections (with a limit), authentication, sessions (client id
+//! takeover, session-present, QoS 2 state across reconnects), keep-alive, validation of each
+//! payload, and the `rejects/{device}` topic through which a scanner learns why an event was
+//! refused.
+
+pub mod codec;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backhaul_events::config::Secret;
+use backhaul_events::event::parse_event;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{Appended, EventLog, LogError, RejectRecord};
+use crate::metrics::{AgentMetrics, MQTT};
+use codec::{AckReason, ConnectRefusal, DisconnectReason, Incoming, Outgoing, Version};
+
+/// How many publishes of one connection may wait for their flush before the connection is not
+/// read further.
+const MAX_PENDING_PER_CONNECTION: usize = 1000;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REJECTS_PREFIX: &str = "rejects/";
+
+/// Settings of the endpoint, from `[mqtt]` in the configuration.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    pub topic: String,
+    pub max_connections: usize,
+    pub max_packet_size: usize,
+    pub max_keep_alive_secs: u16,
+    pub own_device_topic_only: bool,
+    pub users: Vec<(String, Secret)>,
+}
+
+/// Session state that outlives one connection of a client id.
+#[derive(Default)]
+struct Session {
+    /// QoS 2 packet ids whose PUBREC went out and whose PUBREL has not arrived.
+    awaiting_release: HashSet<u16>,
+    /// Whether the state is kept when the client disconnects.
+    persistent: bool,
+    /// The connection using this session now, to take it over.
+    active: Option<(u64, CancellationToken)>,
+}
+
+/// A connection subscribed to its rejects topic: its id and its outgoing queue.
+type RejectSubscriber = (u64, mpsc::Sender<Outgoing>);
+
+/// Everything the connections share.
+pub struct Endpoint {
+    settings: MqttSettings,
+    log: EventLog,
+    metrics: Arc<AgentMetrics>,
+    sessions: Mutex<HashMap<String, Session>>,
+    /// Connections subscribed to `rejects/{device}`, by device.
+    reject_subscribers: Mutex<HashMap<String, Vec<RejectSubscriber>>>,
+    next_connection: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Endpoint {
+    pub fn new(settings: MqttSettings, log: EventLog, metrics: Arc<AgentMetrics>) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            settings,
+            log,
+            metrics,
+            sessions: Mutex::new(HashMap::new()),
+            reject_subscribers: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(1),
+            connections: AtomicU64::new(0),
+        })
+    }
+
+    pub fn connected_clients(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Accepts connections until `shutdown` is cancelled.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            if self.connections.load(Ordering::Relaxed) as usize >= self.settings.max_connections {
+                tracing::warn!(%peer, max = self.settings.max_connections, "MQTT connection refused: too many connections");
+                let endpoint = self.clone();
+                tokio::spawn(async move { endpoint.refuse_busy(stream).await });
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let endpoint = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                endpoint.connections.fetch_add(1, Ordering::Relaxed);
+                endpoint.metrics.mqtt_connections.inc();
+                endpoint.handle(stream, peer, shutdown).await;
+                endpoint.metrics.mqtt_connections.dec();
+                endpoint.connections.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+
+    /// Answers a connection over the limit with "server unavailable" once its CONNECT is read.
+    async fn refuse_busy(&self, mut stream: TcpStream) {
+        let mut buf = BytesMut::with_capacity(1024);
+        let read = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match codec::connect_version(&buf, self.settings.max_packet_size) {
+                    Ok(Some(version)) => return Some(version),
+                    Ok(None) => {}
+                    Err(_) => return None,
+                }
+                if stream.read_buf(&mut buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        })
+        .await;
+        if let Ok(Some(version)) = read {
+            let mut out = BytesMut::new();
+            let ack = Outgoing::ConnAck {
+                session_present: false,
+                refusal: Some(ConnectRefusal::ServerUnavailable),
+                server_keep_alive: None,
+                assigned_client_id: None,
+                max_packet_size: self.settings.max_packet_size as u32,
+            };
+            if codec::write(version, ack, &mut out).is_ok() {
+                let _ = stream.write_all(&out).await;
+            }
+        }
+    }
+
+    async fn handle(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let mut connection = Connection {
+            endpoint: self.clone(),
+            stream,
+            peer,
+            id,
+            version: Version::V311,
+            client_id: String::new(),
+            keep_alive: Duration::from_secs(u64::from(self.settings.max_keep_alive_secs)),
+            read_buf: BytesMut::with_capacity(16 * 1024),
+            write_buf: BytesMut::with_capacity(4 * 1024),
+            pending: VecDeque::new(),
+            cancel: CancellationToken::new(),
+        };
+        let outcome = connection.run(shutdown).await;
+        connection.release_session();
+        match outcome {
+            Ok(Closed::ByClient) => {
+                tracing::debug!(client = %connection.client_id, %peer, "MQTT client disconnected")
+            }
+            Ok(Closed::TakenOver) => tracing::info!(
+                client = %connection.client_id, %peer,
+                "MQTT connection closed: the same client id connected again (session taken over)"
+            ),
+            Ok(Closed::Shutdown) => {}
+            Err(reason) => {
+                self.metrics.mqtt_protocol_errors.inc();
+                tracing::warn!(client = %connection.client_id, %peer, version = connection.version.name(), "MQTT connection closed: {reason}");
+            }
+        }
+    }
+
+    /// Sends a reject notice to every connection subscribed to `rejects/{device}`.
+    fn notify_reject(&self, device: &str, notice: Bytes) {
+        let Ok(mut subscribers) = self.reject_subscribers.lock() else {
+            return;
+        };
+        if let Some(list) = subscribers.get_mut(device) {
+            list.retain(|(_, sender)| !sender.is_closed());
+            for (_, sender) in list.iter() {
+                // QoS 0: a subscriber too slow to take the notice misses it; the reject store
+                // keeps it anyway.
+                let _ = sender.try_send(Outgoing::Publish {
+                    topic: format!("{REJECTS_PREFIX}{device}"),
+                    payload: notice.clone(),
+                });
+            }
+        }
+    }
+
+    /// The device a publish topic names, or why the topic is refused.
+    fn device_of(&self, topic: &str, client_id: &str) -> Result<String, AckReason> {
+        let pattern = &self.settings.topic;
+        let mismatch =
+            || AckReason::TopicNameInvalid(format!("topic: {topic:?} does not match {pattern:?}"));
+        let pattern_levels: Vec<&str> = pattern.split('/').collect();
+        let levels: Vec<&str> = topic.split('/').collect();
+        if levels.len() != pattern_levels.len() {
+            return Err(mismatch());
+        }
+        let mut device = None;
+        for (want, got) in pattern_levels.iter().zip(&levels) {
+            if *want == "{device}" {
+                if got.is_empty() {
+                    return Err(mismatch());
+                }
+                device = Some(*got);
+            } else if want != got {
+                return Err(mismatch());
+            }
+        }
+        let device = device.ok_or_else(mismatch)?;
+        if self.settings.own_device_topic_only && device != client_id {
+            return Err(AckReason::NotAuthorized(format!(
+                "topic: client {client_id:?} may only publish to its own device topic, not to device {device:?}"
+            )));
+        }
+        Ok(device.to_string())
+    }
+}
+
+enum Closed {
+    ByClient,
+    TakenOver,
+    Shutdown,
+}
+
+type PendingAck = Pin<Box<dyn Future<Output = Option<Outgoing>> + Send>>;
+
+struct Connection {
+    endpoint: Arc<Endpoint>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    version: Version,
+    client_id: String,
+    keep_alive: Duration,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    /// Answers to publishes, in the order the publishes arrived; each resolves after its flush.
+    pending: VecDeque<PendingAck>,
+    /// Cancelled when another connection takes this client id over.
+    cancel: CancellationToken,
+}
+
+impl Connection {
+    async fn run(&mut self, shutdown: CancellationToken) -> Result<Closed, String> {
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.read_connect()).await;
+        let connect = match connect {
+            Err(_) => return Err("no CONNECT within 10 s".into()),
+            Ok(Ok(Some(packet))) => packet,
+            Ok(Ok(None)) => return Ok(Closed::ByClient),
+            Ok(Err(e)) => return Err(e),
+        };
+        if !self.accept_connect(connect).await? {
+            return Ok(Closed::ByClient);
+        }
+        let (reject_tx, mut reject_rx) = mpsc::channel::<Outgoing>(64);
+        let mut last_heard = Instant::now();
+        let mut closing: Option<Closed> = None;
+        loop {
+            let can_read = closing.is_none() && self.pending.len() < MAX_PENDING_PER_CONNECTION;
+            let keep_alive_deadline = last_heard + self.keep_alive + self.keep_alive / 2;
+            let front = async {
+                match self.pending.front_mut() {
+                    Some(ack) => ack.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                answer = front => {
+                    self.pending.pop_front();
+                    if let Some(packet) = answer {
+                        self.queue(packet);
+                    }
+                    // Write acks in bursts: only flush when no further answer is ready.
+                    if self.pending.front().is_none() || self.write_buf.len() > 32 * 1024 {
+                        self.flush().await?;
+                    }
+                }
+                notice = reject_rx.recv() => {
+                    if let Some(packet) = notice {
+                        self.queue(packet);
+                        self.flush().await?;
+                    }
+                }
+                _ = self.cancel.cancelled(), if closing.is_none() => {
+                    self.queue(Outgoing::Disconnect { reason: DisconnectReason::SessionTakenOver });
+                    closing = Some(Closed::TakenOver);
+                }
+                _ = shutdown.cancelled(), if closing.is_none() => {
+                    closing = Some(Closed::Shutdown);
+                }
+                _ = tokio::time::sleep_until(keep_alive_deadline), if closing.is_none() => {
+                    self.queue(Outgoing::Disconnect { reason: DisconnectReason::KeepAliveTimeout });
+                    let _ = self.flush().await;
+                    return Err(format!("keep-alive timeout: nothing heard for {:?}", last_heard.elapsed()));
+                }
+                read = self.stream.read_buf(&mut self.read_buf), if can_read => {
+                    match read {
+                        Ok(0) => closing = Some(Closed::ByClient),
+                        Ok(_) => {
+                            last_heard = Instant::now();
+                            if let Some(closed) = self.handle_buffered(&reject_tx)? {
+                                closing = Some(closed);
+                            }
+                        }
+                        Err(e) => return Err(format!("read failed: {e}")),
+                    }
+                }
+            }
+            // A closing connection still answers what it already took in, so every publish
+            // that reached the log gets its acknowledgement if the socket is still there.
+            if let Some(closed) = &closing
+                && self.pending.is_empty()
+            {
+                if matches!(closed, Closed::Shutdown) {
+                    self.queue(Outgoing::Disconnect {
+                        reason: DisconnectReason::ServerShuttingDown,
+                    });
+                }
+                let _ = self.flush().await;
+                return Ok(closing.take().unwrap_or(Closed::ByClient));
+            }
+        }
+    }
+
+    async fn read_connect(&mut self) -> Result<Option<Incoming>, String> {
+        let max = self.endpoint.settings.max_packet_size;
+        loop {
+            match codec::connect_version(&self.read_buf, max) {
+                Ok(Some(version)) => {
+                    self.version = version;
+                    return match codec::read(version, &mut self.read_buf, max) {
+                        Ok(Some(packet @ Incoming::Connect { .. })) => Ok(Some(packet)),
+                        Ok(_) => Err("the first packet must be CONNECT".into()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match self.stream.read_buf(&mut self.read_buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read failed: {e}")),
+            }
+        }
+    }
+
+    /// Checks credentials, sets up the session and answers CONNACK. `Ok(false)`: refused.
+    async fn accept_connect(&mut self, connect: Incoming) -> Result<bool, String> {
+        let Incoming::Connect {
+            client_id,
+            clean_start,
+            keep_alive,
+            login,
+            session_expiry,
+        } = connect
+        else {
+            return Err("the first packet must be CONNECT".into());
+        };
+        let settings = &self.endpoint.settings;
+        let max_packet_size = settings.max_packet_size as u32;
+        let refuse = |refusal| Outgoing::ConnAck {
+            session_present: false,
+            refusal: Some(refusal),
+            server_keep_alive: None,
+            assigned_client_id: None,
+            max_packet_size,
+        };
+        if !settings.users.is_empty() {
+            let ok = login.as_ref().is_some_and(|(user, password)| {
+                settings.users.iter().any(|(u, p)| {
+                    u == user && constant_time_eq(p.expose().as_bytes(), password.as_bytes())
+                })
+            });
+            if !ok {
+                self.queue(refuse(ConnectRefusal::BadCredentials));
+                self.flush().await?;
+                tracing::warn!(client = %client_id, peer = %self.peer, user = login.as_ref().map(|l| l.0.as_str()).unwrap_or(""), "MQTT connection refused: bad username or password");
+                return Ok(false);
+            }
+        }
+        let persistent = match session_expiry {
+            None => !clean_start,
+            Some(expiry) => expiry > 0,
+        };
+        let mut assigned = None;
+        let client_id = if client_id.is_empty() {
+            if persistent && self.version == Version::V311 {
+                self.queue(refuse(ConnectRefusal::BadClientId));
+                self.flush().await?;
+                return Err("an empty client id needs clean session".into());
+            }
+            let generated = format!("auto-{:016x}", rand::random::<u64>());
+            assigned = Some(generated.clone());
+            generated
+        } else {
+            client_id
+        };
+        self.client_id = client_id.clone();
+        let max_keep_alive = settings.max_keep_alive_secs;
+        let granted = if keep_alive == 0 || keep_alive > max_keep_alive {
+            max_keep_alive
+        } else {
+            keep_alive
+        };
+        self.keep_alive = Duration::from_secs(u64::from(granted));
+        let session_present = {
+            let mut sessions = self
+                .endpoint
+                .sessions
+                .lock()
+                .map_err(|_| "session table poisoned")?;
+            let session = sessions.entry(client_id.clone()).or_default();
+            if let Some((_, previous)) = session.active.take() {
+                previous.cancel();
+            }
+            let present =
+                !clean_start && (session.persistent || !session.awaiting_release.is_empty());
+            if clean_start {
+                session.awaiting_release.clear();
+            }
+            session.persistent = persistent;
+            session.active = Some((self.id, self.cancel.clone()));
+            present
+        };
+        self.queue(Outgoing::ConnAck {
+            session_present,
+            refusal: None,
+            server_keep_alive: (granted != keep_alive).then_some(granted),
+            assigned_client_id: assigned,
+            max_packet_size,
+        });
+        self.flush().await?;
+        tracing::debug!(client = %client_id, peer = %self.peer, version = self.version.name(), session_present, "MQTT client connected");
+        Ok(true)
+    }
+
+    /// Drops the session unless it is persistent, and leaves the reject subscriptions.
+    fn release_session(&self) {
+        if let Ok(mut sessions) = self.endpoint.sessions.lock()
+            && let Some(session) = sessions.get_mut(&self.client_id)
+            && session
+                .active
+                .as_ref()
+                .is_some_and(|(id, _)| *id == self.id)
+        {
+            session.active = None;
+            if !session.persistent {
+                sessions.remove(&self.client_id);
+            }
+        }
+        if let Ok(mut subscribers) = self.endpoint.reject_subscribers.lock() {
+            for list in subscribers.values_mut() {
+                list.retain(|(id, _)| *id != self.id);
+            }
+            subscribers.retain(|_, list| !list.is_empty());
+        }
+    }
+
+    fn handle_buffered(
+        &mut self,
+        reject_tx: &mpsc::Sender<Outgoing>,
+    ) -> Result<Option<Closed>, String> {
+        let max = self.endpoint.settings.max_packet_size;
+        loop {
+            let packet = match codec::read(self.version, &mut self.read_buf, max) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(e.to_string()),
+            };
+            match packet {
+                Incoming::Publish {
+                    topic,
+                    qos,
+                    pkid,
+                    payload,
+                } => {
+                    self.publish(topic, qos, pkid, payload)?;
+                }
+                Incoming::PubRel { pkid } => {
+                    if let Ok(mut sessions) = self.endpoint.sessions.lock()
+                        && let Some(session) = sessions.get_mut(&self.client_id)
+                    {
+                        session.awaiting_release.remove(&pkid);
+                    }
+                    self.answer_in_order(Outgoing::PubComp { pkid });
+                }
+                Incoming::Subscribe { pkid, filters } => {
+                    let own = format!("{REJECTS_PREFIX}{}", self.client_id);
+                    let granted: Vec<bool> = filters.iter().map(|f| *f == own).collect();
+                    if granted.iter().any(|g| *g)
+                        && let Ok(mut subscribers) = self.endpoint.reject_subscribers.lock()
+                    {
+                        let list = subscribers.entry(self.client_id.clone()).or_default();
+                        if !list.iter().any(|(id, _)| *id == self.id) {
+                            list.push((self.id, reject_tx.clone()));
+                        }
+                    }
+                    for filter in filters.iter().filter(|f| **f != own) {
+                        tracing::info!(client = %self.client_id, filter, "MQTT subscription refused: only {own:?} may be subscribed to");
+                    }
+                    self.answer_in_order(Outgoing::SubAck { pkid, granted });
+                }
+                Incoming::Unsubscribe { pkid, count } => {
+                    if let Ok(mut subscribers) = self.endpoint.reject_subscribers.lock()
+                        && let Some(list) = subscribers.get_mut(&self.client_id)
+                    {
+                        list.retain(|(id, _)| *id != self.id);
+                    }
+                    self.answer_in_order(Outgoing::UnsubAck { pkid, count });
+                }
+                Incoming::PingReq => self.answer_in_order(Outgoing::PingResp),
+                Incoming::Disconnect => return Ok(Some(Closed::ByClient)),
+                Incoming::Connect { .. } => return Err("a second CONNECT on one connection".into()),
+                Incoming::Ignored(_) => {}
+            }
+        }
+    }
+
+    /// Answers that need no flush still go out behind the acks already waiting.
+    fn answer_in_order(&mut self, packet: Outgoing) {
+        self.pending
+            .push_back(Box::pin(std::future::ready(Some(packet))));
+    }
+
+    fn publish(&mut self, topic: String, qos: u8, pkid: u16, payload: Bytes) -> Result<(), String> {
+        let ack = move |reason: AckReason| match qos {
+            0 => None,
+            1 => Some(Outgoing::PubAck { pkid, reason }),
+            _ => Some(Outgoing::PubRec { pkid, reason }),
+        };
+        if qos == 2 {
+            let already = self
+                .endpoint
+                .sessions
+                .lock()
+                .map(|s| {
+                    s.get(&self.client_id)
+                        .is_some_and(|s| s.awaiting_release.contains(&pkid))
+                })
+                .unwrap_or(false);
+            if already {
+                // A re-sent QoS 2 publish whose PUBREC was lost: it is in the log already.
+                self.answer_in_order(Outgoing::PubRec {
+                    pkid,
+                    reason: AckReason::Success,
+                });
+                return Ok(());
+            }
+        }
+        let endpoint = self.endpoint.clone();
+        let device = match endpoint.device_of(&topic, &self.client_id) {
+            Ok(device) => device,
+            Err(reason) => {
+                let text = match &reason {
+                    AckReason::TopicNameInvalid(t) | AckReason::NotAuthorized(t) => t.clone(),
+                    _ => String::new(),
+                };
+                let violation =
+                    backhaul_events::Violation::new("topic", text.trim_start_matches("topic: "));
+                let sender = format!("mqtt client {} topic {}", self.client_id, topic);
+                let stored = endpoint.log.record_reject(RejectRecord::new(
+                    "mqtt",
+                    sender,
+                    &payload,
+                    vec![violation.clone()],
+                ));
+                endpoint.metrics.rejected.get_or_create(&MQTT).inc();
+                let client_id = self.client_id.clone();
+                self.pending.push_back(Box::pin(async move {
+                    if let Err(e) = stored.await {
+                        tracing::error!(error = %e, "a reject could not be stored");
+                    }
+                    endpoint.notify_reject(&client_id, reject_notice(None, &topic, &[violation]));
+                    ack(reason)
+                }));
+                return Ok(());
+            }
+        };
+        match parse_event(&payload) {
+            Ok(mut event) => {
+                if event.device.is_none() {
+                    event.device = Some(device);
+                }
+                let id = event.id.clone();
+                let appended = endpoint.log.append(vec![event.clone()]);
+                let version = self.version;
+                let client_id = self.client_id.clone();
+                self.pending.push_back(Box::pin(async move {
+                    let mut appended = appended.await;
+                    loop {
+                        match appended.as_deref() {
+                            Ok([Appended::Stored { .. }]) => {
+                                endpoint.metrics.accepted.get_or_create(&MQTT).inc();
+                                break;
+                            }
+                            Ok([Appended::Duplicate { .. }]) => {
+                                endpoint.metrics.duplicates.get_or_create(&MQTT).inc();
+                                break;
+                            }
+                            Ok(_) if version == Version::V5 => {
+                                endpoint.metrics.quota_refusals.get_or_create(&MQTT).inc();
+                                return ack(AckReason::QuotaExceeded(format!(
+                                    "event {id}: the agent's disk quota is full; keep the event and retry"
+                                )));
+                            }
+                            Ok(_) => {
+                                // MQTT 3.1.1 has no way to say "full": hold the answer (and
+                                // with it this connection) until there is room again.
+                                endpoint.metrics.quota_refusals.get_or_create(&MQTT).inc();
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                appended = endpoint.log.append(vec![event.clone()]).await;
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, event = %id, "event could not be logged");
+                                return match version {
+                                    Version::V5 => ack(AckReason::Unspecified(format!("event {id}: not stored: {e}"))),
+                                    // Without an ack the client re-sends after reconnecting.
+                                    Version::V311 => None,
+                                };
+                            }
+                        }
+                    }
+                    if qos == 2
+                        && let Ok(mut sessions) = endpoint.sessions.lock()
+                            && let Some(session) = sessions.get_mut(&client_id) {
+                                session.awaiting_release.insert(pkid);
+                            }
+                    ack(AckReason::Success)
+                }));
+            }
+            Err(violations) => {
+                let sender = format!("mqtt client {} topic {}", self.client_id, topic);
+                let id = event_id_hint(&payload);
+                let notice = reject_notice(id.as_deref(), &topic, &violations.0);
+                let text = violations.to_string();
+                let stored = endpoint.log.record_reject(RejectRecord::new(
+                    "mqtt",
+                    sender,
+                    &payload,
+                    violations.0,
+                ));
+                endpoint.metrics.rejected.get_or_create(&MQTT).inc();
+                tracing::info!(client = %self.client_id, event = id.as_deref().unwrap_or(""), reasons = %text, "MQTT event rejected");
+                self.pending.push_back(Box::pin(async move {
+                    if let Err(e) = stored.await {
+                        tracing::error!(error = %e, "a reject could not be stored");
+                    }
+                    endpoint.notify_reject(&device, notice);
+                    ack(AckReason::PayloadFormatInvalid(text))
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, packet: Outgoing) {
+        if let Err(e) = codec::write(self.version, packet, &mut self.write_buf) {
+            tracing::error!(client = %self.client_id, "an MQTT answer could not be encoded: {e}");
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.write_buf.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.write_buf).await;
+        self.write_buf.clear();
+        result.map_err(|e| format!("write failed: {e}"))
+    }
+}
+
+/// The JSON a scanner receives on `rejects/{device}`.
+fn reject_notice(
+    id: Option<&str>,
+    topic: &str,
+    violations: &[backhaul_events::Violation],
+) -> Bytes {
+    let reasons: Vec<serde_json::Value> = violations
+        .iter()
+        .map(|v| serde_json::json!({"field": v.field, "rule": v.rule, "message": v.to_string()}))
+        .collect();
+    let notice = serde_json::json!({"id": id, "topic": topic, "violations": reasons});
+    Bytes::from(notice.to_string())
+}
+
+/// The `id` of a refused payload, when one can be read, so the sender can match the notice.
+fn event_id_hint(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<serde_json::Value>,
+    }
+    let parsed: IdOnly = serde_json::from_slice(payload).ok()?;
+    match parsed.id? {
+        serde_json::Value::String(s) => Some(s.chars().take(64).collect()),
+        _ => None,
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl From<LogError> for AckReason {
+    fn from(e: LogError) -> Self {
+        AckReason::Unspecified(e.to_string())
+    }
+}
