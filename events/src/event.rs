@@ -321,13 +321,11 @@ fn parse_fields(raw_fields: RawFields<'_>) -> Result<Event, Violations> {
     }
 
     let id = checker.required_string("id", MAX_ID_CHARS);
-    if let Some(id) = &id {
-        if !id
-            .chars()
+    if id.as_ref().is_some_and(|id| {
+        !id.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
-        {
-            checker.fail("id", "must contain only the characters A-Z a-z 0-9 . _ : -");
-        }
+    }) {
+        checker.fail("id", "must contain only the characters A-Z a-z 0-9 . _ : -");
     }
 
     let kind = match checker.raw("type") {
@@ -351,14 +349,13 @@ fn parse_fields(raw_fields: RawFields<'_>) -> Result<Event, Violations> {
     };
 
     let ts = checker.required_string("ts", 64);
-    if let Some(ts) = &ts {
-        if time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).is_err()
-        {
-            checker.fail(
-                "ts",
-                "must be an RFC 3339 timestamp with an offset, like 2026-11-22T10:15:00.123Z",
-            );
-        }
+    if ts.as_ref().is_some_and(|ts| {
+        time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).is_err()
+    }) {
+        checker.fail(
+            "ts",
+            "must be an RFC 3339 timestamp with an offset, like 2026-11-22T10:15:00.123Z",
+        );
     }
 
     let device = checker.string("device", MAX_STRING_CHARS);
@@ -444,12 +441,13 @@ fn parse_qty(checker: &mut Checker<'_>) -> Option<Decimal> {
     } else {
         text.to_string()
     };
-    let parsed = if literal.len() > 40 {
+    let parsed = if literal.len() > 40 || !is_decimal_literal(&literal) {
         None
-    } else if literal.contains(['e', 'E']) {
-        Decimal::from_scientific(&literal).ok()
-    } else if literal.starts_with('+') || literal.starts_with('.') || literal.ends_with('.') {
-        None
+    } else if let Some((mantissa, _)) = literal.split_once(['e', 'E']) {
+        // `from_scientific` silently rounds a mantissa of more than 28 digits: check it is exact.
+        Decimal::from_str_exact(mantissa)
+            .and_then(|_| Decimal::from_scientific(&literal))
+            .ok()
     } else {
         Decimal::from_str_exact(&literal).ok()
     };
@@ -463,6 +461,22 @@ fn parse_qty(checker: &mut Checker<'_>) -> Option<Decimal> {
             None
         }
     }
+}
+
+/// `-?digits[.digits][(e|E)[+|-]digits]`: JSON's number syntax, leading zeros allowed. Refuses
+/// what `rust_decimal` would also take, like `+1`, `.5`, `-.5`, `5.` and `1_000`.
+fn is_decimal_literal(s: &str) -> bool {
+    let (mantissa, exponent) = match s.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, Some(exponent)),
+        None => (s, None),
+    };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let mantissa = mantissa.strip_prefix('-').unwrap_or(mantissa);
+    let mantissa_ok = match mantissa.split_once('.') {
+        Some((whole, fraction)) => digits(whole) && digits(fraction),
+        None => digits(mantissa),
+    };
+    mantissa_ok && exponent.is_none_or(|e| digits(e.strip_prefix(['+', '-']).unwrap_or(e)))
 }
 
 fn parse_attrs(checker: &mut Checker<'_>) -> BTreeMap<String, String> {

@@ -123,7 +123,8 @@ impl BatchFrame {
     }
 
     fn check(&self) -> Result<(), FrameError> {
-        check_site_id(&self.site).map_err(|e| FrameError::Inconsistent(format!("site: {e}")))?;
+        check_site_id(&self.site)
+            .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
         if self.first_seq > self.last_seq {
             return Err(FrameError::Inconsistent(format!(
                 "first_seq {} is after last_seq {}",
@@ -167,7 +168,8 @@ impl AckFrame {
 
     pub fn decode(bytes: &[u8], max_len: usize) -> Result<AckFrame, FrameError> {
         let frame: AckFrame = decode(bytes, max_len)?;
-        check_site_id(&frame.site).map_err(|e| FrameError::Inconsistent(format!("site: {e}")))?;
+        check_site_id(&frame.site)
+            .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
         Ok(frame)
     }
 }

@@ -37,8 +37,8 @@ pub fn check_site_id(site: &str) -> Result<(), String> {
         .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if site.is_empty() || site.len() > 64 || !ok_chars || !ok_start {
         return Err(format!(
-            "{site:?} is not a site id: expected 1-64 characters of a-z, 0-9, '-' and '_', \
-             starting with a letter or digit"
+            "a site id of 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or \
+             digit (got {site:?})"
         ));
     }
     Ok(())
