@@ -20,6 +20,83 @@ pub struct AgentConfig {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    /// The broker batches go to; without this section the agent only keeps events.
+    pub uplink: Option<UplinkConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    pub host: String,
+    pub port: u16,
+    /// Unique per agent; defaults to `backhaul-agent-{site}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    #[serde(default)]
+    pub tls: Option<UplinkTls>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u16,
+    /// At most this many events in one batch.
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// At most about this many bytes of events in one batch (one event is always sent).
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: ByteSize,
+    /// How long a partly filled batch waits for more events before it is sent.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// Batches sent and not yet acknowledged by the relay.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// A batch not acknowledged within this time is sent again (with every later one).
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_secs: u64,
+    /// Reconnect back-off: the first wait, doubled with jitter up to the cap.
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_keep_alive() -> u16 {
+    30
+}
+fn default_batch_max_events() -> usize {
+    500
+}
+fn default_batch_max_bytes() -> ByteSize {
+    ByteSize(512 << 10)
+}
+fn default_linger_ms() -> u64 {
+    20
+}
+fn default_window() -> usize {
+    8
+}
+fn default_ack_timeout() -> u64 {
+    30
+}
+fn default_reconnect_min() -> u64 {
+    200
+}
+fn default_reconnect_max() -> u64 {
+    30_000
+}
+
+/// TLS to the broker: the CA that signs the broker's certificate, and for mutual TLS the
+/// agent's certificate and key (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkTls {
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +190,7 @@ pub struct LoadedAgentConfig {
     pub config: AgentConfig,
     pub http_token: Option<Secret>,
     pub mqtt_users: Vec<(String, Secret)>,
+    pub uplink_password: Option<Secret>,
 }
 
 impl AgentConfig {
@@ -137,11 +215,18 @@ impl AgentConfig {
             })?;
             mqtt_users.push((user.username.clone(), secret));
         }
+        let uplink_password = match config.uplink.as_ref().and_then(|u| u.password.as_ref()) {
+            Some(source) => Some(source.resolve().map_err(|e| {
+                ConfigError::invalid(file, "uplink.password", format!("a readable secret: {e}"))
+            })?),
+            None => None,
+        };
         Ok(LoadedAgentConfig {
             file: file.to_path_buf(),
             config,
             http_token,
             mqtt_users,
+            uplink_password,
         })
     }
 
@@ -192,6 +277,9 @@ impl AgentConfig {
                 "at least 1",
             ));
         }
+        if let Some(uplink) = &self.uplink {
+            uplink.check(file)?;
+        }
         let packet = self.mqtt.max_packet_size.0;
         if !(1024..=256 << 20).contains(&packet) {
             return Err(ConfigError::invalid(
@@ -200,6 +288,69 @@ impl AgentConfig {
                 "between 1 KiB and 256 MiB",
             ));
         }
+        Ok(())
+    }
+}
+
+impl UplinkConfig {
+    fn check(&self, file: &Path) -> Result<(), ConfigError> {
+        if self.host.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "uplink.host",
+                "a host name or address",
+            ));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(ConfigError::invalid(
+                file,
+                "uplink.username",
+                "a username when uplink.password is set",
+            ));
+        }
+        if !(1..=10_000).contains(&self.batch_max_events) {
+            return Err(ConfigError::invalid(
+                file,
+                "uplink.batch_max_events",
+                "1 to 10000",
+            ));
+        }
+        if !(16 << 10..=4 << 20).contains(&self.batch_max_bytes.0) {
+            return Err(ConfigError::invalid(
+                file,
+                "uplink.batch_max_bytes",
+                "between 16 KiB and 4 MiB",
+            ));
+        }
+        if !(1..=1000).contains(&self.window) {
+            return Err(ConfigError::invalid(
+                file,
+                "uplink.window",
+                "1 to 1000 batches",
+            ));
+        }
+        if self.ack_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "uplink.ack_timeout_secs",
+                "at least 1",
+            ));
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(ConfigError::invalid(
+                file,
+                "uplink.reconnect_max_ms",
+                "reconnect_min_ms > 0 and reconnect_max_ms >= reconnect_min_ms",
+            ));
+        }
+        if let Some(tls) = &self.tls
+            && tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "uplink.tls",
+                    "client_cert_file and client_key_file together, or neither",
+                ));
+            }
         Ok(())
     }
 }

@@ -35,6 +35,7 @@ pub struct HttpState {
     pub mqtt_listen: Option<String>,
     pub token: Option<Secret>,
     pub started: Instant,
+    pub link: Option<crate::forward::SharedLinkStatus>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -313,6 +314,7 @@ async fn status(State(state): State<HttpState>) -> Response {
             "connected_clients": state.mqtt.as_ref().map(|m| m.connected_clients()).unwrap_or(0),
         },
         "rejects_stored": stats.rejects_stored,
+        "link": state.link.as_ref().and_then(|l| l.lock().ok().map(|l| l.clone())),
     }))
     .into_response()
 }

@@ -2,6 +2,7 @@
 //! local log before acknowledging it, and forwards the log to the relay.
 
 pub mod config;
+pub mod forward;
 pub mod http;
 pub mod log;
 pub mod metrics;

@@ -160,6 +160,8 @@ struct Shared {
     path: PathBuf,
     stats: Mutex<LogStats>,
     flush_observer: Mutex<Option<FlushObserver>>,
+    /// The next sequence number after each flush, for readers waiting for new events.
+    appended: tokio::sync::watch::Sender<u64>,
 }
 
 /// A handle to the log; cheap to clone. The writer thread stops when every handle is gone.
@@ -208,7 +210,9 @@ impl EventLog {
             }
         };
         let (epoch, stats) = initialise(&db, &path, &options)?;
+        let next_seq = stats.next_seq;
         let shared = Arc::new(Shared {
+            appended: tokio::sync::watch::Sender::new(next_seq),
             db: RwLock::new(db),
             epoch,
             path: path.clone(),
@@ -239,6 +243,11 @@ impl EventLog {
         if let Ok(mut slot) = self.shared.flush_observer.lock() {
             *slot = Some(Box::new(observer));
         }
+    }
+
+    /// Changes to the next sequence number whenever a flush adds events.
+    pub fn watch_appends(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.appended.subscribe()
     }
 
     pub fn stats(&self) -> LogStats {
@@ -616,10 +625,16 @@ impl Writer {
         drop(db);
         stats.flushes += 1;
         stats.file_bytes = file_len(&self.shared.path);
+        let next_seq = stats.next_seq;
         if let Ok(mut current) = self.shared.stats.lock() {
             stats.compactions = current.compactions;
             *current = stats;
         }
+        self.shared.appended.send_if_modified(|seen| {
+            let changed = *seen != next_seq;
+            *seen = next_seq;
+            changed
+        });
         Ok(outcomes)
     }
 

@@ -29,6 +29,14 @@ pub struct AgentMetrics {
     pub mqtt_connections: Gauge,
     pub mqtt_protocol_errors: Counter,
     pub flush_seconds: Histogram,
+    pub link_up: Gauge,
+    pub batches_sent: Counter,
+    pub batch_resends: Counter,
+    pub events_forwarded: Counter,
+    pub events_acked: Counter,
+    /// When the relay last acknowledged a batch, in ms since the Unix epoch (0: never).
+    pub last_ack_ms: Gauge,
+    last_ack_age_seconds: Gauge<f64, AtomicU64>,
     backlog_events: Gauge,
     backlog_bytes: Gauge,
     oldest_age_seconds: Gauge<f64, AtomicU64>,
@@ -49,6 +57,13 @@ impl AgentMetrics {
             mqtt_connections: Gauge::default(),
             mqtt_protocol_errors: Counter::default(),
             flush_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
+            link_up: Gauge::default(),
+            batches_sent: Counter::default(),
+            batch_resends: Counter::default(),
+            events_forwarded: Counter::default(),
+            events_acked: Counter::default(),
+            last_ack_ms: Gauge::default(),
+            last_ack_age_seconds: Gauge::default(),
             backlog_events: Gauge::default(),
             backlog_bytes: Gauge::default(),
             oldest_age_seconds: Gauge::default(),
@@ -92,6 +107,36 @@ impl AgentMetrics {
             "log_flush_duration_seconds",
             "Time of one durable flush (group commit) of the log",
             metrics.flush_seconds.clone(),
+        );
+        registry.register(
+            "link_up",
+            "1 while connected to the broker and subscribed to the relay's acknowledgements",
+            metrics.link_up.clone(),
+        );
+        registry.register(
+            "batches_sent",
+            "Batches published to the broker, first sends and re-sends",
+            metrics.batches_sent.clone(),
+        );
+        registry.register(
+            "batch_resends",
+            "Batches dropped from the in-flight window to be re-sent from the log (timeout or reconnect)",
+            metrics.batch_resends.clone(),
+        );
+        registry.register(
+            "events_forwarded",
+            "Events published in batches, counting re-sends",
+            metrics.events_forwarded.clone(),
+        );
+        registry.register(
+            "events_acked",
+            "Events the relay acknowledged as durable and the agent deleted from its log",
+            metrics.events_acked.clone(),
+        );
+        registry.register(
+            "last_ack_age_seconds",
+            "Seconds since the relay last acknowledged a batch (-1: never since start)",
+            metrics.last_ack_age_seconds.clone(),
         );
         registry.register(
             "backlog_events",
@@ -150,6 +195,12 @@ impl AgentMetrics {
         self.quota_exceeded.set(i64::from(stats.quota_exceeded));
         self.log_file_bytes.set(stats.file_bytes as i64);
         self.rejects_stored.set(stats.rejects_stored as i64);
+        let last_ack = self.last_ack_ms.get();
+        self.last_ack_age_seconds.set(if last_ack == 0 {
+            -1.0
+        } else {
+            (now_ms() - last_ack).max(0) as f64 / 1000.0
+        });
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text = "# metrics could not be encoded\n".into();

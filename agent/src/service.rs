@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LoadedAgentConfig;
+use crate::forward::Forwarder;
 use crate::http::{HttpState, router};
 use crate::log::{EventLog, LogOptions};
 use crate::metrics::AgentMetrics;
@@ -65,6 +66,25 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
         mqtt_endpoint = Some(endpoint);
     }
 
+    let mut link = None;
+    let mut forward_task = None;
+    if let Some(uplink) = config.uplink.clone() {
+        let (forwarder, status) = Forwarder::new(
+            config.site.clone(),
+            log.clone(),
+            uplink,
+            loaded.uplink_password.clone(),
+            metrics.clone(),
+        );
+        link = Some(status);
+        let forward_stop = stop.clone();
+        forward_task = Some(tokio::spawn(async move {
+            if let Err(e) = forwarder.run(forward_stop).await {
+                tracing::error!("forwarder stopped: {e:#}");
+            }
+        }));
+    }
+
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| {
@@ -82,6 +102,7 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
         mqtt_listen: config.mqtt.listen.map(|a| a.to_string()),
         token: loaded.http_token.clone(),
         started: Instant::now(),
+        link,
     };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let http_stop = stop.clone();
@@ -107,6 +128,9 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             }
         }
         let _ = http_task.await;
+        if let Some(task) = forward_task {
+            let _ = task.await;
+        }
     })
     .await;
     if drained.is_err() {

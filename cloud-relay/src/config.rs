@@ -136,15 +136,14 @@ impl RelayConfig {
                 "1 to 128 characters",
             ));
         }
-        if let Some(group) = &self.broker.shared_group {
-            if group.is_empty() || group.contains(['/', '+', '#']) {
+        if let Some(group) = &self.broker.shared_group
+            && (group.is_empty() || group.contains(['/', '+', '#'])) {
                 return Err(ConfigError::invalid(
                     file,
                     "broker.shared_group",
                     "a name without '/', '+' or '#'",
                 ));
             }
-        }
         if self.broker.password.is_some() && self.broker.username.is_none() {
             return Err(ConfigError::invalid(
                 file,

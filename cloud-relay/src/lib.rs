@@ -1,6 +1,12 @@
 //! The cloud relay: takes batches off the broker, stores them durably in its outbox,
 //! acknowledges them to the agent, and delivers them to the ERP.
 
+pub mod admin;
+pub mod broker;
 pub mod config;
+pub mod intake;
+pub mod ledger;
+pub mod metrics;
+pub mod outbox;
 pub mod service;
 pub mod shutdown;

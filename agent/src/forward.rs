@@ -1,0 +1,429 @@
+//! The forwarder: drains the log to the relay in batches over MQTT, and deletes events from the
+//! log only when the relay acknowledges them as durable in its outbox.
+//!
+//! The log is the single source of truth for what is in flight. Broker PUBACKs are not taken as
+//! delivery and the MQTT client's own retry queue is not relied on: after a reconnect or an ack
+//! timeout, every unacknowledged batch is read again from the log and re-sent, and the relay
+//! drops what it already has.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backhaul_events::config::Secret;
+use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame};
+use backhaul_events::topics::{acks_topic, batches_topic};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::UplinkConfig;
+use crate::log::{EventLog, now_ms};
+use crate::metrics::AgentMetrics;
+
+/// Largest frame the agent sends or accepts; batches are far smaller, acks tiny.
+const MAX_FRAME_BYTES: usize = 8 << 20;
+
+/// What the status page says about the link to the broker and the relay.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LinkStatus {
+    pub state: &'static str,
+    /// Since when the link is in its current state (ms since the Unix epoch).
+    pub since_ms: i64,
+    pub last_error: Option<String>,
+    pub last_ack_ms: Option<i64>,
+    pub acked_through: u64,
+    pub batches_in_flight: usize,
+    pub events_in_flight: u64,
+    pub batches_sent: u64,
+    pub batches_resent: u64,
+    pub events_forwarded: u64,
+    pub reconnects: u64,
+}
+
+pub type SharedLinkStatus = Arc<Mutex<LinkStatus>>;
+
+enum LinkEvent {
+    /// Connected and subscribed to the acks topic: batches may flow.
+    Ready,
+    Down(String),
+    Ack(Vec<u8>),
+}
+
+struct InFlight {
+    first: u64,
+    last: u64,
+    events: u64,
+    sent_at: Instant,
+}
+
+pub struct Forwarder {
+    site: String,
+    log: EventLog,
+    config: UplinkConfig,
+    password: Option<Secret>,
+    metrics: Arc<AgentMetrics>,
+    status: SharedLinkStatus,
+}
+
+impl Forwarder {
+    pub fn new(
+        site: String,
+        log: EventLog,
+        config: UplinkConfig,
+        password: Option<Secret>,
+        metrics: Arc<AgentMetrics>,
+    ) -> (Forwarder, SharedLinkStatus) {
+        let status = Arc::new(Mutex::new(LinkStatus {
+            state: "connecting",
+            since_ms: now_ms(),
+            ..LinkStatus::default()
+        }));
+        (
+            Forwarder {
+                site,
+                log,
+                config,
+                password,
+                metrics,
+                status: status.clone(),
+            },
+            status,
+        )
+    }
+
+    fn mqtt_options(&self) -> anyhow::Result<MqttOptions> {
+        let client_id = self
+            .config
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("backhaul-agent-{}", self.site));
+        let mut options = MqttOptions::new(client_id, self.config.host.clone(), self.config.port);
+        options.set_keep_alive(Duration::from_secs(u64::from(
+            self.config.keep_alive_secs.max(5),
+        )));
+        // A clean session on purpose: what the broker kept would only be replayed out of
+        // order; unacknowledged batches are re-sent from the log instead.
+        options.set_clean_session(true);
+        options.set_max_packet_size(MAX_FRAME_BYTES, MAX_FRAME_BYTES);
+        options.set_inflight(self.config.window.clamp(1, 1000) as u16 + 1);
+        if let Some(user) = &self.config.username {
+            let password = self
+                .password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default();
+            options.set_credentials(user.clone(), password);
+        }
+        if let Some(tls) = &self.config.tls {
+            let read = |path: &std::path::Path, what: &str| {
+                std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read uplink.tls.{what} {}: {e}", path.display())
+                })
+            };
+            let ca = read(&tls.ca_file, "ca_file")?;
+            let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
+                (Some(cert), Some(key)) => Some((
+                    read(cert, "client_cert_file")?,
+                    read(key, "client_key_file")?,
+                )),
+                _ => None,
+            };
+            options.set_transport(Transport::tls(ca, client_auth, None));
+        }
+        Ok(options)
+    }
+
+    fn set_status(&self, update: impl FnOnce(&mut LinkStatus)) {
+        if let Ok(mut status) = self.status.lock() {
+            update(&mut status);
+        }
+    }
+
+    /// Runs until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let options = self.mqtt_options()?;
+        let (client, eventloop) = AsyncClient::new(options, 64);
+        let (link_tx, mut link_rx) = mpsc::channel(1024);
+        let link_task = tokio::spawn(drive_link(
+            eventloop,
+            client.clone(),
+            acks_topic(&self.site),
+            link_tx,
+            self.config.reconnect_min_ms,
+            self.config.reconnect_max_ms,
+            stop.clone(),
+        ));
+        let topic = batches_topic(&self.site);
+        let epoch = self.log.epoch();
+        let mut appends = self.log.watch_appends();
+        let stats = self.log.stats();
+        // Everything before the oldest event in the log was acknowledged and deleted.
+        let mut acked_through = stats.oldest_seq.unwrap_or(stats.next_seq).saturating_sub(1);
+        let mut next_to_send = acked_through + 1;
+        let mut highest_sent = acked_through;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut ready = false;
+        let linger = Duration::from_millis(self.config.linger_ms);
+        let ack_timeout = Duration::from_secs(self.config.ack_timeout_secs);
+        let mut linger_until: Option<Instant> = None;
+        self.set_status(|s| s.acked_through = acked_through);
+
+        loop {
+            // Send while the window has room and the log has events.
+            while ready && in_flight.len() < self.config.window {
+                let next_seq = self.log.stats().next_seq;
+                if next_to_send >= next_seq {
+                    break;
+                }
+                let available = next_seq - next_to_send;
+                if available < self.config.batch_max_events as u64 && !linger.is_zero() {
+                    let deadline = *linger_until.get_or_insert_with(|| Instant::now() + linger);
+                    if Instant::now() < deadline {
+                        break;
+                    }
+                }
+                linger_until = None;
+                let records = {
+                    let log = self.log.clone();
+                    let (from, max_events, max_bytes) = (
+                        next_to_send,
+                        self.config.batch_max_events,
+                        self.config.batch_max_bytes.0 as usize,
+                    );
+                    tokio::task::spawn_blocking(move || log.read_from(from, max_events, max_bytes))
+                        .await??
+                };
+                let (Some(first), Some(last)) =
+                    (records.first().map(|r| r.0), records.last().map(|r| r.0))
+                else {
+                    // Acknowledged and deleted meanwhile: skip ahead.
+                    next_to_send = next_seq;
+                    break;
+                };
+                let events = records.len() as u64;
+                let frame = BatchFrame {
+                    site: self.site.clone(),
+                    epoch,
+                    first_seq: first,
+                    last_seq: last,
+                    events: records
+                        .into_iter()
+                        .map(|(seq, r)| BatchEntry {
+                            seq,
+                            received_at_ms: r.received_at_ms,
+                            event: r.event,
+                        })
+                        .collect(),
+                    signature: None,
+                };
+                let payload = frame.encode()?;
+                if let Err(e) = client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                {
+                    // The client's queue is full or closed: the link is going down; the batch
+                    // goes again after the reconnect.
+                    tracing::debug!(error = %e, "batch not queued");
+                    break;
+                }
+                let resend = first <= highest_sent;
+                highest_sent = highest_sent.max(last);
+                in_flight.push_back(InFlight {
+                    first,
+                    last,
+                    events,
+                    sent_at: Instant::now(),
+                });
+                next_to_send = last + 1;
+                self.metrics.batches_sent.inc();
+                self.metrics.events_forwarded.inc_by(events);
+                let in_flight_events: u64 = in_flight.iter().map(|b| b.events).sum();
+                self.set_status(|s| {
+                    s.batches_sent += 1;
+                    s.events_forwarded += events;
+                    s.batches_in_flight = in_flight.len();
+                    s.events_in_flight = in_flight_events;
+                    if resend {
+                        s.batches_resent += 1;
+                    }
+                });
+            }
+
+            let ack_deadline = in_flight.front().map(|b| b.sent_at + ack_timeout);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                event = link_rx.recv() => match event {
+                    None => break,
+                    Some(LinkEvent::Ready) => {
+                        ready = true;
+                        // Everything not acknowledged goes again, from the log.
+                        if !in_flight.is_empty() {
+                            self.metrics.batch_resends.inc_by(in_flight.len() as u64);
+                        }
+                        in_flight.clear();
+                        next_to_send = acked_through + 1;
+                        self.metrics.link_up.set(1);
+                        self.set_status(|s| {
+                            s.state = "up";
+                            s.since_ms = now_ms();
+                            s.batches_in_flight = 0;
+                            s.events_in_flight = 0;
+                        });
+                        tracing::info!(host = %self.config.host, port = self.config.port, "uplink connected");
+                    }
+                    Some(LinkEvent::Down(error)) => {
+                        if ready {
+                            tracing::warn!(error = %error, "uplink down");
+                        }
+                        ready = false;
+                        self.metrics.link_up.set(0);
+                        self.set_status(|s| {
+                            if s.state != "down" {
+                                s.state = "down";
+                                s.since_ms = now_ms();
+                                s.reconnects += 1;
+                            }
+                            s.last_error = Some(error);
+                        });
+                    }
+                    Some(LinkEvent::Ack(payload)) => {
+                        let ack = match AckFrame::decode(&payload, MAX_FRAME_BYTES) {
+                            Ok(ack) => ack,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "an acknowledgement could not be decoded");
+                                continue;
+                            }
+                        };
+                        if ack.site != self.site || ack.epoch != epoch {
+                            tracing::debug!(site = %ack.site, epoch = %ack.epoch, "acknowledgement for another log ignored");
+                            continue;
+                        }
+                        if ack.acked_through <= acked_through {
+                            continue;
+                        }
+                        let through = ack.acked_through.min(next_to_send.saturating_sub(1).max(acked_through));
+                        if through <= acked_through {
+                            continue;
+                        }
+                        match self.log.ack_through(through).await {
+                            Ok(deleted) => {
+                                acked_through = through;
+                                while in_flight.front().is_some_and(|b| b.last <= through) {
+                                    in_flight.pop_front();
+                                }
+                                self.metrics.events_acked.inc_by(deleted);
+                                self.metrics.last_ack_ms.set(now_ms());
+                                let in_flight_events: u64 = in_flight.iter().map(|b| b.events).sum();
+                                self.set_status(|s| {
+                                    s.acked_through = through;
+                                    s.last_ack_ms = Some(now_ms());
+                                    s.batches_in_flight = in_flight.len();
+                                    s.events_in_flight = in_flight_events;
+                                });
+                            }
+                            Err(e) => tracing::error!(error = %e, "acknowledged events could not be deleted"),
+                        }
+                    }
+                },
+                _ = appends.changed() => {}
+                _ = sleep_until_opt(linger_until), if linger_until.is_some() => {}
+                _ = sleep_until_opt(ack_deadline), if ack_deadline.is_some() && ready => {
+                    if let Some(front) = in_flight.front() {
+                        tracing::warn!(first = front.first, last = front.last, "no acknowledgement in {:?}: re-sending from the log", ack_timeout);
+                    }
+                    self.metrics.batch_resends.inc_by(in_flight.len() as u64);
+                    in_flight.clear();
+                    next_to_send = acked_through + 1;
+                }
+            }
+        }
+        let _ = client.try_disconnect();
+        link_task.abort();
+        Ok(())
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Polls the MQTT event loop: reports the link going up (after the acks subscription is
+/// confirmed) and down, passes acknowledgements on, and backs off between reconnects.
+async fn drive_link(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    acks_topic: String,
+    link: mpsc::Sender<LinkEvent>,
+    backoff_min_ms: u64,
+    backoff_max_ms: u64,
+    stop: CancellationToken,
+) {
+    let mut backoff = backoff_min_ms;
+    let mut subscribe_pkid: Option<u16> = None;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = backoff_min_ms;
+                subscribe_pkid = None;
+                if let Err(e) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
+                    let _ = link
+                        .send(LinkEvent::Down(format!(
+                            "cannot subscribe to {acks_topic}: {e}"
+                        )))
+                        .await;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => subscribe_pkid = Some(pkid),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if subscribe_pkid.is_none_or(|p| p == ack.pkid) {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    let event = if refused {
+                        LinkEvent::Down(format!(
+                            "the broker refused the subscription to {acks_topic}"
+                        ))
+                    } else {
+                        LinkEvent::Ready
+                    };
+                    if link.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if publish.topic == acks_topic
+                    && link
+                        .send(LinkEvent::Ack(publish.payload.to_vec()))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if link.send(LinkEvent::Down(e.to_string())).await.is_err() {
+                    return;
+                }
+                // rumqttc reconnects on the next poll at once; the back-off is ours to keep.
+                let jitter = rand::random_range(0..=backoff / 2);
+                let wait = Duration::from_millis(backoff + jitter);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(backoff_max_ms);
+            }
+        }
+    }
+}

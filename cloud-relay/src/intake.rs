@@ -1,0 +1,254 @@
+//! Batch intake: takes batch frames off the broker, checks them, stores them in the outbox
+//! (several batches share one durable commit), and only then publishes the acknowledgement
+//! the agent waits for before it deletes anything.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backhaul_events::config::Secret;
+use backhaul_events::frame::{AckFrame, BatchFrame};
+use backhaul_events::topics::{ALL_BATCHES_FILTER, acks_topic, site_of_batches_topic};
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::metrics::{ReasonLabel, RelayMetrics};
+use crate::outbox::Outbox;
+
+/// Batches stored in one commit at most.
+const MAX_BATCHES_PER_COMMIT: usize = 64;
+
+struct Received {
+    topic: String,
+    payload: Bytes,
+    at: Instant,
+}
+
+pub struct Intake {
+    pub broker: BrokerConfig,
+    pub password: Option<Secret>,
+    pub outbox: Arc<Outbox>,
+    pub metrics: Arc<RelayMetrics>,
+    /// Woken after each commit so the connector sees new events at once.
+    pub stored: Arc<tokio::sync::Notify>,
+}
+
+impl Intake {
+    fn options(&self) -> MqttOptions {
+        let mut options = MqttOptions::new(
+            self.broker.client_id.clone(),
+            self.broker.host.clone(),
+            self.broker.port,
+        );
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_session(true);
+        let max = self.broker.max_frame_size.0 as usize;
+        options.set_max_packet_size(max, max);
+        options.set_inflight(1000);
+        if let Some(user) = &self.broker.username {
+            let password = self
+                .password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default();
+            options.set_credentials(user.clone(), password);
+        }
+        options
+    }
+
+    fn filter(&self) -> String {
+        match &self.broker.shared_group {
+            Some(group) => format!("$share/{group}/{ALL_BATCHES_FILTER}"),
+            None => ALL_BATCHES_FILTER.to_string(),
+        }
+    }
+
+    pub async fn run(self, stop: CancellationToken) {
+        let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
+        let (tx, mut rx) = mpsc::channel::<Received>(1024);
+        let filter = self.filter();
+        let metrics = self.metrics.clone();
+        let poll_client = client.clone();
+        let poll_stop = stop.clone();
+        let (host, port) = (self.broker.host.clone(), self.broker.port);
+        let poller = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut was_up = false;
+            loop {
+                let event = tokio::select! {
+                    _ = poll_stop.cancelled() => return,
+                    event = eventloop.poll() => event,
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff = Duration::from_millis(100);
+                        if let Err(e) = poll_client.try_subscribe(filter.clone(), QoS::AtLeastOnce)
+                        {
+                            tracing::error!(error = %e, "cannot subscribe to {filter}");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        metrics.broker_connected.set(1);
+                        was_up = true;
+                        tracing::info!(%host, port, %filter, "relay subscribed to batches");
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let received = Received {
+                            topic: publish.topic,
+                            payload: publish.payload,
+                            at: Instant::now(),
+                        };
+                        if tx.send(received).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        metrics.broker_connected.set(0);
+                        if was_up {
+                            tracing::warn!(error = %e, "broker connection lost");
+                            was_up = false;
+                        } else {
+                            tracing::debug!(error = %e, "broker not reachable");
+                        }
+                        let jitter = Duration::from_millis(rand::random_range(
+                            0..=backoff.as_millis() as u64 / 2,
+                        ));
+                        tokio::select! {
+                            _ = poll_stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff + jitter) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        });
+
+        let max_frame = self.broker.max_frame_size.0 as usize;
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => break,
+                received = rx.recv() => match received {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
+            let mut received = vec![first];
+            while received.len() < MAX_BATCHES_PER_COMMIT {
+                match rx.try_recv() {
+                    Ok(r) => received.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut batches = Vec::with_capacity(received.len());
+            let mut arrivals = Vec::with_capacity(received.len());
+            for r in received {
+                if let Some(batch) = self.check(&r, max_frame) {
+                    batches.push(batch);
+                    arrivals.push(r.at);
+                }
+            }
+            if batches.is_empty() {
+                continue;
+            }
+            let outbox = self.outbox.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                let result = outbox.store(&batches);
+                (batches, result)
+            })
+            .await;
+            let (batches, result) = match stored {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox writer failed");
+                    continue;
+                }
+            };
+            let results = match result {
+                Ok(results) => results,
+                Err(e) => {
+                    // Nothing is acknowledged; the agents re-send after their timeout.
+                    tracing::error!(error = %e, batches = batches.len(), "batches could not be stored; not acknowledged");
+                    continue;
+                }
+            };
+            self.stored.notify_one();
+            for ((batch, result), at) in batches.iter().zip(results).zip(arrivals) {
+                self.metrics.events_duplicate.inc_by(result.duplicates);
+                if result.gap {
+                    self.metrics
+                        .batches_refused
+                        .get_or_create(&ReasonLabel { reason: "gap" })
+                        .inc();
+                    tracing::info!(site = %batch.site, epoch = %batch.epoch, first = batch.first_seq, stored_through = result.acked_through, "batch starts past a gap; waiting for the agent to re-send in order");
+                }
+                let ack = AckFrame {
+                    site: result.site.clone(),
+                    epoch: result.epoch,
+                    acked_through: result.acked_through,
+                    outcomes: result.outcomes,
+                };
+                let payload = match ack.encode() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "an acknowledgement could not be encoded");
+                        continue;
+                    }
+                };
+                match client.try_publish(acks_topic(&batch.site), QoS::AtLeastOnce, false, payload)
+                {
+                    Ok(()) => {
+                        self.metrics.acks_published.inc();
+                        self.metrics
+                            .ack_latency_seconds
+                            .observe(at.elapsed().as_secs_f64());
+                        tracing::debug!(site = %batch.site, first = batch.first_seq, last = batch.last_seq, stored = result.stored, duplicates = result.duplicates, acked_through = result.acked_through, "batch stored and acknowledged");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, site = %batch.site, "acknowledgement not sent; the agent will re-send")
+                    }
+                }
+            }
+        }
+        let _ = client.try_disconnect();
+        poller.abort();
+    }
+
+    /// Decodes and checks a frame; refused frames are counted, logged and never acknowledged.
+    fn check(&self, received: &Received, max_frame: usize) -> Option<BatchFrame> {
+        let Some(topic_site) = site_of_batches_topic(&received.topic) else {
+            tracing::warn!(topic = %received.topic, "message on a topic that is not a site's batches topic ignored");
+            return None;
+        };
+        self.metrics.batches_received.inc();
+        let batch = match BatchFrame::decode(&received.payload, max_frame) {
+            Ok(batch) => batch,
+            Err(e) => {
+                self.metrics
+                    .batches_refused
+                    .get_or_create(&ReasonLabel {
+                        reason: "undecodable",
+                    })
+                    .inc();
+                tracing::warn!(site = topic_site, bytes = received.payload.len(), error = %e, "batch frame refused");
+                return None;
+            }
+        };
+        self.metrics
+            .events_received
+            .inc_by(batch.events.len() as u64);
+        if batch.site != topic_site {
+            self.metrics
+                .batches_refused
+                .get_or_create(&ReasonLabel {
+                    reason: "site_mismatch",
+                })
+                .inc();
+            tracing::warn!(topic_site, frame_site = %batch.site, "batch frame refused: its site does not match its topic");
+            return None;
+        }
+        Some(batch)
+    }
+}

@@ -1,0 +1,117 @@
+//! The relay's Prometheus metrics and the text served on `/metrics`.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::outbox::Outbox;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabel {
+    pub site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+pub struct RelayMetrics {
+    registry: Registry,
+    pub batches_received: Counter,
+    pub events_received: Counter,
+    pub events_duplicate: Counter,
+    pub batches_refused: Family<ReasonLabel, Counter>,
+    pub acks_published: Counter,
+    pub ack_latency_seconds: Histogram,
+    pub events_delivered: Counter,
+    pub broker_connected: Gauge,
+    outbox_events: Family<SiteLabel, Gauge>,
+}
+
+impl RelayMetrics {
+    pub fn new() -> Arc<RelayMetrics> {
+        let metrics = RelayMetrics {
+            registry: Registry::default(),
+            batches_received: Counter::default(),
+            events_received: Counter::default(),
+            events_duplicate: Counter::default(),
+            batches_refused: Family::default(),
+            acks_published: Counter::default(),
+            ack_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            events_delivered: Counter::default(),
+            broker_connected: Gauge::default(),
+            outbox_events: Family::default(),
+        };
+        let mut registry = Registry::with_prefix("backhaul_relay");
+        registry.register(
+            "batches_received",
+            "Batch frames taken off the broker",
+            metrics.batches_received.clone(),
+        );
+        registry.register(
+            "events_received",
+            "Events in batches taken off the broker, counting repeats",
+            metrics.events_received.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events already in the outbox, dropped (re-sent batches, repeated ids)",
+            metrics.events_duplicate.clone(),
+        );
+        registry.register(
+            "batches_refused",
+            "Batch frames refused, by reason (undecodable, site_mismatch, gap)",
+            metrics.batches_refused.clone(),
+        );
+        registry.register(
+            "acks_published",
+            "Acknowledgements published to agents",
+            metrics.acks_published.clone(),
+        );
+        registry.register(
+            "ack_latency_seconds",
+            "From a batch's arrival to its acknowledgement (durable in the outbox)",
+            metrics.ack_latency_seconds.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Events delivered by the connector",
+            metrics.events_delivered.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while connected to the broker and subscribed",
+            metrics.broker_connected.clone(),
+        );
+        registry.register(
+            "outbox_events",
+            "Events waiting in the outbox, by site",
+            metrics.outbox_events.clone(),
+        );
+        Arc::new(RelayMetrics {
+            registry,
+            ..metrics
+        })
+    }
+
+    pub fn render(&self, outbox: &Outbox) -> String {
+        for site in outbox.sites() {
+            self.outbox_events
+                .get_or_create(&SiteLabel {
+                    site: site.site.clone(),
+                })
+                .set(site.outbox_depth() as i64);
+        }
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text = "# metrics could not be encoded\n".into();
+        }
+        text
+    }
+}

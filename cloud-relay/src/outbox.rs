@@ -1,0 +1,394 @@
+//! The relay's outbox: batches from every site made durable in one redb database before they
+//! are acknowledged, stored once however often they arrive, and kept until delivered.
+//!
+//! What it owns: per-site and per-epoch progress (the highest sequence number stored without a
+//! gap, which is what an acknowledgement promises), deduplication by event id within a site,
+//! the queue per ordering key, and the delivery position of the ledger.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use backhaul_events::{BatchFrame, EventOutcome, Outcome, StampedEvent};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+/// Events waiting for delivery, by outbox sequence number (arrival order).
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// The queue of each ordering key: key bytes followed by the outbox sequence number.
+const BY_KEY: TableDefinition<&[u8], ()> = TableDefinition::new("by_ordering_key");
+/// Event ids seen per site: site, 0, id → outbox sequence number.
+const SEEN_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("seen_ids");
+/// Highest sequence number stored without a gap, per site and epoch: site, 0, epoch.
+const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
+/// Per-site summary (JSON).
+const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const META_NEXT_OUTBOX_SEQ: &str = "next_outbox_seq";
+const META_LEDGER_COMMITTED_LEN: &str = "ledger_committed_len";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(
+        "the outbox {path} cannot be opened: {reason}. Nothing in it was deleted; move it aside \
+         to start empty (agents re-send what they still hold), or restore it from a backup"
+    )]
+    Damaged { path: PathBuf, reason: String },
+    #[error("the outbox {path} is in use by another process")]
+    InUse { path: PathBuf },
+    #[error("outbox storage error: {0}")]
+    Storage(String),
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> OutboxError {
+    OutboxError::Storage(e.to_string())
+}
+
+/// What the relay knows of one site.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub site: String,
+    /// The epoch of the site's most recent batch.
+    pub epoch: String,
+    /// Highest sequence number of that epoch stored without a gap.
+    pub highest_seq: u64,
+    pub last_seen_ms: i64,
+    pub events_stored: u64,
+    pub events_duplicate: u64,
+    pub events_delivered: u64,
+}
+
+impl SiteRecord {
+    pub fn outbox_depth(&self) -> u64 {
+        self.events_stored.saturating_sub(self.events_delivered)
+    }
+}
+
+/// The result of storing one batch.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub site: String,
+    pub epoch: backhaul_events::Epoch,
+    /// What the acknowledgement promises: everything of the epoch up to here is durable.
+    pub acked_through: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    /// The batch started past a gap and was not stored; the agent will re-send in order.
+    pub gap: bool,
+    pub outcomes: Vec<EventOutcome>,
+}
+
+pub struct Outbox {
+    db: Database,
+    path: PathBuf,
+    sites: Mutex<BTreeMap<String, SiteRecord>>,
+}
+
+fn site_key(site: &str, tail: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(site.len() + 1 + tail.len());
+    key.extend_from_slice(site.as_bytes());
+    key.push(0);
+    key.extend_from_slice(tail);
+    key
+}
+
+fn queue_key(event: &StampedEvent, outbox_seq: u64) -> Vec<u8> {
+    let mut key = site_key(&event.site, &event.ordering_key().to_bytes());
+    key.extend_from_slice(&outbox_seq.to_be_bytes());
+    key
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Outbox {
+    pub fn open(dir: &Path, cache_size: usize) -> Result<Arc<Outbox>, OutboxError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            OutboxError::Storage(format!(
+                "cannot create the state directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join("outbox.redb");
+        let mut builder = Database::builder();
+        builder.set_cache_size(cache_size);
+        builder.set_check_integrity_on_open(true);
+        let opened = if path.exists() {
+            builder.open(&path)
+        } else {
+            builder.create(&path)
+        };
+        let mut db = match opened {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(OutboxError::InUse { path });
+            }
+            Err(e) => {
+                return Err(OutboxError::Damaged {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        // Give space freed by earlier deliveries back to the file system.
+        let _ = db.compact();
+        let txn = db.begin_write().map_err(storage)?;
+        let mut sites = BTreeMap::new();
+        {
+            {
+                let table = OUTBOX;
+                txn.open_table(table).map_err(storage)?;
+            }
+            txn.open_table(BY_KEY).map_err(storage)?;
+            txn.open_table(SEEN_IDS).map_err(storage)?;
+            txn.open_table(EPOCHS).map_err(storage)?;
+            txn.open_table(META).map_err(storage)?;
+            let table = txn.open_table(SITES).map_err(storage)?;
+            for entry in table.iter().map_err(storage)? {
+                let (key, value) = entry.map_err(storage)?;
+                if let Ok(record) = serde_json::from_slice::<SiteRecord>(value.value()) {
+                    sites.insert(key.value().to_string(), record);
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(Arc::new(Outbox {
+            db,
+            path,
+            sites: Mutex::new(sites),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn sites(&self) -> Vec<SiteRecord> {
+        self.sites
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn depth(&self) -> u64 {
+        self.db
+            .begin_read()
+            .ok()
+            .and_then(|t| t.open_table(OUTBOX).ok())
+            .and_then(|t| t.len().ok())
+            .unwrap_or(0)
+    }
+
+    /// Stores batches in one durable transaction; one result per batch, in order.
+    pub fn store(&self, batches: &[BatchFrame]) -> Result<Vec<Stored>, OutboxError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_quick_repair(true);
+        let mut sites = self.sites.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut results = Vec::with_capacity(batches.len());
+        for batch in batches {
+            results.push(self.store_one(&txn, batch, &mut sites)?);
+        }
+        {
+            let mut table = txn.open_table(SITES).map_err(storage)?;
+            for result in &results {
+                if let Some(record) = sites.get(&result.site) {
+                    let json = serde_json::to_vec(record).map_err(storage)?;
+                    table
+                        .insert(result.site.as_str(), json.as_slice())
+                        .map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+        if let Ok(mut current) = self.sites.lock() {
+            *current = sites;
+        }
+        Ok(results)
+    }
+
+    fn store_one(
+        &self,
+        txn: &WriteTransaction,
+        batch: &BatchFrame,
+        sites: &mut BTreeMap<String, SiteRecord>,
+    ) -> Result<Stored, OutboxError> {
+        let mut epochs = txn.open_table(EPOCHS).map_err(storage)?;
+        let epoch_key = site_key(&batch.site, &batch.epoch.0.to_be_bytes());
+        let known = epochs
+            .get(epoch_key.as_slice())
+            .map_err(storage)?
+            .map(|v| v.value());
+        let record = sites
+            .entry(batch.site.clone())
+            .or_insert_with(|| SiteRecord {
+                site: batch.site.clone(),
+                ..SiteRecord::default()
+            });
+        record.last_seen_ms = now_ms();
+        record.epoch = batch.epoch.to_string();
+        let mut result = Stored {
+            site: batch.site.clone(),
+            epoch: batch.epoch,
+            acked_through: known.unwrap_or(0),
+            stored: 0,
+            duplicates: 0,
+            gap: false,
+            outcomes: Vec::new(),
+        };
+        // An epoch seen before must continue without a gap: an acknowledgement promises
+        // everything up to its number. A new epoch starts wherever its first batch starts,
+        // because what came before was acknowledged by an earlier outbox or never existed.
+        if let Some(highest) = known
+            && batch.first_seq > highest + 1 {
+                result.gap = true;
+                record.highest_seq = highest;
+                return Ok(result);
+            }
+        let highest = known.unwrap_or(0);
+        let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
+        let mut seen = txn.open_table(SEEN_IDS).map_err(storage)?;
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let mut next = meta
+            .get(META_NEXT_OUTBOX_SEQ)
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        for stamped in batch.stamped() {
+            if known.is_some() && stamped.seq <= highest {
+                result.duplicates += 1;
+                continue;
+            }
+            let id_key = site_key(&stamped.site, stamped.event.id.as_bytes());
+            if seen.get(id_key.as_slice()).map_err(storage)?.is_some() {
+                result.duplicates += 1;
+                result.outcomes.push(EventOutcome {
+                    seq: stamped.seq,
+                    id: stamped.event.id.clone(),
+                    outcome: Outcome::Duplicate,
+                });
+                continue;
+            }
+            let bytes = postcard::to_stdvec(&stamped).map_err(storage)?;
+            outbox.insert(next, bytes.as_slice()).map_err(storage)?;
+            by_key
+                .insert(queue_key(&stamped, next).as_slice(), ())
+                .map_err(storage)?;
+            seen.insert(id_key.as_slice(), next).map_err(storage)?;
+            next += 1;
+            result.stored += 1;
+        }
+        meta.insert(META_NEXT_OUTBOX_SEQ, next).map_err(storage)?;
+        let through = highest.max(batch.last_seq);
+        epochs
+            .insert(epoch_key.as_slice(), through)
+            .map_err(storage)?;
+        result.acked_through = through;
+        record.highest_seq = through;
+        record.events_stored += result.stored;
+        record.events_duplicate += result.duplicates;
+        Ok(result)
+    }
+
+    /// The oldest undelivered events, in arrival order, with their outbox sequence numbers.
+    pub fn pending(&self, limit: usize) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(storage)?.take(limit) {
+            let (key, value) = entry.map_err(storage)?;
+            let event: StampedEvent = postcard::from_bytes(value.value()).map_err(|e| {
+                OutboxError::Storage(format!(
+                    "outbox record {} cannot be decoded: {e}",
+                    key.value()
+                ))
+            })?;
+            out.push((key.value(), event));
+        }
+        Ok(out)
+    }
+
+    /// Marks events delivered (they leave the outbox) and records how far the ledger file is
+    /// committed, in one durable transaction.
+    pub fn delivered(
+        &self,
+        events: &[(u64, StampedEvent)],
+        ledger_len: u64,
+    ) -> Result<(), OutboxError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_quick_repair(true);
+        let mut sites = self.sites.lock().map(|s| s.clone()).unwrap_or_default();
+        {
+            let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
+            let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
+            for (outbox_seq, event) in events {
+                if outbox.remove(*outbox_seq).map_err(storage)?.is_some() {
+                    by_key
+                        .remove(queue_key(event, *outbox_seq).as_slice())
+                        .map_err(storage)?;
+                    if let Some(record) = sites.get_mut(&event.site) {
+                        record.events_delivered += 1;
+                    }
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(META_LEDGER_COMMITTED_LEN, ledger_len)
+                .map_err(storage)?;
+            let mut table = txn.open_table(SITES).map_err(storage)?;
+            for record in sites.values() {
+                let json = serde_json::to_vec(record).map_err(storage)?;
+                table
+                    .insert(record.site.as_str(), json.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        if let Ok(mut current) = self.sites.lock() {
+            *current = sites;
+        }
+        Ok(())
+    }
+
+    pub fn ledger_committed_len(&self) -> Result<u64, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let meta = txn.open_table(META).map_err(storage)?;
+        Ok(meta
+            .get(META_LEDGER_COMMITTED_LEN)
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// The outbox entry of an event, if it is still waiting.
+    pub fn find_pending(
+        &self,
+        site: &str,
+        id: &str,
+    ) -> Result<Option<(u64, StampedEvent)>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let seen = txn.open_table(SEEN_IDS).map_err(storage)?;
+        let Some(outbox_seq) = seen
+            .get(site_key(site, id.as_bytes()).as_slice())
+            .map_err(storage)?
+            .map(|v| v.value())
+        else {
+            return Ok(None);
+        };
+        let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        match outbox.get(outbox_seq).map_err(storage)? {
+            Some(value) => {
+                let event = postcard::from_bytes(value.value()).map_err(storage)?;
+                Ok(Some((outbox_seq, event)))
+            }
+            None => Ok(None),
+        }
+    }
+}
