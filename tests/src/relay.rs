@@ -1,0 +1,121 @@
+//! The relay as a real process: its own config (from `config/relay.toml`), state directory and
+//! ports; SIGKILL and restart on the same state; its ledger and admin API as a user reads them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::{ChildGuard, binary, example_config, free_port, poll_until};
+
+pub struct RelayProcess {
+    pub dir: PathBuf,
+    config: PathBuf,
+    pub admin_port: u16,
+    pub broker_port: u16,
+    child: Option<ChildGuard>,
+}
+
+impl RelayProcess {
+    /// A relay taking batches from the broker at `broker_port`; with `embedded`, it runs that
+    /// broker itself.
+    pub fn start(dir: &Path, broker_port: u16, embedded: bool) -> RelayProcess {
+        std::fs::create_dir_all(dir).expect("relay dir");
+        let admin_port = free_port();
+        let state = dir.join("state");
+        let text = std::fs::read_to_string(example_config("relay.toml"))
+            .expect("example relay config")
+            .replace(
+                "/var/lib/backhaul-relay/ledger.jsonl",
+                &dir.join("ledger.jsonl").display().to_string(),
+            )
+            .replace("/var/lib/backhaul-relay", &state.display().to_string())
+            .replace("port = 1883", &format!("port = {broker_port}"))
+            .replace("embedded = false", &format!("embedded = {embedded}"))
+            .replace("127.0.0.1:8788", &format!("127.0.0.1:{admin_port}"))
+            .replace(
+                "backhaul-relay-1",
+                &format!("backhaul-relay-test-{admin_port}"),
+            );
+        let config = dir.join("relay.toml");
+        std::fs::write(&config, text).expect("write relay config");
+        let mut relay = RelayProcess {
+            dir: dir.to_path_buf(),
+            config,
+            admin_port,
+            broker_port,
+            child: None,
+        };
+        relay.restart();
+        relay
+    }
+
+    /// Starts the process (again) on the same state and waits until it is subscribed.
+    pub fn restart(&mut self) {
+        self.child = None;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("relay.log"))
+            .expect("relay log file");
+        let child = ChildGuard::spawn(
+            "backhaul-relay",
+            Command::new(binary("backhaul-relay"))
+                .args(["run", "--config", &self.config.to_string_lossy()])
+                .env("BACKHAUL_LOG", "info,rumqttd=warn")
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
+        self.child = Some(child);
+        let ready = poll_until(Duration::from_secs(30), || {
+            let status =
+                reqwest::blocking::get(format!("http://127.0.0.1:{}/readyz", self.admin_port))
+                    .ok()?;
+            status.status().is_success().then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "the relay did not become ready:\n{}",
+            self.log_tail()
+        );
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill9();
+        }
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.dir.join("ledger.jsonl")
+    }
+
+    /// Every line of the ledger, parsed.
+    pub fn ledger(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.ledger_path()).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("ledger line {line:?}: {e}"))
+            })
+            .collect()
+    }
+
+    pub fn sites(&self) -> Value {
+        reqwest::blocking::get(format!("http://127.0.0.1:{}/v1/sites", self.admin_port))
+            .and_then(|r| r.json())
+            .unwrap_or(Value::Null)
+    }
+
+    pub fn metrics(&self) -> String {
+        reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
+            .and_then(|r| r.text())
+            .unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}

@@ -1,0 +1,268 @@
+//! Agent → broker → relay under faults, with the real binaries, a real Mosquitto and a TCP proxy
+//! standing for the WAN. Scanners publish steadily and record every id that got a PUBACK;
+//! after each scenario every acknowledged id is in the relay's ledger exactly once, each site's
+//! events in sequence order, and the agent's log has drained.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use backhaul_tests::agent::{AgentOptions, AgentProcess};
+use backhaul_tests::mosquitto::Mosquitto;
+use backhaul_tests::poll_until;
+use backhaul_tests::proxy::TcpProxy;
+use backhaul_tests::relay::RelayProcess;
+use backhaul_tests::scanner::{Scanner, pick_event};
+use serde_json::Value;
+
+/// Scans per second of each scanner.
+const RATE: u32 = 150;
+
+/// Faster reactions than the production defaults, so each scenario takes seconds.
+fn agent_options(site: &str, broker_port: u16) -> AgentOptions {
+    AgentOptions::default()
+        .uplink("127.0.0.1", broker_port)
+        .set("site", site)
+        .set("uplink.client_id", format!("agent-{site}-{broker_port}"))
+        .set("uplink.ack_timeout_secs", 3)
+        .set("uplink.keep_alive_secs", 5)
+        .set("uplink.reconnect_min_ms", 50)
+        .set("uplink.reconnect_max_ms", 1000)
+        .set("uplink.linger_ms", 10)
+}
+
+struct Pipeline {
+    broker: Mosquitto,
+    proxy: TcpProxy,
+    relay: RelayProcess,
+    agent: AgentProcess,
+    _dir: tempfile::TempDir,
+}
+
+fn pipeline(site: &str) -> Pipeline {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let proxy = TcpProxy::start(broker.addr());
+    let relay = RelayProcess::start(&dir.path().join("relay"), broker.port(), false);
+    let agent = AgentProcess::start(agent_options(site, proxy.port()));
+    Pipeline {
+        broker,
+        proxy,
+        relay,
+        agent,
+        _dir: dir,
+    }
+}
+
+fn scanners(agent: &AgentProcess, site: &str, count: usize) -> Vec<Scanner> {
+    (0..count)
+        .map(|i| {
+            Scanner::start(
+                agent.mqtt_addr(),
+                &format!("{site}-scanner-{i}"),
+                RATE,
+                pick_event,
+            )
+        })
+        .collect()
+}
+
+fn stop_all(scanners: Vec<Scanner>) -> Vec<String> {
+    scanners.into_iter().flat_map(Scanner::stop).collect()
+}
+
+/// Waits until the scanners have `more` further acknowledgements (they keep running).
+fn wait_for_acks(scanners: &[Scanner], more: usize) {
+    let start: usize = scanners.iter().map(Scanner::acked_count).sum();
+    let reached = poll_until(Duration::from_secs(30), || {
+        let now: usize = scanners.iter().map(Scanner::acked_count).sum();
+        (now >= start + more).then_some(())
+    });
+    assert!(
+        reached.is_some(),
+        "scanners stalled at {start} acknowledgements"
+    );
+}
+
+/// Every acknowledged id reaches the ledger exactly once, nothing else appears twice, and each
+/// site's lines are in sequence order within an epoch.
+fn assert_exactly_once_in_order(
+    relay: &RelayProcess,
+    acked: &[String],
+    sites: &HashMap<&str, &str>,
+) {
+    let wanted: HashSet<&str> = acked.iter().map(String::as_str).collect();
+    let complete = poll_until(Duration::from_secs(90), || {
+        let ledger = relay.ledger();
+        let have: HashSet<String> = ledger
+            .iter()
+            .filter_map(|l| l["id"].as_str().map(str::to_string))
+            .collect();
+        wanted.iter().all(|id| have.contains(*id)).then_some(ledger)
+    });
+    let Some(ledger) = complete else {
+        let have: HashSet<String> = relay
+            .ledger()
+            .iter()
+            .filter_map(|l| l["id"].as_str().map(str::to_string))
+            .collect();
+        let missing: Vec<&&str> = wanted
+            .iter()
+            .filter(|id| !have.contains(**id))
+            .take(10)
+            .collect();
+        panic!(
+            "{} of {} acknowledged events never reached the ledger, e.g. {missing:?}\nrelay log:\n{}",
+            wanted.iter().filter(|id| !have.contains(**id)).count(),
+            wanted.len(),
+            relay.log_tail()
+        );
+    };
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut last_seq: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for line in &ledger {
+        let id = line["id"].as_str().expect("ledger line has an id");
+        *seen.entry(id).or_default() += 1;
+        let site = line["site"].as_str().expect("ledger line has a site");
+        let device_site = sites
+            .iter()
+            .find(|(prefix, _)| id.starts_with(*prefix))
+            .map(|(_, site)| *site);
+        if let Some(expected) = device_site {
+            assert_eq!(site, expected, "event {id} crossed into site {site}");
+        }
+        let epoch = line["epoch"].as_str().unwrap_or_default().to_string();
+        let seq = line["seq"].as_u64().expect("ledger line has a seq");
+        let key = (site.to_string(), epoch);
+        if let Some(previous) = last_seq.get(&key) {
+            assert!(
+                seq > *previous,
+                "site {site}: seq {seq} after {previous} in the ledger"
+            );
+        }
+        last_seq.insert(key, seq);
+    }
+    let duplicated: Vec<(&&str, &usize)> = seen.iter().filter(|(_, n)| **n > 1).take(10).collect();
+    assert!(
+        duplicated.is_empty(),
+        "events in the ledger more than once: {duplicated:?}"
+    );
+    println!(
+        "{} acknowledged events, {} ledger lines, 0 lost, 0 duplicated",
+        wanted.len(),
+        ledger.len()
+    );
+}
+
+fn assert_agent_drained(agent: &AgentProcess) {
+    let drained = poll_until(Duration::from_secs(30), || {
+        let status = agent.status();
+        (status["backlog"]["events"].as_u64() == Some(0)).then_some(())
+    });
+    assert!(
+        drained.is_some(),
+        "the agent's log never drained: {}",
+        agent.status()
+    );
+}
+
+fn site_map(site: &'static str) -> HashMap<&'static str, &'static str> {
+    HashMap::from([(site, site)])
+}
+
+#[test]
+fn wan_cut_and_stall_lose_nothing() {
+    let p = pipeline("cut");
+    let s = scanners(&p.agent, "cut", 2);
+    wait_for_acks(&s, 200);
+    p.proxy.cut();
+    // Scanners keep getting PUBACKs while the link is down: the log holds the events.
+    wait_for_acks(&s, 400);
+    let down = p.agent.status();
+    assert_ne!(
+        down["link"]["state"], "up",
+        "link still reported up while cut: {down}"
+    );
+    assert!(down["backlog"]["events"].as_u64().unwrap_or(0) > 0);
+    p.proxy.restore();
+    wait_for_acks(&s, 200);
+    // A stalled link (connections open, nothing moving) must not pass for a healthy one: the
+    // unacknowledged batches are re-sent after the ack timeout.
+    p.proxy.stall();
+    wait_for_acks(&s, 300);
+    p.proxy.restore();
+    wait_for_acks(&s, 200);
+    let acked = stop_all(s);
+    assert_exactly_once_in_order(&p.relay, &acked, &site_map("cut"));
+    assert_agent_drained(&p.agent);
+}
+
+#[test]
+fn agent_killed_repeatedly_loses_nothing() {
+    let mut p = pipeline("akill");
+    let s = scanners(&p.agent, "akill", 2);
+    for round in 0..5u64 {
+        wait_for_acks(&s, 100 + ((round * 37) % 150) as usize);
+        p.agent.kill9();
+        p.agent.restart();
+    }
+    wait_for_acks(&s, 200);
+    let acked = stop_all(s);
+    assert_exactly_once_in_order(&p.relay, &acked, &site_map("akill"));
+    assert_agent_drained(&p.agent);
+}
+
+#[test]
+fn relay_killed_repeatedly_loses_nothing() {
+    let mut p = pipeline("rkill");
+    let s = scanners(&p.agent, "rkill", 2);
+    for round in 0..5u64 {
+        wait_for_acks(&s, 100 + ((round * 53) % 150) as usize);
+        p.relay.kill9();
+        wait_for_acks(&s, 50);
+        p.relay.restart();
+    }
+    wait_for_acks(&s, 200);
+    let acked = stop_all(s);
+    assert_exactly_once_in_order(&p.relay, &acked, &site_map("rkill"));
+    assert_agent_drained(&p.agent);
+}
+
+#[test]
+fn broker_killed_and_restarted_loses_nothing() {
+    let mut p = pipeline("bkill");
+    let s = scanners(&p.agent, "bkill", 2);
+    for _ in 0..2 {
+        wait_for_acks(&s, 200);
+        p.broker.kill9();
+        wait_for_acks(&s, 100);
+        p.broker.restart();
+    }
+    wait_for_acks(&s, 200);
+    let acked = stop_all(s);
+    assert_exactly_once_in_order(&p.relay, &acked, &site_map("bkill"));
+    assert_agent_drained(&p.agent);
+}
+
+#[test]
+fn two_sites_through_the_embedded_broker_never_cross() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker_port = backhaul_tests::free_port();
+    let relay = RelayProcess::start(&dir.path().join("relay"), broker_port, true);
+    let east = AgentProcess::start(agent_options("east", broker_port));
+    let west = AgentProcess::start(agent_options("west", broker_port));
+    let mut s = scanners(&east, "east", 1);
+    s.extend(scanners(&west, "west", 1));
+    wait_for_acks(&s, 600);
+    let acked = stop_all(s);
+    let sites = HashMap::from([("east", "east"), ("west", "west")]);
+    assert_exactly_once_in_order(&relay, &acked, &sites);
+    assert_agent_drained(&east);
+    assert_agent_drained(&west);
+    let listed = relay.sites();
+    let names: Vec<&str> = listed["sites"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["site"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, vec!["east", "west"], "{listed}");
+    let _: Vec<Value> = relay.ledger();
+}
