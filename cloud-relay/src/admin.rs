@@ -4,9 +4,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
+use axum::extract::{Path, Query};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::metrics::RelayMetrics;
@@ -16,6 +18,8 @@ use crate::outbox::Outbox;
 pub struct AdminState {
     pub outbox: Arc<Outbox>,
     pub metrics: Arc<RelayMetrics>,
+    /// Wakes the delivery engine after a replay.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -25,6 +29,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/sites", get(sites))
         .route("/v1/status", get(status))
+        .route("/v1/dlq", get(dlq_list))
+        .route("/v1/dlq/{id}", get(dlq_show))
+        .route("/v1/dlq/replay", post(dlq_replay))
+        .route("/v1/dlq/discard", post(dlq_discard))
         .with_state(state)
 }
 
@@ -82,6 +90,124 @@ async fn status(State(state): State<AdminState>) -> Response {
         "events_duplicate": state.metrics.events_duplicate.get(),
         "events_delivered": state.metrics.events_delivered.get(),
         "sites": state.outbox.sites().len(),
+        "dlq_events": state.outbox.dead_letter_count(),
+        "events_dead_lettered": state.metrics.events_dead_lettered.get(),
+        "delivery_retries": state.metrics.delivery_retries.get(),
+        "delivery_paused": state.metrics.delivery_paused.get() == 1,
     }))
     .into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn dlq_list(State(state): State<AdminState>, Query(query): Query<ListQuery>) -> Response {
+    let outbox = state.outbox.clone();
+    let (after, limit) = (
+        query.after.unwrap_or(0),
+        query.limit.unwrap_or(100).min(10_000),
+    );
+    match tokio::task::spawn_blocking(move || outbox.dead_letters(after, limit)).await {
+        Ok(Ok(letters)) => {
+            let total = state.outbox.dead_letter_count();
+            let items: Vec<_> = letters
+                .iter()
+                .map(|l| {
+                    json!({
+                        "id": l.id, "site": l.event.site, "event_id": l.event.event.id,
+                        "type": l.event.event.kind, "seq": l.event.seq, "at_ms": l.at_ms,
+                        "attempts": l.attempts, "reason": l.reason,
+                    })
+                })
+                .collect();
+            axum::Json(json!({"total": total, "dead_letters": items})).into_response()
+        }
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+async fn dlq_show(State(state): State<AdminState>, Path(id): Path<u64>) -> Response {
+    let outbox = state.outbox.clone();
+    match tokio::task::spawn_blocking(move || outbox.dead_letters(id.saturating_sub(1), 1)).await {
+        Ok(Ok(letters)) => match letters.into_iter().find(|l| l.id == id) {
+            Some(l) => axum::Json(json!({
+                "id": l.id, "reason": l.reason, "at_ms": l.at_ms, "attempts": l.attempts,
+                "event": l.event.to_json(),
+            }))
+            .into_response(),
+            None => (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"error": format!("no dead letter {id}")})),
+            )
+                .into_response(),
+        },
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct Selection {
+    #[serde(default)]
+    ids: Vec<u64>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn dlq_replay(
+    State(state): State<AdminState>,
+    axum::Json(selection): axum::Json<Selection>,
+) -> Response {
+    if !selection.all && selection.ids.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "name dead letters in \"ids\", or set \"all\": true"})),
+        )
+            .into_response();
+    }
+    let outbox = state.outbox.clone();
+    let ids = (!selection.all).then_some(selection.ids);
+    match tokio::task::spawn_blocking(move || outbox.replay(ids.as_deref())).await {
+        Ok(Ok(replayed)) => {
+            state.wake.notify_one();
+            tracing::info!(count = replayed.len(), "dead letters replayed");
+            axum::Json(json!({"replayed": replayed})).into_response()
+        }
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+async fn dlq_discard(
+    State(state): State<AdminState>,
+    axum::Json(selection): axum::Json<Selection>,
+) -> Response {
+    if selection.ids.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "name the dead letters to discard in \"ids\""})),
+        )
+            .into_response();
+    }
+    let outbox = state.outbox.clone();
+    match tokio::task::spawn_blocking(move || outbox.discard(&selection.ids)).await {
+        Ok(Ok(discarded)) => {
+            tracing::info!(ids = ?discarded, "dead letters discarded");
+            axum::Json(json!({"discarded": discarded})).into_response()
+        }
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
 }

@@ -16,7 +16,42 @@ pub struct RelayConfig {
     pub outbox: OutboxConfig,
     pub sink: SinkConfig,
     #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
+}
+
+/// How the outbox drains to the connector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Connector calls in flight at once (the ledger always uses one).
+    pub concurrency: usize,
+    /// Events in one connector call at most, each the head of a different ordering key.
+    pub max_batch: usize,
+    /// Token-bucket rate limit in events per second, and the burst it allows.
+    pub rate_per_sec: f64,
+    pub burst: u32,
+    /// Retry back-off of a key after a transient failure: starts here, doubles with jitter.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+    /// After this many calls in a row fail transiently, the connector pauses and probes with
+    /// one event at a time instead of hammering the ERP.
+    pub pause_after_failures: u32,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            concurrency: 4,
+            max_batch: 50,
+            rate_per_sec: 100.0,
+            burst: 200,
+            retry_min_ms: 1000,
+            retry_max_ms: 300_000,
+            pause_after_failures: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,11 +98,13 @@ impl Default for OutboxConfig {
     }
 }
 
-/// Exactly one connector section: `[sink.ledger]` for now.
+/// Exactly one connector section: `[sink.ledger]`, `[sink.http]` or `[sink.tryton]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     pub ledger: Option<LedgerConfig>,
+    pub http: Option<crate::connector::http::HttpConfig>,
+    pub tryton: Option<crate::connector::tryton::TrytonConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,13 +174,14 @@ impl RelayConfig {
             ));
         }
         if let Some(group) = &self.broker.shared_group
-            && (group.is_empty() || group.contains(['/', '+', '#'])) {
-                return Err(ConfigError::invalid(
-                    file,
-                    "broker.shared_group",
-                    "a name without '/', '+' or '#'",
-                ));
-            }
+            && (group.is_empty() || group.contains(['/', '+', '#']))
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "broker.shared_group",
+                "a name without '/', '+' or '#'",
+            ));
+        }
         if self.broker.password.is_some() && self.broker.username.is_none() {
             return Err(ConfigError::invalid(
                 file,

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
 use backhaul_events::frame::{AckFrame, BatchFrame};
-use backhaul_events::topics::{ALL_BATCHES_FILTER, acks_topic, site_of_batches_topic};
+use backhaul_events::topics::{
+    ALL_BATCHES_FILTER, acks_topic, outcomes_topic, site_of_batches_topic,
+};
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
@@ -33,6 +35,8 @@ pub struct Intake {
     pub metrics: Arc<RelayMetrics>,
     /// Woken after each commit so the connector sees new events at once.
     pub stored: Arc<tokio::sync::Notify>,
+    /// Outcomes from the delivery engine, to publish to each site.
+    pub outcomes: mpsc::Receiver<crate::engine::SiteOutcomes>,
 }
 
 impl Intake {
@@ -65,7 +69,7 @@ impl Intake {
         }
     }
 
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
         let (tx, mut rx) = mpsc::channel::<Received>(1024);
         let filter = self.filter();
@@ -134,6 +138,12 @@ impl Intake {
                     Some(r) => r,
                     None => break,
                 },
+                outcomes = self.outcomes.recv() => {
+                    if let Some((site, outcomes)) = outcomes {
+                        self.publish_outcomes(&client, site, outcomes);
+                    }
+                    continue;
+                }
             };
             let mut received = vec![first];
             while received.len() < MAX_BATCHES_PER_COMMIT {
@@ -214,6 +224,29 @@ impl Intake {
         }
         let _ = client.try_disconnect();
         poller.abort();
+    }
+
+    fn publish_outcomes(
+        &self,
+        client: &AsyncClient,
+        site: String,
+        outcomes: Vec<backhaul_events::EventOutcome>,
+    ) {
+        let frame = backhaul_events::OutcomeFrame { site, outcomes };
+        match frame.encode() {
+            Ok(payload) => match client.try_publish(
+                outcomes_topic(&frame.site),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            ) {
+                Ok(()) => {
+                    self.metrics.outcomes_published.inc();
+                }
+                Err(e) => tracing::debug!(site = %frame.site, error = %e, "outcomes not published"),
+            },
+            Err(e) => tracing::error!(error = %e, "outcomes could not be encoded"),
+        }
     }
 
     /// Decodes and checks a frame; refused frames are counted, logged and never acknowledged.

@@ -5,19 +5,14 @@
 //! delivery. At start, complete lines past that length were written but not committed: their
 //! events are taken as delivered. A torn last line is cut off; its event is still in the outbox.
 
+use anyhow::Context;
+use backhaul_events::StampedEvent;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Context;
-use tokio_util::sync::CancellationToken;
-
-use crate::metrics::RelayMetrics;
+use crate::connector::Delivery;
 use crate::outbox::Outbox;
-
-const DELIVERY_BATCH: usize = 5000;
 
 pub struct Ledger {
     path: PathBuf,
@@ -87,78 +82,56 @@ impl Ledger {
                 )
             })?;
             if let (Some(site), Some(id)) = (value["site"].as_str(), value["id"].as_str())
-                && let Some(entry) = outbox.find_pending(site, id)? {
-                    delivered.push(entry);
-                }
+                && let Some(entry) = outbox.find_pending(site, id)?
+            {
+                delivered.push(entry);
+            }
         }
         tracing::info!(ledger = %self.path.display(), events = delivered.len(), "ledger lines written before a crash taken as delivered");
-        outbox.delivered(&delivered, self.len)?;
+        outbox.complete(&delivered, &[], Some(self.len))?;
         Ok(())
     }
 
-    /// Delivers outbox events to the file until `stop` is cancelled.
-    pub async fn run(
-        mut self,
-        outbox: Arc<Outbox>,
-        metrics: Arc<RelayMetrics>,
-        wake: Arc<tokio::sync::Notify>,
-        stop: CancellationToken,
-    ) {
-        loop {
-            let pending = {
-                let outbox = outbox.clone();
-                tokio::task::spawn_blocking(move || outbox.pending(DELIVERY_BATCH)).await
-            };
-            let pending = match pending {
-                Ok(Ok(pending)) => pending,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "the outbox cannot be read");
-                    Vec::new()
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "the outbox reader failed");
-                    Vec::new()
-                }
-            };
-            if pending.is_empty() {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = wake.notified() => continue,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
+    /// Appends the events, one line each, and fsyncs. On failure nothing of this call stays
+    /// in the file. Returns the results and the file's length to commit with them.
+    pub fn append(&mut self, events: &[StampedEvent]) -> (Vec<Delivery>, Option<u64>) {
+        let committed = self.len;
+        let mut buf = Vec::with_capacity(events.len() * 300);
+        let mut offsets = Vec::with_capacity(events.len());
+        for event in events {
+            offsets.push(committed + buf.len() as u64);
+            if let Err(e) = serde_json::to_writer(&mut buf, &event.to_json()) {
+                let reason = format!("the event cannot be written as JSON: {e}");
+                return (vec![Delivery::Permanent { reason }; events.len()], None);
             }
-            let outbox_for_write = outbox.clone();
-            let committed = self.len;
-            let written = tokio::task::block_in_place(|| -> anyhow::Result<()> {
-                let mut buf = Vec::with_capacity(pending.len() * 300);
-                for (_, event) in &pending {
-                    serde_json::to_writer(&mut buf, &event.to_json())?;
-                    buf.push(b'\n');
-                }
-                self.file.write_all(&buf)?;
-                self.file.sync_data()?;
+            buf.push(b'\n');
+        }
+        let written = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
                 self.len += buf.len() as u64;
-                outbox_for_write.delivered(&pending, self.len)?;
-                Ok(())
-            });
-            match written {
-                Ok(()) => {
-                    metrics.events_delivered.inc_by(pending.len() as u64);
-                }
-                Err(e) => {
-                    // Whatever part of the write reached the file is not committed: cut it off
-                    // so the retry does not write those events twice.
-                    self.len = committed;
-                    let _ = self.file.set_len(committed);
-                    tracing::error!(error = %e, ledger = %self.path.display(), "ledger write failed; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
+                let results = offsets
+                    .into_iter()
+                    .map(|offset| Delivery::Posted {
+                        erp_ref: format!("ledger@{offset}"),
+                    })
+                    .collect();
+                (results, Some(self.len))
             }
-            if stop.is_cancelled() {
-                return;
+            Err(e) => {
+                // Whatever part of the write reached the file is not committed: cut it off so
+                // the retry does not write those events twice.
+                let _ = self.file.set_len(committed);
+                let reason = format!("the ledger {} cannot be written: {e}", self.path.display());
+                tracing::error!("{reason}");
+                let transient = Delivery::Transient {
+                    reason,
+                    retry_after: None,
+                };
+                (vec![transient; events.len()], None)
             }
         }
     }

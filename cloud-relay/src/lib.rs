@@ -4,6 +4,8 @@
 pub mod admin;
 pub mod broker;
 pub mod config;
+pub mod connector;
+pub mod engine;
 pub mod intake;
 pub mod ledger;
 pub mod metrics;

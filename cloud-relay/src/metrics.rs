@@ -31,7 +31,13 @@ pub struct RelayMetrics {
     pub ack_latency_seconds: Histogram,
     pub events_delivered: Counter,
     pub broker_connected: Gauge,
+    pub delivery_retries: Counter,
+    pub events_dead_lettered: Counter,
+    pub delivery_paused: Gauge,
+    pub erp_latency_seconds: Histogram,
+    pub outcomes_published: Counter,
     outbox_events: Family<SiteLabel, Gauge>,
+    dlq_events: Gauge,
 }
 
 impl RelayMetrics {
@@ -46,7 +52,13 @@ impl RelayMetrics {
             ack_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             events_delivered: Counter::default(),
             broker_connected: Gauge::default(),
+            delivery_retries: Counter::default(),
+            events_dead_lettered: Counter::default(),
+            delivery_paused: Gauge::default(),
+            erp_latency_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            outcomes_published: Counter::default(),
             outbox_events: Family::default(),
+            dlq_events: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("backhaul_relay");
         registry.register(
@@ -108,6 +120,7 @@ impl RelayMetrics {
                 })
                 .set(site.outbox_depth() as i64);
         }
+        self.dlq_events.set(outbox.dead_letter_count() as i64);
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text = "# metrics could not be encoded\n".into();

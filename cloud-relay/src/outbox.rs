@@ -27,6 +27,8 @@ const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
 /// Per-site summary (JSON).
 const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Events the ERP refused for good, by their outbox sequence number (so replay keeps order).
+const DLQ: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
 const META_NEXT_OUTBOX_SEQ: &str = "next_outbox_seq";
 const META_LEDGER_COMMITTED_LEN: &str = "ledger_committed_len";
@@ -60,11 +62,15 @@ pub struct SiteRecord {
     pub events_stored: u64,
     pub events_duplicate: u64,
     pub events_delivered: u64,
+    #[serde(default)]
+    pub events_dead_lettered: u64,
 }
 
 impl SiteRecord {
     pub fn outbox_depth(&self) -> u64 {
-        self.events_stored.saturating_sub(self.events_delivered)
+        self.events_stored
+            .saturating_sub(self.events_delivered)
+            .saturating_sub(self.events_dead_lettered)
     }
 }
 
@@ -96,10 +102,34 @@ fn site_key(site: &str, tail: &[u8]) -> Vec<u8> {
     key
 }
 
+/// The queue an event waits in: its site and ordering key. Prefix-free, so the entries of one
+/// queue are exactly the keys that start with it followed by 8 bytes of outbox sequence.
+pub fn queue_of(event: &StampedEvent) -> Vec<u8> {
+    site_key(&event.site, &event.ordering_key().to_bytes())
+}
+
 fn queue_key(event: &StampedEvent, outbox_seq: u64) -> Vec<u8> {
-    let mut key = site_key(&event.site, &event.ordering_key().to_bytes());
+    let mut key = queue_of(event);
     key.extend_from_slice(&outbox_seq.to_be_bytes());
     key
+}
+
+/// A dead letter: the event, the ERP's reason, and when it happened.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub reason: String,
+    pub at_ms: i64,
+    pub attempts: u32,
+    pub event: StampedEvent,
+}
+
+/// The first event of one queue, ready to be delivered.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub queue: Vec<u8>,
+    pub outbox_seq: u64,
+    pub event: StampedEvent,
 }
 
 pub fn now_ms() -> i64 {
@@ -151,6 +181,7 @@ impl Outbox {
             txn.open_table(SEEN_IDS).map_err(storage)?;
             txn.open_table(EPOCHS).map_err(storage)?;
             txn.open_table(META).map_err(storage)?;
+            txn.open_table(DLQ).map_err(storage)?;
             let table = txn.open_table(SITES).map_err(storage)?;
             for entry in table.iter().map_err(storage)? {
                 let (key, value) = entry.map_err(storage)?;
@@ -247,11 +278,12 @@ impl Outbox {
         // everything up to its number. A new epoch starts wherever its first batch starts,
         // because what came before was acknowledged by an earlier outbox or never existed.
         if let Some(highest) = known
-            && batch.first_seq > highest + 1 {
-                result.gap = true;
-                record.highest_seq = highest;
-                return Ok(result);
-            }
+            && batch.first_seq > highest + 1
+        {
+            result.gap = true;
+            record.highest_seq = highest;
+            return Ok(result);
+        }
         let highest = known.unwrap_or(0);
         let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
         let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
@@ -316,47 +348,6 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Marks events delivered (they leave the outbox) and records how far the ledger file is
-    /// committed, in one durable transaction.
-    pub fn delivered(
-        &self,
-        events: &[(u64, StampedEvent)],
-        ledger_len: u64,
-    ) -> Result<(), OutboxError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
-        txn.set_quick_repair(true);
-        let mut sites = self.sites.lock().map(|s| s.clone()).unwrap_or_default();
-        {
-            let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
-            let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
-            for (outbox_seq, event) in events {
-                if outbox.remove(*outbox_seq).map_err(storage)?.is_some() {
-                    by_key
-                        .remove(queue_key(event, *outbox_seq).as_slice())
-                        .map_err(storage)?;
-                    if let Some(record) = sites.get_mut(&event.site) {
-                        record.events_delivered += 1;
-                    }
-                }
-            }
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(META_LEDGER_COMMITTED_LEN, ledger_len)
-                .map_err(storage)?;
-            let mut table = txn.open_table(SITES).map_err(storage)?;
-            for record in sites.values() {
-                let json = serde_json::to_vec(record).map_err(storage)?;
-                table
-                    .insert(record.site.as_str(), json.as_slice())
-                    .map_err(storage)?;
-            }
-        }
-        txn.commit().map_err(storage)?;
-        if let Ok(mut current) = self.sites.lock() {
-            *current = sites;
-        }
-        Ok(())
-    }
-
     pub fn ledger_committed_len(&self) -> Result<u64, OutboxError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let meta = txn.open_table(META).map_err(storage)?;
@@ -390,5 +381,235 @@ impl Outbox {
             }
             None => Ok(None),
         }
+    }
+}
+
+impl Outbox {
+    /// The first waiting event of up to `limit` queues, skipping the queues `skip` says no to
+    /// (in flight, or waiting to retry). Seeks from queue to queue, so the cost grows with the
+    /// number of queues visited, not with the number of events waiting.
+    pub fn heads(
+        &self,
+        limit: usize,
+        skip: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<Head>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let by_key = txn.open_table(BY_KEY).map_err(storage)?;
+        let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut heads = Vec::new();
+        let mut start: Option<Vec<u8>> = None;
+        while heads.len() < limit {
+            let next = match &start {
+                None => by_key
+                    .first()
+                    .map_err(storage)?
+                    .map(|(k, _)| k.value().to_vec()),
+                Some(after) => by_key
+                    .range::<&[u8]>((
+                        std::ops::Bound::Excluded(after.as_slice()),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .map_err(storage)?
+                    .next()
+                    .transpose()
+                    .map_err(storage)?
+                    .map(|(k, _)| k.value().to_vec()),
+            };
+            let Some(entry) = next else { break };
+            if entry.len() < 8 {
+                return Err(OutboxError::Storage(
+                    "a queue entry is shorter than its sequence number".into(),
+                ));
+            }
+            let (queue, seq_bytes) = entry.split_at(entry.len() - 8);
+            let mut last_of_queue = queue.to_vec();
+            last_of_queue.extend_from_slice(&[0xff; 8]);
+            start = Some(last_of_queue);
+            if skip(queue) {
+                continue;
+            }
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(seq_bytes);
+            let outbox_seq = u64::from_be_bytes(seq);
+            let Some(value) = outbox.get(outbox_seq).map_err(storage)? else {
+                continue;
+            };
+            let event: StampedEvent = postcard::from_bytes(value.value()).map_err(storage)?;
+            heads.push(Head {
+                queue: queue.to_vec(),
+                outbox_seq,
+                event,
+            });
+        }
+        Ok(heads)
+    }
+
+    /// Records the end of deliveries in one durable transaction: posted events leave the
+    /// outbox, refused ones move to the dead-letter queue. `ledger_len` is how long the ledger
+    /// file is once these lines are in it (ledger connector only).
+    pub fn complete(
+        &self,
+        posted: &[(u64, StampedEvent)],
+        dead: &[(u64, StampedEvent, String, u32)],
+        ledger_len: Option<u64>,
+    ) -> Result<(), OutboxError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_quick_repair(true);
+        let mut sites = self.sites.lock().map(|s| s.clone()).unwrap_or_default();
+        {
+            let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
+            let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
+            let mut dlq = txn.open_table(DLQ).map_err(storage)?;
+            for (outbox_seq, event) in posted {
+                if outbox.remove(*outbox_seq).map_err(storage)?.is_some() {
+                    by_key
+                        .remove(queue_key(event, *outbox_seq).as_slice())
+                        .map_err(storage)?;
+                    if let Some(record) = sites.get_mut(&event.site) {
+                        record.events_delivered += 1;
+                    }
+                }
+            }
+            for (outbox_seq, event, reason, attempts) in dead {
+                if outbox.remove(*outbox_seq).map_err(storage)?.is_some() {
+                    by_key
+                        .remove(queue_key(event, *outbox_seq).as_slice())
+                        .map_err(storage)?;
+                    let letter = DeadLetter {
+                        id: *outbox_seq,
+                        reason: reason.clone(),
+                        at_ms: now_ms(),
+                        attempts: *attempts,
+                        event: event.clone(),
+                    };
+                    let json = serde_json::to_vec(&letter).map_err(storage)?;
+                    dlq.insert(*outbox_seq, json.as_slice()).map_err(storage)?;
+                    if let Some(record) = sites.get_mut(&event.site) {
+                        record.events_dead_lettered += 1;
+                    }
+                }
+            }
+            if let Some(len) = ledger_len {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(META_LEDGER_COMMITTED_LEN, len)
+                    .map_err(storage)?;
+            }
+            let mut table = txn.open_table(SITES).map_err(storage)?;
+            for record in sites.values() {
+                let json = serde_json::to_vec(record).map_err(storage)?;
+                table
+                    .insert(record.site.as_str(), json.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        if let Ok(mut current) = self.sites.lock() {
+            *current = sites;
+        }
+        Ok(())
+    }
+
+    /// Dead letters in the order their events arrived, starting after `after`.
+    pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let dlq = txn.open_table(DLQ).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in dlq
+            .range(after.saturating_add(1)..)
+            .map_err(storage)?
+            .take(limit)
+        {
+            let (_, value) = entry.map_err(storage)?;
+            out.push(serde_json::from_slice(value.value()).map_err(storage)?);
+        }
+        Ok(out)
+    }
+
+    pub fn dead_letter_count(&self) -> u64 {
+        self.db
+            .begin_read()
+            .ok()
+            .and_then(|t| t.open_table(DLQ).ok())
+            .and_then(|t| t.len().ok())
+            .unwrap_or(0)
+    }
+
+    /// Sends dead letters back through the normal path, in their original order (all of them
+    /// when `ids` is `None`); returns the ids replayed.
+    pub fn replay(&self, ids: Option<&[u64]>) -> Result<Vec<u64>, OutboxError> {
+        self.take_dead_letters(ids, true)
+    }
+
+    /// Drops dead letters for good; returns the ids discarded.
+    pub fn discard(&self, ids: &[u64]) -> Result<Vec<u64>, OutboxError> {
+        self.take_dead_letters(Some(ids), false)
+    }
+
+    fn take_dead_letters(
+        &self,
+        ids: Option<&[u64]>,
+        requeue: bool,
+    ) -> Result<Vec<u64>, OutboxError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_quick_repair(true);
+        let mut sites = self.sites.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut taken = Vec::new();
+        {
+            let mut dlq = txn.open_table(DLQ).map_err(storage)?;
+            let mut wanted: Vec<u64> = match ids {
+                Some(ids) => ids.to_vec(),
+                None => {
+                    let mut all = Vec::new();
+                    for entry in dlq.iter().map_err(storage)? {
+                        all.push(entry.map_err(storage)?.0.value());
+                    }
+                    all
+                }
+            };
+            wanted.sort_unstable();
+            wanted.dedup();
+            let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
+            let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
+            let mut seen = txn.open_table(SEEN_IDS).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut next = meta
+                .get(META_NEXT_OUTBOX_SEQ)
+                .map_err(storage)?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            for id in wanted {
+                let letter: DeadLetter = match dlq.remove(id).map_err(storage)? {
+                    Some(value) => serde_json::from_slice(value.value()).map_err(storage)?,
+                    None => continue,
+                };
+                if let Some(record) = sites.get_mut(&letter.event.site) {
+                    record.events_dead_lettered = record.events_dead_lettered.saturating_sub(1);
+                }
+                if requeue {
+                    let bytes = postcard::to_stdvec(&letter.event).map_err(storage)?;
+                    outbox.insert(next, bytes.as_slice()).map_err(storage)?;
+                    by_key
+                        .insert(queue_key(&letter.event, next).as_slice(), ())
+                        .map_err(storage)?;
+                    let id_key = site_key(&letter.event.site, letter.event.event.id.as_bytes());
+                    seen.insert(id_key.as_slice(), next).map_err(storage)?;
+                    next += 1;
+                }
+                taken.push(id);
+            }
+            meta.insert(META_NEXT_OUTBOX_SEQ, next).map_err(storage)?;
+            let mut table = txn.open_table(SITES).map_err(storage)?;
+            for record in sites.values() {
+                let json = serde_json::to_vec(record).map_err(storage)?;
+                table
+                    .insert(record.site.as_str(), json.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        if let Ok(mut current) = self.sites.lock() {
+            *current = sites;
+        }
+        Ok(taken)
     }
 }

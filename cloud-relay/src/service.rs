@@ -9,6 +9,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminState, router};
 use crate::config::LoadedRelayConfig;
+use crate::connector::Connector;
+use crate::connector::http::HttpConnector;
+use crate::connector::tryton::TrytonConnector;
+use crate::engine::Engine;
 use crate::intake::Intake;
 use crate::ledger::Ledger;
 use crate::metrics::RelayMetrics;
@@ -34,26 +38,25 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let stored = Arc::new(tokio::sync::Notify::new());
 
-    let mut connector = None;
-    if let Some(ledger) = &config.sink.ledger {
-        let path = ledger.path.clone();
-        let ledger_outbox = outbox.clone();
-        let ledger =
-            tokio::task::spawn_blocking(move || Ledger::open(&path, &ledger_outbox)).await??;
-        connector = Some(tokio::spawn(ledger.run(
-            outbox.clone(),
-            metrics.clone(),
-            stored.clone(),
-            stop.clone(),
-        )));
-    }
+    let connector = Arc::new(build_connector(&config, &outbox).await?);
+    let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::channel(1024);
+    let engine = Engine {
+        outbox: outbox.clone(),
+        connector,
+        config: config.delivery.clone(),
+        metrics: metrics.clone(),
+        outcomes: outcomes_tx,
+        wake: stored.clone(),
+    };
+    let engine_task = tokio::spawn(engine.run(stop.clone()));
 
     let intake = Intake {
         broker: config.broker.clone(),
         password: loaded.broker_password.clone(),
         outbox: outbox.clone(),
         metrics: metrics.clone(),
-        stored,
+        stored: stored.clone(),
+        outcomes: outcomes_rx,
     };
     let intake_task = tokio::spawn(intake.run(stop.clone()));
 
@@ -68,19 +71,47 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     tracing::info!(listen = %config.admin.listen, "relay admin listening");
     let admin_stop = stop.clone();
     let admin = tokio::spawn(async move {
-        axum::serve(listener, router(AdminState { outbox, metrics }))
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-            .await
+        axum::serve(
+            listener,
+            router(AdminState {
+                outbox,
+                metrics,
+                wake: stored,
+            }),
+        )
+        .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+        .await
     });
 
     let signal = crate::shutdown::signalled().await?;
     tracing::info!(signal, "relay stopping");
     stop.cancel();
     let _ = intake_task.await;
-    if let Some(task) = connector {
-        let _ = task.await;
-    }
+    let _ = engine_task.await;
     let _ = admin.await;
     tracing::info!("relay stopped");
     Ok(())
+}
+
+async fn build_connector(
+    config: &crate::config::RelayConfig,
+    outbox: &Arc<Outbox>,
+) -> anyhow::Result<Connector> {
+    if let Some(ledger) = &config.sink.ledger {
+        let path = ledger.path.clone();
+        let outbox = outbox.clone();
+        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, &outbox)).await??;
+        return Ok(Connector::Ledger(tokio::sync::Mutex::new(ledger)));
+    }
+    if let Some(http) = &config.sink.http {
+        return Ok(Connector::Http(Box::new(HttpConnector::new(http)?)));
+    }
+    if let Some(tryton) = &config.sink.tryton {
+        let password = tryton
+            .password
+            .resolve()
+            .map_err(|e| anyhow::anyhow!("sink.tryton.password: {e}"))?;
+        return Ok(Connector::Tryton(TrytonConnector::new(tryton, password)?));
+    }
+    anyhow::bail!("no connector is configured (sink)")
 }

@@ -81,6 +81,26 @@ pub struct AckFrame {
     pub outcomes: Vec<EventOutcome>,
 }
 
+/// What the ERP did with a site's events, published on the site's outcomes topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeFrame {
+    pub site: String,
+    pub outcomes: Vec<EventOutcome>,
+}
+
+impl OutcomeFrame {
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8], max_len: usize) -> Result<OutcomeFrame, FrameError> {
+        let frame: OutcomeFrame = decode(bytes, max_len)?;
+        check_site_id(&frame.site)
+            .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
+        Ok(frame)
+    }
+}
+
 fn encode<T: Serialize>(frame: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![FRAME_VERSION];
     postcard::to_io(frame, &mut out).map_err(|e| FrameError::Encode(e.to_string()))?;

@@ -10,5 +10,7 @@ pub mod stamped;
 pub mod topics;
 
 pub use event::{Event, EventType, MAX_EVENT_BYTES, MAX_STRING_CHARS, Violation, Violations};
-pub use frame::{AckFrame, BatchEntry, BatchFrame, EventOutcome, FrameError, Outcome};
+pub use frame::{
+    AckFrame, BatchEntry, BatchFrame, EventOutcome, FrameError, Outcome, OutcomeFrame,
+};
 pub use stamped::{Epoch, OrderingKey, StampedEvent};
