@@ -344,13 +344,14 @@ impl UplinkConfig {
             ));
         }
         if let Some(tls) = &self.tls
-            && tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
-                return Err(ConfigError::invalid(
-                    file,
-                    "uplink.tls",
-                    "client_cert_file and client_key_file together, or neither",
-                ));
-            }
+            && tls.client_cert_file.is_some() != tls.client_key_file.is_some()
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "uplink.tls",
+                "client_cert_file and client_key_file together, or neither",
+            ));
+        }
         Ok(())
     }
 }

@@ -10,9 +10,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backhaul_events::OutcomeFrame;
 use backhaul_events::config::Secret;
+use backhaul_events::frame::Outcome;
 use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame};
-use backhaul_events::topics::{acks_topic, batches_topic};
+use backhaul_events::topics::{acks_topic, batches_topic, outcomes_topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -41,6 +43,12 @@ pub struct LinkStatus {
     pub batches_resent: u64,
     pub events_forwarded: u64,
     pub reconnects: u64,
+    /// Events the relay reports posted to the ERP.
+    pub erp_posted: u64,
+    /// Events the relay reports refused by the ERP (dead-lettered).
+    pub erp_refused: u64,
+    /// The latest refusals, newest last.
+    pub erp_refusals: VecDeque<ErpRefusal>,
 }
 
 pub type SharedLinkStatus = Arc<Mutex<LinkStatus>>;
@@ -50,7 +58,20 @@ enum LinkEvent {
     Ready,
     Down(String),
     Ack(Vec<u8>),
+    Outcomes(Vec<u8>),
 }
+
+/// An event the ERP refused for good, as the relay reported it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErpRefusal {
+    pub id: String,
+    pub seq: u64,
+    pub reason: String,
+    pub reported_at_ms: i64,
+}
+
+/// How many ERP refusals the agent keeps to show.
+const KEPT_REFUSALS: usize = 1000;
 
 struct InFlight {
     first: u64,
@@ -142,6 +163,30 @@ impl Forwarder {
         }
     }
 
+    fn record_outcomes(&self, frame: OutcomeFrame) {
+        self.set_status(|s| {
+            for outcome in frame.outcomes {
+                match outcome.outcome {
+                    Outcome::Posted { .. } => s.erp_posted += 1,
+                    Outcome::DeadLettered { reason } => {
+                        s.erp_refused += 1;
+                        tracing::warn!(event = %outcome.id, seq = outcome.seq, %reason, "the ERP refused an event");
+                        s.erp_refusals.push_back(ErpRefusal {
+                            id: outcome.id,
+                            seq: outcome.seq,
+                            reason,
+                            reported_at_ms: now_ms(),
+                        });
+                        while s.erp_refusals.len() > KEPT_REFUSALS {
+                            s.erp_refusals.pop_front();
+                        }
+                    }
+                    Outcome::Stored | Outcome::Duplicate => {}
+                }
+            }
+        });
+    }
+
     /// Runs until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let options = self.mqtt_options()?;
@@ -151,6 +196,7 @@ impl Forwarder {
             eventloop,
             client.clone(),
             acks_topic(&self.site),
+            outcomes_topic(&self.site),
             link_tx,
             self.config.reconnect_min_ms,
             self.config.reconnect_max_ms,
@@ -287,6 +333,13 @@ impl Forwarder {
                             s.last_error = Some(error);
                         });
                     }
+                    Some(LinkEvent::Outcomes(payload)) => {
+                        match OutcomeFrame::decode(&payload, MAX_FRAME_BYTES) {
+                            Ok(frame) if frame.site == self.site => self.record_outcomes(frame),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "an outcome report could not be decoded"),
+                        }
+                    }
                     Some(LinkEvent::Ack(payload)) => {
                         let ack = match AckFrame::decode(&payload, MAX_FRAME_BYTES) {
                             Ok(ack) => ack,
@@ -357,6 +410,7 @@ async fn drive_link(
     mut eventloop: EventLoop,
     client: AsyncClient,
     acks_topic: String,
+    outcomes_topic: String,
     link: mpsc::Sender<LinkEvent>,
     backoff_min_ms: u64,
     backoff_max_ms: u64,
@@ -373,7 +427,9 @@ async fn drive_link(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = backoff_min_ms;
                 subscribe_pkid = None;
-                if let Err(e) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
+                let topics = [&acks_topic, &outcomes_topic]
+                    .map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(topics) {
                     let _ = link
                         .send(LinkEvent::Down(format!(
                             "cannot subscribe to {acks_topic}: {e}"
@@ -398,6 +454,15 @@ async fn drive_link(
                     if link.send(event).await.is_err() {
                         return;
                     }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == outcomes_topic => {
+                if link
+                    .send(LinkEvent::Outcomes(publish.payload.to_vec()))
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {

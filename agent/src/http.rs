@@ -314,7 +314,13 @@ async fn status(State(state): State<HttpState>) -> Response {
             "connected_clients": state.mqtt.as_ref().map(|m| m.connected_clients()).unwrap_or(0),
         },
         "rejects_stored": stats.rejects_stored,
-        "link": state.link.as_ref().and_then(|l| l.lock().ok().map(|l| l.clone())),
+        "link": state.link.as_ref().and_then(|l| l.lock().ok().map(|l| {
+            let mut l = l.clone();
+            // The status page shows the latest few; /v1/rejects has them all.
+            let keep = l.erp_refusals.len().saturating_sub(20);
+            l.erp_refusals.drain(..keep);
+            l
+        })),
     }))
     .into_response()
 }
@@ -327,7 +333,18 @@ struct LimitQuery {
 async fn rejects(State(state): State<HttpState>, Query(query): Query<LimitQuery>) -> Response {
     let limit = query.limit.unwrap_or(100).min(10_000);
     match state.log.recent_rejects(limit) {
-        Ok(list) => axum::Json(json!({ "rejects": list })).into_response(),
+        Ok(list) => {
+            let refusals: Vec<_> = state
+                .link
+                .as_ref()
+                .and_then(|l| {
+                    l.lock()
+                        .ok()
+                        .map(|l| l.erp_refusals.iter().rev().take(limit).cloned().collect())
+                })
+                .unwrap_or_default();
+            axum::Json(json!({ "rejects": list, "erp_refusals": refusals })).into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

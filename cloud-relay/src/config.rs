@@ -196,11 +196,48 @@ impl RelayConfig {
                 "between 64 KiB and 256 MiB",
             ));
         }
-        if self.sink.ledger.is_none() {
+        let connectors = [
+            self.sink.ledger.is_some(),
+            self.sink.http.is_some(),
+            self.sink.tryton.is_some(),
+        ];
+        if connectors.iter().filter(|c| **c).count() != 1 {
             return Err(ConfigError::invalid(
                 file,
                 "sink",
-                "one connector section, such as [sink.ledger]",
+                "exactly one connector section: [sink.ledger], [sink.http] or [sink.tryton]",
+            ));
+        }
+        if let Some(http) = &self.sink.http {
+            http.check(file)?;
+        }
+        let d = &self.delivery;
+        if !(1..=256).contains(&d.concurrency) {
+            return Err(ConfigError::invalid(
+                file,
+                "delivery.concurrency",
+                "1 to 256",
+            ));
+        }
+        if !(1..=10_000).contains(&d.max_batch) {
+            return Err(ConfigError::invalid(
+                file,
+                "delivery.max_batch",
+                "1 to 10000",
+            ));
+        }
+        if d.rate_per_sec.is_nan() || d.rate_per_sec <= 0.0 || d.burst == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "delivery.rate_per_sec",
+                "a rate above 0 and a burst of at least 1",
+            ));
+        }
+        if d.retry_min_ms == 0 || d.retry_max_ms < d.retry_min_ms {
+            return Err(ConfigError::invalid(
+                file,
+                "delivery.retry_max_ms",
+                "retry_min_ms > 0 and retry_max_ms >= retry_min_ms",
             ));
         }
         Ok(())

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod connector;
 pub mod engine;

@@ -31,11 +31,86 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Is the relay connected, delivering, and how much is waiting or dead-lettered?
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per site: epoch, highest sequence stored, outbox depth, dead letters, last seen.
+    Sites {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead-letter queue: events the ERP refused for good.
+    Dlq {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+/// Which relay a command talks to.
+#[derive(clap::Args)]
+struct Target {
+    /// The relay's admin URL (default: from --config, else http://127.0.0.1:8788).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// Read the admin address from this relay configuration.
+    #[arg(long, short, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters with the ERP's reasons.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its whole event.
+    Show { id: u64 },
+    /// Send dead letters back through the normal path, in their original order.
+    Replay {
+        ids: Vec<u64>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Drop dead letters for good.
+    Discard { ids: Vec<u64> },
+}
+
+fn operate(target: Target, action: impl FnOnce(&str) -> anyhow::Result<()>) -> ExitCode {
+    let result = backhaul_relay::cli::admin_url(target.url, target.config.as_deref())
+        .and_then(|url| action(&url));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { target, json } => {
+            operate(target, |url| backhaul_relay::cli::status(url, json))
+        }
+        Command::Sites { target, json } => {
+            operate(target, |url| backhaul_relay::cli::sites(url, json))
+        }
+        Command::Dlq { target, action } => operate(target, |url| match action {
+            DlqAction::List { json } => backhaul_relay::cli::dlq_list(url, json),
+            DlqAction::Show { id } => backhaul_relay::cli::dlq_show(url, id),
+            DlqAction::Replay { ids, all } => backhaul_relay::cli::dlq_replay(url, &ids, all),
+            DlqAction::Discard { ids } => backhaul_relay::cli::dlq_discard(url, &ids),
+        }),
         Command::CheckConfig { config } => match RelayConfig::load(&config) {
             Ok(loaded) => {
                 // A closed stdout (`| head`) is not an error worth a panic.

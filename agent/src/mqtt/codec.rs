@@ -136,6 +136,11 @@ pub enum CodecError {
 
 /// Looks at a buffered CONNECT to find the protocol version. `Ok(None)`: more bytes needed.
 pub fn connect_version(buf: &[u8], max: usize) -> Result<Option<Version>, CodecError> {
+    // Refuse a first packet that is not a CONNECT from its first byte, instead of waiting for
+    // as many bytes as its length field asks for (for "GET / HTTP/1.1", until the timeout).
+    if buf.first().is_some_and(|b| b >> 4 != 1) {
+        return Err(CodecError::NotConnect);
+    }
     match m4::check(buf.iter(), max) {
         Ok(_) => {}
         Err(m4::Error::InsufficientBytes(_)) => return Ok(None),
@@ -447,13 +452,22 @@ fn write_v5(packet: Outgoing, out: &mut BytesMut) -> Result<(), String> {
         Outgoing::Publish { topic, payload } => {
             v5::Publish::new(topic, m5::QoS::AtMostOnce, payload, None).write(out)
         }
-        Outgoing::Disconnect { reason } => v5::Disconnect::new(match reason {
-            DisconnectReason::SessionTakenOver => v5::DisconnectReasonCode::SessionTakenOver,
-            DisconnectReason::ServerShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
-            DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
-            DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
-        })
-        .write(out),
+        Outgoing::Disconnect { reason } => {
+            let code = match reason {
+                DisconnectReason::SessionTakenOver => v5::DisconnectReasonCode::SessionTakenOver,
+                DisconnectReason::ServerShuttingDown => {
+                    v5::DisconnectReasonCode::ServerShuttingDown
+                }
+                DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
+                DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+            };
+            // Written by hand: rumqttc 0.25's writer follows a reason code without properties
+            // with a property length byte that its remaining length does not count
+            // (E0 01 8E 00), a malformed packet clients fail to read. This is the reason code
+            // and an empty property list, counted: E0 02 8E 00.
+            out.extend_from_slice(&[0xE0, 0x02, code as u8, 0x00]);
+            return Ok(());
+        }
     };
     result.map(|_| ()).map_err(|e| e.to_string())
 }

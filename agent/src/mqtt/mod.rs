@@ -281,6 +281,11 @@ impl Connection {
         let (reject_tx, mut reject_rx) = mpsc::channel::<Outgoing>(64);
         let mut last_heard = Instant::now();
         let mut closing: Option<Closed> = None;
+        // Packets that arrived together with the CONNECT (a client need not wait for the
+        // CONNACK) are already buffered: take them now, not only after the next read.
+        if !self.read_buf.is_empty() {
+            closing = self.handle_buffered(&reject_tx)?;
+        }
         loop {
             let can_read = closing.is_none() && self.pending.len() < MAX_PENDING_PER_CONNECTION;
             let keep_alive_deadline = last_heard + self.keep_alive + self.keep_alive / 2;
