@@ -110,7 +110,12 @@ impl Engine {
                 next_wake = next_wake.min(until);
             }
             while !paused && calls.len() < (if probing { 1 } else { concurrency }) {
-                let tokens = bucket.available();
+                // The ledger is a local file, not an ERP to protect: it is not rate-limited.
+                let tokens = if self.connector.single_queue() {
+                    max_batch as f64
+                } else {
+                    bucket.available()
+                };
                 if tokens < 1.0 {
                     next_wake = next_wake.min(bucket.next_token());
                     break;
