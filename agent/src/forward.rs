@@ -195,8 +195,10 @@ impl Forwarder {
         let link_task = tokio::spawn(drive_link(
             eventloop,
             client.clone(),
-            acks_topic(&self.site),
-            outcomes_topic(&self.site),
+            LinkTopics {
+                acks: acks_topic(&self.site),
+                outcomes: outcomes_topic(&self.site),
+            },
             link_tx,
             self.config.reconnect_min_ms,
             self.config.reconnect_max_ms,
@@ -406,16 +408,25 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// Polls the MQTT event loop: reports the link going up (after the acks subscription is
 /// confirmed) and down, passes acknowledgements on, and backs off between reconnects.
+/// The topics the agent subscribes to: the relay's acknowledgements and outcome reports.
+struct LinkTopics {
+    acks: String,
+    outcomes: String,
+}
+
 async fn drive_link(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    acks_topic: String,
-    outcomes_topic: String,
+    topics: LinkTopics,
     link: mpsc::Sender<LinkEvent>,
     backoff_min_ms: u64,
     backoff_max_ms: u64,
     stop: CancellationToken,
 ) {
+    let LinkTopics {
+        acks: acks_topic,
+        outcomes: outcomes_topic,
+    } = topics;
     let mut backoff = backoff_min_ms;
     let mut subscribe_pkid: Option<u16> = None;
     loop {
