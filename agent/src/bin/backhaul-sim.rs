@@ -391,10 +391,10 @@ async fn device_loop(
                                     ));
                                 } else {
                                     counters.acked.fetch_add(1, Ordering::Relaxed);
-                                    if let Some(file) = &acked_file {
-                                        if let Ok(mut file) = file.lock() {
-                                            let _ = writeln!(file, "{id}");
-                                        }
+                                    if let Some(file) = &acked_file
+                                        && let Ok(mut file) = file.lock()
+                                    {
+                                        let _ = writeln!(file, "{id}");
                                     }
                                 }
                                 if args.qos == 2 {
@@ -608,6 +608,8 @@ impl Link {
     }
 }
 
+// One packet lives at a time; boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Packet {
     V4(v4::Packet),
     V5(v5::Packet),
