@@ -112,7 +112,23 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             .await
     });
 
+    // Everything is open and bound: tell systemd (Type=notify), and feed its watchdog from
+    // this runtime so a wedged process gets restarted.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled().map(|period| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        })
+    });
     let signal = shutdown::signalled().await?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     tracing::info!(
         signal,
         "agent stopping: answering what was taken in, then closing the log"
