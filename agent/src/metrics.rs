@@ -173,6 +173,13 @@ impl AgentMetrics {
             "Rejected events kept in the reject store",
             metrics.rejects_stored.clone(),
         );
+        // Every transport shows up from the start, at 0, so dashboards and alerts see it.
+        for transport in [MQTT, HTTP] {
+            let _ = metrics.accepted.get_or_create(&transport);
+            let _ = metrics.duplicates.get_or_create(&transport);
+            let _ = metrics.rejected.get_or_create(&transport);
+            let _ = metrics.quota_refusals.get_or_create(&transport);
+        }
         AgentMetrics {
             registry,
             ..metrics

@@ -106,6 +106,41 @@ impl RelayMetrics {
             "Events waiting in the outbox, by site",
             metrics.outbox_events.clone(),
         );
+        registry.register(
+            "delivery_retries",
+            "Deliveries that failed transiently and will be retried",
+            metrics.delivery_retries.clone(),
+        );
+        registry.register(
+            "events_dead_lettered",
+            "Events the ERP refused for good, moved to the dead-letter queue",
+            metrics.events_dead_lettered.clone(),
+        );
+        registry.register(
+            "dlq_events",
+            "Events in the dead-letter queue now",
+            metrics.dlq_events.clone(),
+        );
+        registry.register(
+            "delivery_paused",
+            "1 while delivery pauses and probes because every ERP call failed",
+            metrics.delivery_paused.clone(),
+        );
+        registry.register(
+            "erp_call_duration_seconds",
+            "Time of one connector call (ERP latency)",
+            metrics.erp_latency_seconds.clone(),
+        );
+        registry.register(
+            "outcomes_published",
+            "Outcome reports published to sites",
+            metrics.outcomes_published.clone(),
+        );
+        for reason in ["undecodable", "site_mismatch", "gap"] {
+            let _ = metrics
+                .batches_refused
+                .get_or_create(&ReasonLabel { reason });
+        }
         Arc::new(RelayMetrics {
             registry,
             ..metrics

@@ -674,11 +674,17 @@ impl Connection {
                 ));
                 endpoint.metrics.rejected.get_or_create(&MQTT).inc();
                 tracing::info!(client = %self.client_id, event = id.as_deref().unwrap_or(""), reasons = %text, "MQTT event rejected");
+                let client_id = self.client_id.clone();
                 self.pending.push_back(Box::pin(async move {
                     if let Err(e) = stored.await {
                         tracing::error!(error = %e, "a reject could not be stored");
                     }
-                    endpoint.notify_reject(&device, notice);
+                    // The sender may only subscribe to rejects/{its client id}, so the notice
+                    // goes there; and to the topic's device too when that is another client.
+                    endpoint.notify_reject(&client_id, notice.clone());
+                    if device != client_id {
+                        endpoint.notify_reject(&device, notice);
+                    }
                     ack(AckReason::PayloadFormatInvalid(text))
                 }));
             }
