@@ -105,3 +105,12 @@ pub fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) ->
         pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
+
+pub mod agent;
+pub mod erp_standin;
+pub mod events;
+pub mod mosquitto;
+pub mod mqtt;
+pub mod proxy;
+pub mod relay;
+pub mod scanner;

@@ -21,6 +21,18 @@ impl RelayProcess {
     /// A relay taking batches from the broker at `broker_port`; with `embedded`, it runs that
     /// broker itself.
     pub fn start(dir: &Path, broker_port: u16, embedded: bool) -> RelayProcess {
+        RelayProcess::start_with(dir, broker_port, embedded, None, &[])
+    }
+
+    /// Like [`RelayProcess::start`], with the `[sink.ledger]` section replaced by `sink` (TOML
+    /// text of another connector) and keys set by dotted path (`("delivery.burst", 10)`).
+    pub fn start_with(
+        dir: &Path,
+        broker_port: u16,
+        embedded: bool,
+        sink: Option<&str>,
+        settings: &[(&str, toml_edit::Value)],
+    ) -> RelayProcess {
         std::fs::create_dir_all(dir).expect("relay dir");
         let admin_port = free_port();
         let state = dir.join("state");
@@ -38,8 +50,30 @@ impl RelayProcess {
                 "backhaul-relay-1",
                 &format!("backhaul-relay-test-{admin_port}"),
             );
+        let text = match sink {
+            None => text,
+            Some(sink) => {
+                let ledger = format!(
+                    "[sink.ledger]\npath = {:?}\n",
+                    dir.join("ledger.jsonl").display().to_string()
+                );
+                assert!(
+                    text.contains(&ledger),
+                    "config/relay.toml no longer has the expected [sink.ledger] section"
+                );
+                text.replace(&ledger, sink)
+            }
+        };
+        let mut doc: toml_edit::DocumentMut = text.parse().expect("relay config is TOML");
+        for (path, value) in settings {
+            let mut item = doc.as_item_mut();
+            for key in path.split('.') {
+                item = &mut item[key];
+            }
+            *item = toml_edit::Item::Value(value.clone());
+        }
         let config = dir.join("relay.toml");
-        std::fs::write(&config, text).expect("write relay config");
+        std::fs::write(&config, doc.to_string()).expect("write relay config");
         let mut relay = RelayProcess {
             dir: dir.to_path_buf(),
             config,
@@ -111,6 +145,22 @@ impl RelayProcess {
         reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
             .and_then(|r| r.text())
             .unwrap_or_default()
+    }
+
+    /// Runs `backhaul-relay ARGS --url <this relay>` and returns its stdout; panics on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let url = format!("http://127.0.0.1:{}", self.admin_port);
+        let output = Command::new(binary("backhaul-relay"))
+            .args(args)
+            .args(["--url", &url])
+            .output()
+            .expect("run backhaul-relay");
+        assert!(
+            output.status.success(),
+            "backhaul-relay {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     pub fn log_tail(&self) -> String {

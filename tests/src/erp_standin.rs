@@ -1,0 +1,214 @@
+//! A stand-in ERP with a REST API that fails on demand: the one place where the tests do not
+//! use a real ERP, because a real one cannot be told to answer 500, 429 or nothing at will.
+//!
+//! It behaves like an ERP with idempotency keys: the first successful POST of a key has an
+//! effect (recorded); a repeated key is answered 200 without a second effect.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How the stand-in answers the next requests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    Ok,
+    /// 500 Internal Server Error.
+    Fail,
+    /// 429 with `Retry-After: secs`.
+    Throttle(u64),
+    /// Holds the request this long, then closes without answering (and without effect).
+    Hang(Duration),
+    /// Answers correctly after this delay.
+    Slow(Duration),
+}
+
+/// One request as the stand-in saw it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub at: Instant,
+    pub key: String,
+    pub body: Value,
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct State {
+    mode: Option<Mode>,
+    requests: Vec<Request>,
+    /// Effects in the order they happened: the events the ERP now holds.
+    effects: Vec<Value>,
+    keys: HashMap<String, usize>,
+    /// SKUs refused with 422 (unknown master data) until they are "created".
+    unknown_skus: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct ErpStandIn {
+    port: u16,
+    state: Arc<Mutex<State>>,
+}
+
+impl ErpStandIn {
+    pub fn start() -> ErpStandIn {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("stand-in listen");
+        let port = listener.local_addr().expect("stand-in address").port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let state = shared.clone();
+                std::thread::spawn(move || serve(stream, state));
+            }
+        });
+        ErpStandIn { port, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/events", self.port)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.state.lock().unwrap().mode = Some(mode);
+    }
+
+    pub fn refuse_sku(&self, sku: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .unknown_skus
+            .push(sku.to_string());
+    }
+
+    /// "Creates the product": the SKU is accepted from now on.
+    pub fn accept_sku(&self, sku: &str) {
+        self.state.lock().unwrap().unknown_skus.retain(|s| s != sku);
+    }
+
+    pub fn effects(&self) -> Vec<Value> {
+        self.state.lock().unwrap().effects.clone()
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut writer = write_half;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut headers = HashMap::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+            }
+        }
+        let length: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let key = headers.get("idempotency-key").cloned().unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let mode = state.lock().unwrap().mode.clone().unwrap_or(Mode::Ok);
+        let (status, extra, text) = match mode {
+            Mode::Fail => (
+                500,
+                String::new(),
+                r#"{"error":"internal error"}"#.to_string(),
+            ),
+            Mode::Throttle(secs) => (
+                429,
+                format!("Retry-After: {secs}\r\n"),
+                r#"{"error":"slow down"}"#.to_string(),
+            ),
+            Mode::Hang(time) => {
+                std::thread::sleep(time);
+                record(&state, key, body, 0);
+                return;
+            }
+            Mode::Slow(time) => {
+                std::thread::sleep(time);
+                effect(&state, &key, &body)
+            }
+            Mode::Ok => effect(&state, &key, &body),
+        };
+        if status >= 400 {
+            record(&state, key, body, status);
+        }
+        let reason = match status {
+            200 => "OK",
+            201 => "Created",
+            422 => "Unprocessable Entity",
+            429 => "Too Many Requests",
+            _ => "Internal Server Error",
+        };
+        let response = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{text}",
+            text.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn record(state: &Arc<Mutex<State>>, key: String, body: Value, status: u16) {
+    state.lock().unwrap().requests.push(Request {
+        at: Instant::now(),
+        key,
+        body,
+        status,
+    });
+}
+
+/// Applies a POST: refuses unknown SKUs, dedups by key, records the effect.
+fn effect(state: &Arc<Mutex<State>>, key: &str, body: &Value) -> (u16, String, String) {
+    let mut s = state.lock().unwrap();
+    let sku = body["sku"].as_str().unwrap_or("");
+    let (status, text) = if s.unknown_skus.iter().any(|u| u == sku) {
+        (422, format!(r#"{{"error":"unknown product {sku}"}}"#))
+    } else if let Some(index) = s.keys.get(key) {
+        (
+            200,
+            format!(r#"{{"id":"ERP-{index}","note":"already there"}}"#),
+        )
+    } else {
+        let index = s.effects.len();
+        s.effects.push(body.clone());
+        s.keys.insert(key.to_string(), index);
+        (201, format!(r#"{{"id":"ERP-{index}"}}"#))
+    };
+    if status < 400 {
+        s.requests.push(Request {
+            at: Instant::now(),
+            key: key.to_string(),
+            body: body.clone(),
+            status,
+        });
+    }
+    (status, String::new(), text)
+}

@@ -1,0 +1,703 @@
+//! The agent's MQTT endpoint, run as the real binary and spoken to by real clients: rumqttc
+//! (3.1.1 and 5) and Mosquitto's `mosquitto_pub`, which nobody here wrote.
+//!
+//! What a scanner relies on: an acknowledged event is in the log exactly as sent, a refused
+//! one comes back with the reason, sessions and client ids behave as MQTT says, a broken or
+//! hostile client cannot disturb the others, and only configured users get in.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backhaul_tests::agent::{AgentOptions, AgentProcess, metric_value};
+use backhaul_tests::events::{
+    assert_stored_as_sent, id_of, one_of_each, pick, rule_cases, to_bytes, unique_id,
+};
+use backhaul_tests::mosquitto::client_binary;
+use backhaul_tests::mqtt::{V4Client, V5Client, v4_options, v5_options};
+use backhaul_tests::poll_until;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as V5Code, PubAckReason};
+use serde_json::Value;
+
+/// The log as a map from event id to the stored record; an id twice is a failure.
+fn log_by_id(agent: &AgentProcess) -> HashMap<String, Value> {
+    let mut map = HashMap::new();
+    for event in agent.log_events() {
+        let id = id_of(&event).to_string();
+        if let Some(first) = map.insert(id.clone(), event) {
+            panic!("event {id} is in the log twice; first: {first}");
+        }
+    }
+    map
+}
+
+/// Waits until every id is in the log (QoS 0 has no acknowledgement to wait for).
+fn wait_until_logged(agent: &AgentProcess, ids: &[String]) -> HashMap<String, Value> {
+    let mut missing = Vec::new();
+    poll_until(Duration::from_secs(20), || {
+        let log = log_by_id(agent);
+        missing = ids
+            .iter()
+            .filter(|id| !log.contains_key(*id))
+            .cloned()
+            .collect();
+        missing.is_empty().then_some(log)
+    })
+    .unwrap_or_else(|| panic!("never logged: {missing:?}"))
+}
+
+/// Checks each sent event against the log, field by field.
+#[track_caller]
+fn assert_all_logged(agent: &AgentProcess, sent: &[(Value, String)]) {
+    let ids: Vec<String> = sent.iter().map(|(e, _)| id_of(e).to_string()).collect();
+    let log = wait_until_logged(agent, &ids);
+    for (event, device) in sent {
+        assert_stored_as_sent(event, &log[id_of(event)], Some(device));
+    }
+}
+
+#[test]
+fn rumqttc_v311_events_at_qos_0_1_2_are_logged_as_sent() {
+    let agent = AgentProcess::start_default();
+    let device = "scanner-v311";
+    let (mut client, connack) = V4Client::connect(v4_options(agent.mqtt_addr(), device)).unwrap();
+    assert_eq!(connack.code, rumqttc::ConnectReturnCode::Success);
+    let mut sent = Vec::new();
+    for qos in [0u8, 1, 2] {
+        for event in one_of_each(&format!("v4q{qos}")) {
+            client
+                .publish(&format!("scans/{device}"), qos, to_bytes(&event))
+                .unwrap_or_else(|e| panic!("QoS {qos} publish of {event}: {e}"));
+            // Acknowledged (QoS 1 and 2): it must be in the log already, with no waiting.
+            if qos > 0 {
+                let log = log_by_id(&agent);
+                assert!(log.contains_key(id_of(&event)), "acked but not logged");
+            }
+            sent.push((event, device.to_string()));
+        }
+    }
+    client.disconnect();
+    assert_all_logged(&agent, &sent);
+    assert_eq!(agent.log_events().len(), 15);
+}
+
+#[test]
+fn rumqttc_v5_events_at_qos_0_1_2_are_logged_as_sent() {
+    let agent = AgentProcess::start_default();
+    let device = "scanner-v5";
+    let (mut client, connack) = V5Client::connect(v5_options(agent.mqtt_addr(), device)).unwrap();
+    assert_eq!(connack.code, V5Code::Success);
+    let mut sent = Vec::new();
+    for qos in [0u8, 1, 2] {
+        for event in one_of_each(&format!("v5q{qos}")) {
+            let ack = client
+                .publish(&format!("scans/{device}"), qos, to_bytes(&event))
+                .unwrap_or_else(|e| panic!("QoS {qos} publish of {event}: {e}"));
+            assert!(ack.is_success(), "QoS {qos}: {ack:?}");
+            if qos > 0 {
+                assert!(log_by_id(&agent).contains_key(id_of(&event)));
+            }
+            sent.push((event, device.to_string()));
+        }
+    }
+    client.disconnect();
+    assert_all_logged(&agent, &sent);
+    assert_eq!(agent.log_events().len(), 15);
+}
+
+fn mosquitto_pub(agent: &AgentProcess, args: &[&str]) -> std::process::Output {
+    Command::new(client_binary("mosquitto_pub"))
+        .args(["-h", "127.0.0.1", "-p", &agent.mqtt_port().to_string()])
+        .args(args)
+        .output()
+        .expect("run mosquitto_pub")
+}
+
+#[test]
+fn mosquitto_pub_events_at_v311_v5_qos_1_2_are_logged_as_sent() {
+    let agent = AgentProcess::start_default();
+    let mut sent = Vec::new();
+    for version in ["mqttv311", "mqttv5"] {
+        for qos in ["1", "2"] {
+            let device = format!("mp-{version}-q{qos}");
+            for event in one_of_each(&format!("mp{}q{qos}", &version[4..])) {
+                let payload = serde_json::to_string(&event).unwrap();
+                let topic = format!("scans/{device}");
+                let out = mosquitto_pub(
+                    &agent,
+                    &[
+                        "-V", version, "-q", qos, "-i", &device, "-t", &topic, "-m", &payload,
+                    ],
+                );
+                assert!(
+                    out.status.success(),
+                    "mosquitto_pub -V {version} -q {qos}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                // mosquitto_pub exits once its PUBACK/PUBCOMP arrived: the event is logged.
+                assert!(log_by_id(&agent).contains_key(id_of(&event)));
+                sent.push((event, device.clone()));
+            }
+        }
+    }
+    assert_all_logged(&agent, &sent);
+    assert_eq!(agent.log_events().len(), 20);
+
+    // An invalid event: MQTT 5 puts the reason into the PUBACK, which mosquitto_pub shows.
+    let bad = serde_json::to_string(&pick(&unique_id("mp"), "SO-1"))
+        .unwrap()
+        .replace("\"qty\":\"2\"", "\"qty\":\"0\"");
+    let out = mosquitto_pub(
+        &agent,
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-d",
+            "-t",
+            "scans/mp-bad",
+            "-m",
+            &bad,
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.to_lowercase().contains("payload format invalid"),
+        "mosquitto_pub output: {text}"
+    );
+    assert_eq!(agent.log_events().len(), 20);
+}
+
+#[test]
+fn mqtt5_puback_names_every_broken_rule() {
+    let agent = AgentProcess::start_default();
+    let device = "scanner-rules-5";
+    let (mut client, _) = V5Client::connect(v5_options(agent.mqtt_addr(), device)).unwrap();
+    let topic = format!("scans/{device}");
+    let cases = rule_cases();
+    for (i, case) in cases.iter().enumerate() {
+        // QoS 2 answers in the PUBREC the same way; try it on every other case.
+        let qos = if i % 2 == 0 { 1 } else { 2 };
+        let ack = client.publish(&topic, qos, case.payload.clone()).unwrap();
+        assert_eq!(
+            ack.reason,
+            PubAckReason::PayloadFormatInvalid,
+            "{}: {ack:?}",
+            case.name
+        );
+        let reason = ack.reason_string.unwrap_or_default();
+        let parts: Vec<String> = reason.split("; ").map(str::to_string).collect();
+        assert!(
+            case.matches(&parts),
+            "{}: reason string {reason:?}, expected {:?}",
+            case.name,
+            case.expected
+        );
+    }
+    // The documented example of the README, word for word.
+    let zero = to_bytes(&pick(&unique_id("r5"), "SO-1")).to_vec();
+    let zero = String::from_utf8(zero)
+        .unwrap()
+        .replace("\"qty\":\"2\"", "\"qty\":\"0\"");
+    let ack = client.publish(&topic, 1, zero).unwrap();
+    assert_eq!(
+        ack.reason_string.as_deref(),
+        Some("qty: must be greater than 0 for pick")
+    );
+
+    // Bad input never blocks good input: the same connection goes on being served.
+    let good = pick(&unique_id("r5"), "SO-2");
+    assert!(
+        client
+            .publish(&topic, 1, to_bytes(&good))
+            .unwrap()
+            .is_success()
+    );
+    let log = agent.log_events();
+    assert_eq!(log.len(), 1, "only the valid event is logged: {log:?}");
+    assert_stored_as_sent(&good, &log[0], Some(device));
+
+    // Every refusal is counted and kept for inspection with its violations.
+    let refused = cases.len() + 1;
+    let metrics = agent.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "backhaul_agent_events_rejected_total{transport=\"mqtt\"}"
+        ),
+        Some(refused as f64),
+        "{metrics}"
+    );
+    let rejects = agent.rejects();
+    assert_eq!(rejects.len(), refused);
+    assert!(rejects.iter().all(|r| r["transport"] == "mqtt"
+        && r["sender"].as_str().unwrap().contains(device)
+        && !r["violations"].as_array().unwrap().is_empty()));
+}
+
+#[test]
+fn mqtt311_client_learns_each_reason_on_its_rejects_topic() {
+    let agent = AgentProcess::start_default();
+    let device = "scanner-rules-4";
+    let (mut client, _) = V4Client::connect(v4_options(agent.mqtt_addr(), device)).unwrap();
+    assert!(client.subscribe(&format!("rejects/{device}")).unwrap());
+    // Another scanner's rejects are not for this one.
+    assert!(!client.subscribe("rejects/scanner-other").unwrap());
+    let topic = format!("scans/{device}");
+    for case in rule_cases() {
+        // 3.1.1 has no reason codes: the PUBACK comes, and the reason arrives as a notice.
+        client.publish(&topic, 1, case.payload.clone()).unwrap();
+        let notice = client
+            .next_message(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{}: no notice on rejects/{device}", case.name));
+        assert_eq!(notice.topic, format!("rejects/{device}"));
+        let notice: Value = serde_json::from_slice(&notice.payload).unwrap();
+        assert_eq!(notice["topic"], topic, "{}: {notice}", case.name);
+        let sent_id = serde_json::from_slice::<Value>(&case.payload)
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string));
+        if let Some(id) = sent_id.filter(|id| id.len() <= 64) {
+            assert_eq!(notice["id"], id.as_str(), "{}: {notice}", case.name);
+        }
+        let violations = notice["violations"].as_array().unwrap();
+        let messages: Vec<String> = violations
+            .iter()
+            .map(|v| v["message"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            case.matches(&messages),
+            "{}: notice {notice}, expected {:?}",
+            case.name,
+            case.expected
+        );
+        let fields: Vec<&str> = violations
+            .iter()
+            .map(|v| v["field"].as_str().unwrap())
+            .collect();
+        assert_eq!(fields, case.fields(), "{}", case.name);
+        assert!(violations.iter().all(|v| v["rule"].as_str().is_some()));
+    }
+    assert!(agent.log_events().is_empty());
+}
+
+#[test]
+fn the_sender_gets_the_notice_when_its_client_id_is_not_the_topics_device() {
+    // A handheld (client id handheld-3) scanning at a dock door publishes to that door's
+    // topic. It may only subscribe to rejects/handheld-3, so that is where it must learn why
+    // its event was refused.
+    let agent = AgentProcess::start_default();
+    let (mut handheld, _) = V4Client::connect(v4_options(agent.mqtt_addr(), "handheld-3")).unwrap();
+    assert!(handheld.subscribe("rejects/handheld-3").unwrap());
+    let mut bad = pick(&unique_id("hh"), "SO-1");
+    bad["qty"] = serde_json::json!(0);
+    handheld
+        .publish("scans/dock-door-1", 1, to_bytes(&bad))
+        .unwrap();
+    let notice = handheld
+        .next_message(Duration::from_secs(10))
+        .expect("a notice on rejects/handheld-3");
+    assert_eq!(notice.topic, "rejects/handheld-3");
+    let notice: Value = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice["id"], id_of(&bad));
+    assert_eq!(notice["topic"], "scans/dock-door-1");
+    assert_eq!(
+        notice["violations"][0]["message"],
+        "qty: must be greater than 0 for pick"
+    );
+}
+
+#[test]
+fn topics_outside_the_pattern_and_other_devices_topics_are_refused() {
+    let agent = AgentProcess::start(AgentOptions::default().own_device_topic_only(true));
+    let (mut client, _) = V5Client::connect(v5_options(agent.mqtt_addr(), "scanner-1")).unwrap();
+    let event = pick(&unique_id("topic"), "SO-1");
+
+    let ack = client
+        .publish("other/scanner-1", 1, to_bytes(&event))
+        .unwrap();
+    assert_eq!(ack.reason, PubAckReason::TopicNameInvalid);
+    assert_eq!(
+        ack.reason_string.as_deref(),
+        Some("topic: \"other/scanner-1\" does not match \"scans/{device}\"")
+    );
+    let ack = client
+        .publish("scans/scanner-2", 1, to_bytes(&event))
+        .unwrap();
+    assert_eq!(ack.reason, PubAckReason::NotAuthorized);
+    assert!(
+        ack.reason_string
+            .as_deref()
+            .unwrap()
+            .contains("may only publish to its own device topic"),
+        "{ack:?}"
+    );
+    assert!(agent.log_events().is_empty());
+    let ack = client
+        .publish("scans/scanner-1", 1, to_bytes(&event))
+        .unwrap();
+    assert!(ack.is_success(), "{ack:?}");
+    assert_eq!(log_by_id(&agent).len(), 1);
+}
+
+#[test]
+fn a_persistent_session_is_present_on_reconnect() {
+    let agent = AgentProcess::start_default();
+
+    let mut options = v4_options(agent.mqtt_addr(), "persistent-311");
+    options.set_clean_session(false);
+    let (client, connack) = V4Client::connect(options.clone()).unwrap();
+    assert!(!connack.session_present, "a new session is not present");
+    client.disconnect();
+    let (client, connack) = V4Client::connect(options.clone()).unwrap();
+    assert!(connack.session_present, "3.1.1 clean session off: present");
+    client.disconnect();
+    options.set_clean_session(true);
+    let (client, connack) = V4Client::connect(options).unwrap();
+    assert!(!connack.session_present, "clean session drops it");
+    client.disconnect();
+
+    let mut options = v5_options(agent.mqtt_addr(), "persistent-5");
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(3600));
+    let (client, connack) = V5Client::connect(options.clone()).unwrap();
+    assert!(!connack.session_present);
+    client.disconnect();
+    let (client, connack) = V5Client::connect(options).unwrap();
+    assert!(
+        connack.session_present,
+        "MQTT 5 clean start off, expiry 3600"
+    );
+    client.disconnect();
+}
+
+#[test]
+fn a_second_connection_with_the_same_client_id_takes_over() {
+    let agent = AgentProcess::start_default();
+    let topic = "scans/bystander";
+    let (mut bystander, _) = V4Client::connect(v4_options(agent.mqtt_addr(), "bystander")).unwrap();
+    let mut acked = Vec::new();
+    let publish_bystander = |bystander: &mut V4Client, acked: &mut Vec<Value>| {
+        let event = pick(&unique_id("by"), "SO-9");
+        bystander.publish(topic, 1, to_bytes(&event)).unwrap();
+        acked.push(event);
+    };
+    publish_bystander(&mut bystander, &mut acked);
+
+    // MQTT 5: the first connection is told why it is closed.
+    let (mut first, _) = V5Client::connect(v5_options(agent.mqtt_addr(), "twin-5")).unwrap();
+    assert!(
+        first
+            .publish("scans/twin-5", 1, to_bytes(&pick(&unique_id("tw"), "SO-3")))
+            .unwrap()
+            .is_success()
+    );
+    let (mut second, _) = V5Client::connect(v5_options(agent.mqtt_addr(), "twin-5")).unwrap();
+    let closed = first
+        .wait_closed(Duration::from_secs(10))
+        .expect("the first connection is closed");
+    assert!(
+        format!("{closed:?}").contains("SessionTakenOver"),
+        "first connection closed with {closed:?}"
+    );
+    publish_bystander(&mut bystander, &mut acked);
+    let event = pick(&unique_id("tw"), "SO-3");
+    assert!(
+        second
+            .publish("scans/twin-5", 1, to_bytes(&event))
+            .unwrap()
+            .is_success()
+    );
+    acked.push(event);
+
+    // MQTT 3.1.1 has no DISCONNECT from the server: the socket is just closed.
+    let (mut first, _) = V4Client::connect(v4_options(agent.mqtt_addr(), "twin-4")).unwrap();
+    let (mut second4, _) = V4Client::connect(v4_options(agent.mqtt_addr(), "twin-4")).unwrap();
+    assert!(
+        first.wait_closed(Duration::from_secs(10)).is_some(),
+        "the first 3.1.1 connection is closed"
+    );
+    let event = pick(&unique_id("tw"), "SO-4");
+    second4
+        .publish("scans/twin-4", 1, to_bytes(&event))
+        .unwrap();
+    acked.push(event);
+    publish_bystander(&mut bystander, &mut acked);
+
+    let log = log_by_id(&agent);
+    for event in &acked {
+        assert!(log.contains_key(id_of(event)), "{event}");
+    }
+}
+
+/// A CONNECT for MQTT 3.1.1 with client id `g`, clean session, keep-alive 60 s.
+const CONNECT_311: [u8; 15] = [
+    0x10, 0x0D, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3C, 0x00, 0x01, b'g',
+];
+
+/// Writes bytes and waits for the agent to close the connection; returns what it answered.
+fn send_and_expect_close(addr: std::net::SocketAddr, chunks: &[&[u8]]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    for chunk in chunks {
+        stream.write_all(chunk).unwrap();
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return answer,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return answer,
+            Err(e) => panic!("the agent kept a protocol breaker connected: {e}"),
+        }
+    }
+}
+
+/// Appends MQTT's variable-length "remaining length".
+fn push_remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_publish_sent_together_with_its_connect_is_acknowledged() {
+    // A client may send packets right after CONNECT without waiting for the CONNACK; here
+    // both arrive in one write, as they would from a client that pipelines.
+    let agent = AgentProcess::start_default();
+    let event = pick(&unique_id("pipe"), "SO-1");
+    let payload = to_bytes(&event);
+    let topic = b"scans/pipelined";
+    let mut bytes = CONNECT_311.to_vec();
+    bytes.push(0x32); // PUBLISH, QoS 1
+    push_remaining_length(2 + topic.len() + 2 + payload.len(), &mut bytes);
+    bytes.extend_from_slice(&[0x00, topic.len() as u8]);
+    bytes.extend_from_slice(topic);
+    bytes.extend_from_slice(&[0x00, 0x01]); // packet id 1
+    bytes.extend_from_slice(&payload);
+
+    let mut stream = TcpStream::connect(agent.mqtt_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(&bytes).unwrap();
+    let mut answer = [0u8; 8];
+    stream
+        .read_exact(&mut answer)
+        .expect("CONNACK and PUBACK within 10 s");
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x00, 0x40, 0x02, 0x00, 0x01]);
+    let log = log_by_id(&agent);
+    assert_stored_as_sent(&event, &log[id_of(&event)], Some("pipelined"));
+}
+
+#[test]
+fn a_client_breaking_the_protocol_is_closed_and_others_are_unaffected() {
+    let agent = AgentProcess::start_default();
+    let addr = agent.mqtt_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut client, _) = V4Client::connect(v4_options(addr, "steady")).unwrap();
+            let mut acked = Vec::new();
+            while !stop.load(Ordering::Relaxed) || acked.len() < 50 {
+                let event = pick(&unique_id("steady"), "SO-7");
+                client
+                    .publish("scans/steady", 1, to_bytes(&event))
+                    .expect("the steady client is never disturbed");
+                acked.push(id_of(&event).to_string());
+            }
+            client.disconnect();
+            acked
+        })
+    };
+
+    // Not MQTT at all.
+    send_and_expect_close(addr, &[b"GET / HTTP/1.1\r\nHost: agent\r\n\r\n"]);
+    send_and_expect_close(addr, &[&[0xFF; 64]]);
+    // A good CONNECT, then a packet of the reserved type 0.
+    let answer = send_and_expect_close(addr, &[&CONNECT_311, &[0x00, 0x00]]);
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x00], "CONNACK, then closed");
+    // A good CONNECT, then a second CONNECT.
+    let answer = send_and_expect_close(addr, &[&CONNECT_311, &CONNECT_311]);
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x00]);
+    // A PUBLISH whose remaining length promises more than max_packet_size (64 KiB).
+    send_and_expect_close(addr, &[&CONNECT_311, &[0x32, 0xFF, 0xFF, 0xFF, 0x7F]]);
+
+    stop.store(true, Ordering::Relaxed);
+    let acked = publisher.join().expect("publisher thread");
+    let log = log_by_id(&agent);
+    for id in &acked {
+        assert!(log.contains_key(id), "{id} acked but not logged");
+    }
+    assert_eq!(log.len(), acked.len());
+    let errors = agent
+        .metric("backhaul_agent_mqtt_protocol_errors_total")
+        .unwrap();
+    assert!(errors >= 5.0, "protocol errors counted: {errors}");
+}
+
+#[test]
+fn only_configured_users_get_in() {
+    let agent = AgentProcess::start(
+        AgentOptions::default()
+            .user("scanner-07", "correct horse battery staple")
+            .user("scanner-08", "tr0ub4dor&3"),
+    );
+    let addr = agent.mqtt_addr();
+
+    let mut options = v4_options(addr, "scanner-07");
+    options.set_credentials("scanner-07", "wrong");
+    match V4Client::connect(options) {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("wrong password: {:?}", other.map(|(_, ack)| ack)),
+    }
+    // Another user's password is wrong too.
+    let mut options = v4_options(addr, "scanner-07");
+    options.set_credentials("scanner-07", "tr0ub4dor&3");
+    assert!(matches!(
+        V4Client::connect(options),
+        Err(rumqttc::ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::BadUserNamePassword
+        ))
+    ));
+    // No credentials at all.
+    assert!(matches!(
+        V4Client::connect(v4_options(addr, "anonymous")),
+        Err(rumqttc::ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::BadUserNamePassword
+        ))
+    ));
+    let mut options = v5_options(addr, "scanner-08");
+    options.set_credentials("scanner-08", "wrong");
+    match V5Client::connect(options) {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, V5Code::BadUserNamePassword)
+        }
+        other => panic!("wrong MQTT 5 password: {:?}", other.map(|(_, ack)| ack)),
+    }
+    let out = mosquitto_pub(
+        &agent,
+        &[
+            "-u",
+            "scanner-07",
+            "-P",
+            "nope",
+            "-q",
+            "1",
+            "-t",
+            "scans/x",
+            "-m",
+            "{}",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad user name or password"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(agent.log_events().is_empty());
+
+    // The right passwords, read from the credential files, work with both versions.
+    let mut options = v4_options(addr, "scanner-07");
+    options.set_credentials("scanner-07", "correct horse battery staple");
+    let (mut client, _) = V4Client::connect(options).unwrap();
+    let first = pick(&unique_id("auth"), "SO-1");
+    client
+        .publish("scans/scanner-07", 1, to_bytes(&first))
+        .unwrap();
+    let mut options = v5_options(addr, "scanner-08");
+    options.set_credentials("scanner-08", "tr0ub4dor&3");
+    let (mut client, _) = V5Client::connect(options).unwrap();
+    let second = pick(&unique_id("auth"), "SO-2");
+    assert!(
+        client
+            .publish("scans/scanner-08", 1, to_bytes(&second))
+            .unwrap()
+            .is_success()
+    );
+    let log = log_by_id(&agent);
+    assert_eq!(log.len(), 2);
+    assert_stored_as_sent(&first, &log[id_of(&first)], Some("scanner-07"));
+    assert_stored_as_sent(&second, &log[id_of(&second)], Some("scanner-08"));
+    // The passwords never reach the agent's own log.
+    let stderr = agent.stderr();
+    assert!(!stderr.contains("correct horse") && !stderr.contains("tr0ub4dor"));
+}
+
+#[test]
+fn connections_and_packets_over_the_limits_are_refused() {
+    let agent = AgentProcess::start(
+        AgentOptions::default()
+            .set("mqtt.max_connections", 2)
+            .set("mqtt.max_packet_size", "2 KiB"),
+    );
+    let addr = agent.mqtt_addr();
+    let (first, _) = V4Client::connect(v4_options(addr, "limit-1")).unwrap();
+    let (mut second, _) = V5Client::connect(v5_options(addr, "limit-2")).unwrap();
+    match V4Client::connect(v4_options(addr, "limit-3")) {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::ServiceUnavailable)
+        }
+        other => panic!("a third 3.1.1 connection: {:?}", other.map(|(_, a)| a)),
+    }
+    match V5Client::connect(v5_options(addr, "limit-3")) {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, V5Code::ServerBusy)
+        }
+        other => panic!("a third MQTT 5 connection: {:?}", other.map(|(_, a)| a)),
+    }
+    // Room again once one leaves.
+    first.disconnect();
+    let mut third = poll_until(Duration::from_secs(10), || {
+        V4Client::connect(v4_options(addr, "limit-3")).ok()
+    })
+    .expect("a connection is accepted once another one left")
+    .0;
+
+    // A publish over 2 KiB closes that connection and is not logged.
+    let mut big = pick(&unique_id("big"), "SO-1");
+    big["attrs"] = serde_json::json!({"note": "x".repeat(200), "more": "y".repeat(200)});
+    let mut attrs = serde_json::Map::new();
+    for i in 0..12 {
+        attrs.insert(format!("note{i}"), Value::String("z".repeat(200)));
+    }
+    big["attrs"] = Value::Object(attrs);
+    assert!(to_bytes(&big).len() > 2048);
+    assert!(third.publish("scans/limit-3", 1, to_bytes(&big)).is_err());
+
+    // The other connection is unaffected.
+    let small = pick(&unique_id("small"), "SO-1");
+    assert!(
+        second
+            .publish("scans/limit-2", 1, to_bytes(&small))
+            .unwrap()
+            .is_success()
+    );
+    let log = log_by_id(&agent);
+    assert_eq!(log.len(), 1);
+    assert!(log.contains_key(id_of(&small)));
+}

@@ -1,0 +1,262 @@
+//! Relay → ERP through the HTTP connector, against a stand-in ERP that fails on demand: 500s,
+//! 429 with Retry-After, requests that never get an answer, slow answers and permanent
+//! refusals lose nothing, duplicate nothing, keep the order per key and the rate limit, and a
+//! refused event waits in the dead-letter queue until it is replayed.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use backhaul_tests::agent::{AgentOptions, AgentProcess};
+use backhaul_tests::erp_standin::{ErpStandIn, Mode};
+use backhaul_tests::poll_until;
+use backhaul_tests::relay::RelayProcess;
+use backhaul_tests::scanner::{Scanner, pick_event};
+
+const RATE_PER_SEC: u64 = 40;
+const BURST: u64 = 10;
+
+fn relay(dir: &std::path::Path, broker_port: u16, erp: &ErpStandIn) -> RelayProcess {
+    let sink = format!("[sink.http]\nurl = \"{}\"\ntimeout_ms = 500\n", erp.url());
+    let settings: Vec<(&str, toml_edit::Value)> = vec![
+        ("delivery.concurrency", 4.into()),
+        ("delivery.max_batch", 8.into()),
+        ("delivery.rate_per_sec", (RATE_PER_SEC as f64).into()),
+        ("delivery.burst", (BURST as i64).into()),
+        ("delivery.retry_min_ms", 100.into()),
+        ("delivery.retry_max_ms", 1500.into()),
+        ("delivery.pause_after_failures", 3.into()),
+    ];
+    RelayProcess::start_with(
+        &dir.join("relay"),
+        broker_port,
+        true,
+        Some(&sink),
+        &settings,
+    )
+}
+
+fn agent(broker_port: u16, site: &str) -> AgentProcess {
+    AgentProcess::start(
+        AgentOptions::default()
+            .uplink("127.0.0.1", broker_port)
+            .set("site", site)
+            .set("uplink.client_id", format!("agent-{site}-{broker_port}"))
+            .set("uplink.linger_ms", 10),
+    )
+}
+
+fn wait_for_acks(scanner: &Scanner, count: usize) {
+    let reached = poll_until(Duration::from_secs(30), || {
+        (scanner.acked_count() >= count).then_some(())
+    });
+    assert!(
+        reached.is_some(),
+        "the scanner stalled at {} acknowledgements",
+        scanner.acked_count()
+    );
+}
+
+/// Waits until every id has had its effect in the ERP.
+fn wait_for_effects(
+    erp: &ErpStandIn,
+    ids: &[String],
+    relay: &RelayProcess,
+) -> Vec<serde_json::Value> {
+    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let done = poll_until(Duration::from_secs(90), || {
+        let effects = erp.effects();
+        let have: HashSet<&str> = effects.iter().filter_map(|e| e["id"].as_str()).collect();
+        wanted
+            .iter()
+            .all(|id| have.contains(id))
+            .then(|| effects.clone())
+    });
+    done.unwrap_or_else(|| {
+        let have: HashSet<String> = erp
+            .effects()
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(str::to_string))
+            .collect();
+        let missing = wanted.iter().filter(|id| !have.contains(**id)).count();
+        panic!(
+            "{missing} of {} events never reached the ERP\nrelay log:\n{}",
+            wanted.len(),
+            relay.log_tail()
+        )
+    })
+}
+
+#[test]
+fn erp_failures_lose_nothing_duplicate_nothing_and_keep_order_and_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let erp = ErpStandIn::start();
+    let broker_port = backhaul_tests::free_port();
+    let relay = relay(dir.path(), broker_port, &erp);
+    let agent = agent(broker_port, "erp");
+    let scanner = Scanner::start(agent.mqtt_addr(), "erp-scanner", 60, pick_event);
+
+    let phases = [
+        Mode::Ok,
+        Mode::Fail,
+        Mode::Ok,
+        Mode::Throttle(1),
+        Mode::Ok,
+        Mode::Hang(Duration::from_millis(800)),
+        Mode::Slow(Duration::from_millis(150)),
+        Mode::Ok,
+    ];
+    let mut target = 0;
+    for mode in phases {
+        erp.set_mode(mode);
+        target += 40;
+        wait_for_acks(&scanner, target);
+    }
+    let acked = scanner.stop();
+    let effects = wait_for_effects(&erp, &acked, &relay);
+
+    // Exactly one effect per event, and nothing posted again once the ERP had answered 2xx.
+    let mut effect_count: HashMap<&str, usize> = HashMap::new();
+    for effect in &effects {
+        *effect_count
+            .entry(effect["id"].as_str().unwrap())
+            .or_default() += 1;
+    }
+    assert!(
+        effect_count.values().all(|n| *n == 1),
+        "an event had two effects"
+    );
+    let requests = erp.requests();
+    let mut answered: HashSet<&str> = HashSet::new();
+    let mut reposted = Vec::new();
+    for r in &requests {
+        if answered.contains(r.key.as_str()) {
+            reposted.push(r.key.clone());
+        }
+        if (200..300).contains(&r.status) {
+            answered.insert(r.key.as_str());
+        }
+    }
+    assert!(
+        reposted.is_empty(),
+        "events posted again after a 2xx: {:?}",
+        &reposted[..reposted.len().min(5)]
+    );
+
+    // Order per key: the picks of one order reach the ERP in the order they were logged.
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    for effect in &effects {
+        let order = effect["order"].as_str().unwrap().to_string();
+        let seq = effect["seq"].as_u64().unwrap();
+        if let Some(previous) = last_seq.insert(order.clone(), seq) {
+            assert!(
+                seq > previous,
+                "order {order}: seq {seq} reached the ERP after {previous}"
+            );
+        }
+    }
+
+    // The rate limit: no one-second window saw more than the rate plus the burst.
+    let times: Vec<_> = requests.iter().map(|r| r.at).collect();
+    let busiest = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && t.duration_since(*start) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        busiest as u64 <= RATE_PER_SEC + BURST,
+        "{busiest} requests in one second (limit {RATE_PER_SEC}/s, burst {BURST})"
+    );
+
+    let failures = requests
+        .iter()
+        .filter(|r| r.status >= 400 || r.status == 0)
+        .count();
+    println!(
+        "{} events, {} requests ({failures} failed or unanswered), 1 effect each, busiest second {busiest} requests",
+        acked.len(),
+        requests.len()
+    );
+    assert!(
+        failures > 0,
+        "the stand-in never failed: the test proved nothing"
+    );
+}
+
+#[test]
+fn a_refused_event_waits_in_the_dlq_without_blocking_others_and_replays_once_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let erp = ErpStandIn::start();
+    erp.refuse_sku("SKU-BAD");
+    let broker_port = backhaul_tests::free_port();
+    let relay = relay(dir.path(), broker_port, &erp);
+    let agent = agent(broker_port, "dlq");
+
+    let events: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            let sku = if i % 5 == 2 { "SKU-BAD" } else { "SKU-OK" };
+            serde_json::json!({"v":1, "id": format!("dlq-{i}"), "type":"receive",
+                "ts":"2026-11-22T10:15:00Z", "sku": sku, "qty": 1, "location": format!("L-{i}")})
+        })
+        .collect();
+    let response = agent.post_events(&serde_json::Value::Array(events), None);
+    assert_eq!(response.status().as_u16(), 202);
+
+    // The good events are not held back by the bad ones.
+    let good: Vec<String> = (0..10)
+        .filter(|i| i % 5 != 2)
+        .map(|i| format!("dlq-{i}"))
+        .collect();
+    wait_for_effects(&erp, &good, &relay);
+
+    let listed = poll_until(Duration::from_secs(30), || {
+        let list: serde_json::Value =
+            serde_json::from_str(&relay.cli(&["dlq", "list", "--json"])).ok()?;
+        (list["total"] == 2).then_some(list)
+    })
+    .expect("two dead letters");
+    for letter in listed["dead_letters"].as_array().unwrap() {
+        assert!(
+            letter["reason"]
+                .as_str()
+                .unwrap()
+                .contains("unknown product SKU-BAD"),
+            "the dead letter does not carry the ERP's message: {letter}"
+        );
+    }
+    let table = relay.cli(&["dlq", "list"]);
+    assert!(
+        table.contains("dlq-2") && table.contains("unknown product SKU-BAD"),
+        "{table}"
+    );
+
+    // The warehouse learns what the ERP refused.
+    let refusals = poll_until(Duration::from_secs(30), || {
+        let rejects = agent.get_json("/v1/rejects");
+        let list = rejects["erp_refusals"].as_array()?.clone();
+        (list.len() == 2).then_some(list)
+    })
+    .expect("the agent shows the ERP's refusals");
+    assert!(refusals.iter().all(|r| {
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("unknown product SKU-BAD")
+    }));
+    assert_eq!(agent.status()["link"]["erp_refused"], 2);
+
+    // Fix the master data, replay, and the events are posted once.
+    erp.accept_sku("SKU-BAD");
+    let replayed = relay.cli(&["dlq", "replay", "--all"]);
+    assert!(replayed.contains("2 dead letters sent back"), "{replayed}");
+    wait_for_effects(&erp, &["dlq-2".to_string(), "dlq-7".to_string()], &relay);
+    let list: serde_json::Value =
+        serde_json::from_str(&relay.cli(&["dlq", "list", "--json"])).unwrap();
+    assert_eq!(list["total"], 0);
+    let effects = erp.effects();
+    assert_eq!(effects.len(), 10, "every event exactly once");
+}
