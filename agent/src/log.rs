@@ -474,7 +474,9 @@ fn initialise(
         oldest_seq: oldest.map(|o| o.0),
         oldest_received_at_ms: oldest.map(|o| o.1),
         max_bytes: options.max_bytes,
-        quota_exceeded: false,
+        // A log reopened full stays full until the relay acknowledges something: say so now,
+        // not at the next refusal.
+        quota_exceeded: live_bytes + (backhaul_events::MAX_EVENT_BYTES as u64) > options.max_bytes,
         rejects_stored,
         file_bytes: file_len(path),
         flushes: 0,
@@ -678,6 +680,7 @@ impl Writer {
             ids.insert(event.id.as_str(), seq).map_err(storage)?;
             stats.next_seq += 1;
             stats.backlog_bytes += size;
+            stats.quota_exceeded = false;
             stats.backlog_events += 1;
             if stats.oldest_seq.is_none() {
                 stats.oldest_seq = Some(seq);
