@@ -49,6 +49,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/rejects", get(rejects))
         .route("/v1/log", get(read_log))
+        .route("/v1/tail", get(tail))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -382,4 +383,34 @@ async fn read_log(State(state): State<HttpState>, Query(query): Query<LogQuery>)
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+#[derive(Deserialize)]
+struct TailQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// The latest accepted events (durable), after a sequence number, for `backhaul-agent tail`.
+async fn tail(State(state): State<HttpState>, Query(query): Query<TailQuery>) -> Response {
+    let epoch = state.log.epoch();
+    let events: Vec<Value> = state
+        .log
+        .recent(
+            query.after.unwrap_or(0),
+            query.limit.unwrap_or(1000).min(1000),
+        )
+        .into_iter()
+        .map(|(seq, record)| {
+            backhaul_events::StampedEvent {
+                site: state.site.clone(),
+                epoch,
+                seq,
+                received_at_ms: record.received_at_ms,
+                event: record.event,
+            }
+            .to_json()
+        })
+        .collect();
+    axum::Json(json!({ "events": events })).into_response()
 }

@@ -1,6 +1,7 @@
 //! The site agent: takes scans over MQTT and WMS events over HTTP, makes each durable in its
 //! local log before acknowledging it, and forwards the log to the relay.
 
+pub mod cli;
 pub mod config;
 pub mod forward;
 pub mod http;

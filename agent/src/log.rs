@@ -5,6 +5,7 @@
 //! event is in the log, the disk quota, deletion of what the relay acknowledged, giving freed
 //! space back to the file system, and the bounded reject store.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -162,7 +163,13 @@ struct Shared {
     flush_observer: Mutex<Option<FlushObserver>>,
     /// The next sequence number after each flush, for readers waiting for new events.
     appended: tokio::sync::watch::Sender<u64>,
+    /// The latest durable events, for `backhaul-agent tail`; forwarding may already have
+    /// deleted them from the log.
+    recent: Mutex<VecDeque<(u64, LoggedEvent)>>,
 }
+
+/// How many of the latest events `tail` can see.
+const RECENT_EVENTS: usize = 1000;
 
 /// A handle to the log; cheap to clone. The writer thread stops when every handle is gone.
 #[derive(Clone)]
@@ -213,6 +220,7 @@ impl EventLog {
         let next_seq = stats.next_seq;
         let shared = Arc::new(Shared {
             appended: tokio::sync::watch::Sender::new(next_seq),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
             db: RwLock::new(db),
             epoch,
             path: path.clone(),
@@ -243,6 +251,21 @@ impl EventLog {
         if let Ok(mut slot) = self.shared.flush_observer.lock() {
             *slot = Some(Box::new(observer));
         }
+    }
+
+    /// Durable events with a sequence number above `after`, from the latest thousand.
+    pub fn recent(&self, after: u64, limit: usize) -> Vec<(u64, LoggedEvent)> {
+        self.shared
+            .recent
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .filter(|(seq, _)| *seq > after)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Changes to the next sequence number whenever a flush adds events.
@@ -631,6 +654,26 @@ impl Writer {
         if let Ok(mut current) = self.shared.stats.lock() {
             stats.compactions = current.compactions;
             *current = stats;
+        }
+        if let Ok(mut recent) = self.shared.recent.lock() {
+            for (request, outcome) in batch.iter().zip(&outcomes) {
+                if let (Request::Append { events, .. }, Outcome::Appended(results)) =
+                    (request, outcome)
+                {
+                    for ((event, received_at_ms), result) in events.iter().zip(results) {
+                        if let Appended::Stored { seq } = result {
+                            if recent.len() == RECENT_EVENTS {
+                                recent.pop_front();
+                            }
+                            let record = LoggedEvent {
+                                received_at_ms: *received_at_ms,
+                                event: event.clone(),
+                            };
+                            recent.push_back((*seq, record));
+                        }
+                    }
+                }
+            }
         }
         self.shared.appended.send_if_modified(|seen| {
             let changed = *seen != next_seq;

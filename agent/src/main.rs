@@ -31,11 +31,67 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Link, backlog (count, bytes, oldest), last ack, ingest, rejects and ERP refusals.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events refused at the edge (with the rules they broke) and refused by the ERP.
+    Rejects {
+        #[command(flatten)]
+        target: Target,
+        /// Keep printing new rejects as they arrive.
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print events as they are accepted (durable), one JSON line each.
+    Tail {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Which agent a command talks to.
+#[derive(clap::Args)]
+struct Target {
+    /// The agent's HTTP URL (default: from --config, else http://127.0.0.1:8787).
+    #[arg(long)]
+    url: Option<String>,
+    /// Read the HTTP address from this agent configuration.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn operate(target: Target, action: impl FnOnce(&str) -> anyhow::Result<()>) -> ExitCode {
+    let result = backhaul_agent::cli::admin_url(target.url, target.config.as_deref())
+        .and_then(|url| action(&url));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { target, json } => {
+            operate(target, |url| backhaul_agent::cli::status(url, json))
+        }
+        Command::Rejects {
+            target,
+            follow,
+            json,
+        } => operate(target, |url| {
+            backhaul_agent::cli::rejects(url, json, follow)
+        }),
+        Command::Tail { target } => operate(target, backhaul_agent::cli::tail),
         Command::CheckConfig { config } => match AgentConfig::load(&config) {
             Ok(loaded) => {
                 // A closed stdout (`| head`) is not an error worth a panic.

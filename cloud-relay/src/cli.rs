@@ -1,7 +1,8 @@
 //! The relay's operator commands (`status`, `sites`, `dlq ...`): they read and drive the
 //! admin API of a running relay, so they work the same on the machine or from afar (`--url`).
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use backhaul_events::admin_client::{AdminClient, age};
 use serde_json::{Value, json};
 
 /// Where a command finds the relay: `--url`, or the admin address in `--config`, or the
@@ -17,79 +18,12 @@ pub fn admin_url(url: Option<String>, config: Option<&std::path::Path>) -> anyho
     Ok("http://127.0.0.1:8788".into())
 }
 
-/// A blocking client over the async one, so the commands need no second HTTP stack.
-struct AdminClient {
-    runtime: tokio::runtime::Runtime,
-    inner: reqwest::Client,
-}
-
-fn client() -> anyhow::Result<AdminClient> {
-    Ok(AdminClient {
-        runtime: tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        inner: reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()?,
-    })
-}
-
-impl AdminClient {
-    fn get(&self, url: &str) -> anyhow::Result<Value> {
-        self.runtime.block_on(async {
-            let response = self
-                .inner
-                .get(url)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the relay at {url}"))?;
-            read(url, response).await
-        })
-    }
-
-    fn post(&self, url: &str, body: &Value) -> anyhow::Result<Value> {
-        self.runtime.block_on(async {
-            let response = self
-                .inner
-                .post(url)
-                .json(body)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the relay at {url}"))?;
-            read(url, response).await
-        })
-    }
-}
-
-async fn read(url: &str, response: reqwest::Response) -> anyhow::Result<Value> {
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .with_context(|| format!("{url} answered HTTP {status} without JSON"))?;
-    if !status.is_success() {
-        bail!(
-            "{url}: HTTP {status}: {}",
-            body["error"].as_str().unwrap_or("(no message)")
-        );
-    }
-    Ok(body)
-}
-
-fn age(ms: Option<i64>) -> String {
-    let Some(ms) = ms.filter(|ms| *ms > 0) else {
-        return "never".into();
-    };
-    let secs = (crate::outbox::now_ms() - ms).max(0) / 1000;
-    match secs {
-        0..=119 => format!("{secs}s ago"),
-        120..=7199 => format!("{}m ago", secs / 60),
-        _ => format!("{}h ago", secs / 3600),
-    }
+fn client(base: &str) -> anyhow::Result<AdminClient> {
+    Ok(AdminClient::new(base)?)
 }
 
 pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let status = client()?.get(&format!("{base}/v1/status"))?;
+    let status = client(base)?.get("/v1/status")?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -124,7 +58,7 @@ pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
 }
 
 pub fn sites(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let sites = client()?.get(&format!("{base}/v1/sites"))?;
+    let sites = client(base)?.get("/v1/sites")?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&sites)?);
         return Ok(());
@@ -149,7 +83,7 @@ pub fn sites(base: &str, as_json: bool) -> anyhow::Result<()> {
 }
 
 pub fn dlq_list(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let list = client()?.get(&format!("{base}/v1/dlq?limit=1000"))?;
+    let list = client(base)?.get("/v1/dlq?limit=1000")?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
@@ -184,7 +118,7 @@ pub fn dlq_list(base: &str, as_json: bool) -> anyhow::Result<()> {
 }
 
 pub fn dlq_show(base: &str, id: u64) -> anyhow::Result<()> {
-    let letter = client()?.get(&format!("{base}/v1/dlq/{id}"))?;
+    let letter = client(base)?.get(&format!("/v1/dlq/{id}"))?;
     println!("{}", serde_json::to_string_pretty(&letter)?);
     Ok(())
 }
@@ -198,7 +132,7 @@ pub fn dlq_replay(base: &str, ids: &[u64], all: bool) -> anyhow::Result<()> {
     } else {
         json!({"ids": ids})
     };
-    let answer = client()?.post(&format!("{base}/v1/dlq/replay"), &body)?;
+    let answer = client(base)?.post("/v1/dlq/replay", &body)?;
     let replayed = answer["replayed"].as_array().map(Vec::len).unwrap_or(0);
     println!("{replayed} dead letters sent back for delivery, in their original order");
     report_missing(ids, &answer["replayed"]);
@@ -209,7 +143,7 @@ pub fn dlq_discard(base: &str, ids: &[u64]) -> anyhow::Result<()> {
     if ids.is_empty() {
         bail!("name the dead letters to discard");
     }
-    let answer = client()?.post(&format!("{base}/v1/dlq/discard"), &json!({"ids": ids}))?;
+    let answer = client(base)?.post("/v1/dlq/discard", &json!({"ids": ids}))?;
     let discarded = answer["discarded"].as_array().map(Vec::len).unwrap_or(0);
     println!("{discarded} dead letters discarded");
     report_missing(ids, &answer["discarded"]);

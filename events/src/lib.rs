@@ -3,6 +3,8 @@
 //! between agent and relay, the MQTT topic names, and the configuration vocabulary (secrets,
 //! byte sizes, precise config errors) that both services share.
 
+#[cfg(feature = "admin-client")]
+pub mod admin_client;
 pub mod config;
 pub mod event;
 pub mod frame;

@@ -114,3 +114,4 @@ pub mod mqtt;
 pub mod proxy;
 pub mod relay;
 pub mod scanner;
+pub mod tryton;

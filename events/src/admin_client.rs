@@ -1,0 +1,115 @@
+//! A small blocking client for the services' admin APIs, shared by the `status`, `rejects`,
+//! `tail`, `sites` and `dlq` commands of both binaries (feature `admin-client`).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Why an admin request failed, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot reach {url}: {source} (is the service running, and is --url right?)")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("{url} answered HTTP {status}: {message}")]
+    Refused {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{url} answered HTTP {status} without JSON: {source}")]
+    NotJson {
+        url: String,
+        status: u16,
+        source: reqwest::Error,
+    },
+    #[error("cannot start the HTTP client: {0}")]
+    Setup(String),
+}
+
+/// Blocking over the async client, so the binaries need no second HTTP stack.
+pub struct AdminClient {
+    runtime: tokio::runtime::Runtime,
+    inner: reqwest::Client,
+    base: String,
+}
+
+impl AdminClient {
+    /// A client for the service whose admin API is at `base` (like `http://127.0.0.1:8787`).
+    pub fn new(base: &str) -> Result<AdminClient, AdminError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| AdminError::Setup(e.to_string()))?;
+        let inner = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| AdminError::Setup(e.to_string()))?;
+        Ok(AdminClient {
+            runtime,
+            inner,
+            base: base.trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// GETs `path` (like `/v1/status`) and returns its JSON.
+    pub fn get(&self, path: &str) -> Result<Value, AdminError> {
+        let url = format!("{}{path}", self.base);
+        self.runtime
+            .block_on(async { read(&url, self.inner.get(&url).send().await).await })
+    }
+
+    /// POSTs JSON to `path` and returns the JSON answer.
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, AdminError> {
+        let url = format!("{}{path}", self.base);
+        self.runtime
+            .block_on(async { read(&url, self.inner.post(&url).json(body).send().await).await })
+    }
+}
+
+async fn read(
+    url: &str,
+    sent: Result<reqwest::Response, reqwest::Error>,
+) -> Result<Value, AdminError> {
+    let response = sent.map_err(|source| AdminError::Unreachable {
+        url: url.to_string(),
+        source,
+    })?;
+    let status = response.status().as_u16();
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|source| AdminError::NotJson {
+            url: url.to_string(),
+            status,
+            source,
+        })?;
+    if !(200..300).contains(&status) {
+        return Err(AdminError::Refused {
+            url: url.to_string(),
+            status,
+            message: body["error"].as_str().unwrap_or("(no message)").to_string(),
+        });
+    }
+    Ok(body)
+}
+
+/// "12s ago", "5m ago", "3h ago" or "never", from a time in ms since the Unix epoch.
+pub fn age(ms: Option<i64>) -> String {
+    let Some(ms) = ms.filter(|ms| *ms > 0) else {
+        return "never".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let secs = (now - ms).max(0) / 1000;
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}

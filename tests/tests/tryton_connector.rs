@@ -1,0 +1,643 @@
+//! The Tryton connector against a real Tryton 8.0 server (see tests/src/tryton.rs): events of
+//! every type reach the ERP's books, stock levels read back equal what was scanned, delivering
+//! the same events again changes nothing, and refusals are permanent with a readable reason.
+
+use std::time::{Duration, Instant};
+
+use backhaul_events::event::parse_event;
+use backhaul_events::{Epoch, StampedEvent};
+use backhaul_relay::connector::Delivery;
+use backhaul_relay::connector::tryton::{TrytonConfig, TrytonConnector};
+use backhaul_tests::tryton::{self, Tryton};
+use serde_json::{Value, json};
+
+/// The connector as a relay would configure it for the seed, with bin "A1" mapped.
+fn config(tryton: &Tryton) -> TrytonConfig {
+    serde_json::from_value(json!({
+        "url": tryton.url(),
+        "database": tryton::DATABASE,
+        "username": tryton::USERNAME,
+        "password": {"value": tryton::PASSWORD},
+        "customer_party": "CUST-A",
+        "supplier_party": "SUPP-B",
+        "locations": {"A1": "STO-A1", "MAIN": "STO", "IN": "IN", "OUT": "OUT"},
+        "timeout_ms": 20_000,
+    }))
+    .expect("a valid connector config")
+}
+
+fn connector(tryton: &Tryton) -> TrytonConnector {
+    let config = config(tryton);
+    TrytonConnector::new(
+        &config,
+        backhaul_events::config::Secret::new(tryton::PASSWORD),
+    )
+    .expect("a connector")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// A stamped event from the fields given; `v` and `ts` are filled in.
+fn event(fields: Value) -> StampedEvent {
+    let mut fields = fields;
+    fields["v"] = json!(1);
+    fields["ts"] = json!("2026-11-22T10:15:00Z");
+    let event = parse_event(fields.to_string().as_bytes())
+        .unwrap_or_else(|v| panic!("invalid test event {fields}: {v}"));
+    StampedEvent {
+        site: "WH1".into(),
+        epoch: Epoch(7),
+        seq: 1,
+        received_at_ms: 0,
+        event,
+    }
+}
+
+fn adjust(id: &str, sku: &str, qty: i64, location: Option<&str>) -> StampedEvent {
+    let mut fields = json!({"id": id, "type": "adjust", "sku": sku, "qty": qty, "reason": "found"});
+    if let Some(location) = location {
+        fields["location"] = json!(location);
+    }
+    event(fields)
+}
+
+fn receive(id: &str, sku: &str, qty: i64, location: Option<&str>) -> StampedEvent {
+    let mut fields = json!({"id": id, "type": "receive", "sku": sku, "qty": qty, "po": "PO-1"});
+    if let Some(location) = location {
+        fields["location"] = json!(location);
+    }
+    event(fields)
+}
+
+fn count(id: &str, sku: &str, qty: i64, location: &str) -> StampedEvent {
+    event(json!({"id": id, "type": "count", "sku": sku, "qty": qty, "location": location}))
+}
+
+fn pick(id: &str, order: &str, sku: &str, qty: i64) -> StampedEvent {
+    event(json!({"id": id, "type": "pick", "order": order, "sku": sku, "qty": qty, "line": 1}))
+}
+
+fn ship(id: &str, order: &str, sku: &str, qty: i64) -> StampedEvent {
+    event(json!({
+        "id": id, "type": "ship", "order": order, "sku": sku, "qty": qty,
+        "carrier": "UPS", "tracking": "1Z999",
+    }))
+}
+
+/// Delivers and checks there is one outcome per event.
+fn deliver(
+    rt: &tokio::runtime::Runtime,
+    connector: &TrytonConnector,
+    events: &[StampedEvent],
+) -> Vec<Delivery> {
+    let outcomes = rt.block_on(connector.deliver(events));
+    assert_eq!(outcomes.len(), events.len(), "one outcome per event");
+    outcomes
+}
+
+/// The ERP references of outcomes that must all be posted.
+fn posted(outcomes: &[Delivery]) -> Vec<String> {
+    outcomes
+        .iter()
+        .map(|d| match d {
+            Delivery::Posted { erp_ref } => erp_ref.clone(),
+            other => panic!("expected Posted, got {other:?} (all: {outcomes:#?})"),
+        })
+        .collect()
+}
+
+fn permanent(outcome: &Delivery) -> &str {
+    match outcome {
+        Delivery::Permanent { reason } => reason,
+        other => panic!("expected Permanent, got {other:?}"),
+    }
+}
+
+/// Records in the ERP that a repeated delivery must not add to.
+fn books(tryton: &Tryton) -> Vec<(&'static str, u64)> {
+    [
+        "stock.shipment.internal",
+        "stock.shipment.in",
+        "stock.shipment.out",
+        "stock.inventory",
+        "stock.move",
+    ]
+    .into_iter()
+    .map(|model| (model, tryton.count(model, json!([]))))
+    .collect()
+}
+
+fn rate(events: usize, elapsed: Duration) -> String {
+    format!(
+        "{events} events in {:.2} s = {:.1} events/s",
+        elapsed.as_secs_f64(),
+        events as f64 / elapsed.as_secs_f64()
+    )
+}
+
+#[test]
+fn stock_events_reach_tryton_once_and_levels_match() {
+    let tryton = Tryton::start();
+    let rt = runtime();
+    let connector = connector(&tryton);
+    let skus: Vec<String> = (1..=10).map(|n| format!("SKU-{n:03}")).collect();
+
+    // Receipts: every SKU into storage (no location) and into bin A1, one batch of 20.
+    let receipts: Vec<StampedEvent> = skus
+        .iter()
+        .enumerate()
+        .flat_map(|(i, sku)| {
+            [
+                receive(&format!("rcv-{sku}"), sku, 10 + i as i64, None),
+                receive(&format!("rcv-{sku}-A1"), sku, 5, Some("A1")),
+            ]
+        })
+        .collect();
+    let started = Instant::now();
+    let receipt_refs = posted(&deliver(&rt, &connector, &receipts));
+    eprintln!("receive: {}", rate(receipts.len(), started.elapsed()));
+    assert!(
+        receipt_refs[0].starts_with("stock.shipment.in/"),
+        "{receipt_refs:?}"
+    );
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.in", "rcv-SKU-001")
+            .as_deref(),
+        Some("done")
+    );
+
+    // Adjustments: three rounds of 20 (one per SKU and location each round), half of them
+    // losses, so every round is one batch of 20 keys.
+    let mut adjust_rounds = Vec::new();
+    for round in 0..3 {
+        let events: Vec<StampedEvent> = skus
+            .iter()
+            .flat_map(|sku| {
+                let qty = if round == 1 { -2 } else { 3 };
+                [
+                    adjust(&format!("adj-{round}-{sku}"), sku, qty, None),
+                    adjust(&format!("adj-{round}-{sku}-A1"), sku, qty, Some("A1")),
+                ]
+            })
+            .collect();
+        adjust_rounds.push(events);
+    }
+    let started = Instant::now();
+    let mut adjust_refs = Vec::new();
+    for events in &adjust_rounds {
+        adjust_refs.push(posted(&deliver(&rt, &connector, events)));
+    }
+    eprintln!("adjust: {}", rate(60, started.elapsed()));
+    assert!(adjust_refs[0][0].starts_with("stock.shipment.internal/"));
+
+    // Counts: absolute quantities for SKU-001..005 in A1 and SKU-006..010 in the storage zone
+    // (mapped as "MAIN").
+    let counts: Vec<StampedEvent> = skus
+        .iter()
+        .enumerate()
+        .map(|(i, sku)| {
+            let location = if i < 5 { "A1" } else { "MAIN" };
+            count(&format!("cnt-{sku}"), sku, 100 + i as i64, location)
+        })
+        .collect();
+    let started = Instant::now();
+    let count_refs = posted(&deliver(&rt, &connector, &counts));
+    eprintln!("count: {}", rate(counts.len(), started.elapsed()));
+    assert!(count_refs[0].starts_with("stock.inventory/"));
+
+    // The books. Before the counts: the zone itself held 10 + i + 4 and the bin 5 + 4. A count
+    // is of the location itself (Tryton's inventory), and the zone's level includes its bin.
+    for (i, sku) in skus.iter().enumerate() {
+        let i = i as f64;
+        let (bin, zone_itself) = if i < 5.0 {
+            (100.0 + i, 14.0 + i)
+        } else {
+            (9.0, 100.0 + i)
+        };
+        assert_eq!(tryton.stock_level(sku, "STO-A1"), bin, "{sku} in A1");
+        assert_eq!(
+            tryton.stock_level(sku, "STO"),
+            zone_itself + bin,
+            "{sku} in STO"
+        );
+    }
+
+    // Everything again, in one go per type: the same references, nothing new in the books.
+    let before = books(&tryton);
+    let levels: Vec<f64> = skus.iter().map(|s| tryton.stock_level(s, "STO")).collect();
+    let started = Instant::now();
+    assert_eq!(posted(&deliver(&rt, &connector, &receipts)), receipt_refs);
+    for (events, refs) in adjust_rounds.iter().zip(&adjust_refs) {
+        assert_eq!(&posted(&deliver(&rt, &connector, events)), refs);
+    }
+    assert_eq!(posted(&deliver(&rt, &connector, &counts)), count_refs);
+    eprintln!("re-delivery: {}", rate(90, started.elapsed()));
+    assert_eq!(books(&tryton), before, "a re-delivery created records");
+    let after: Vec<f64> = skus.iter().map(|s| tryton.stock_level(s, "STO")).collect();
+    assert_eq!(after, levels, "a re-delivery moved stock");
+
+    // Throughput of full batches: 50 adjustments (10 SKUs at 5 locations) per call.
+    let locations = [None, Some("A1"), Some("MAIN"), Some("IN"), Some("OUT")];
+    let started = Instant::now();
+    for round in 0..2 {
+        let events: Vec<StampedEvent> = skus
+            .iter()
+            .flat_map(|sku| {
+                locations.iter().map(move |location| {
+                    let id = format!("bulk-{round}-{sku}-{}", location.unwrap_or("none"));
+                    adjust(&id, sku, 1, *location)
+                })
+            })
+            .collect();
+        assert_eq!(events.len(), 50);
+        posted(&deliver(&rt, &connector, &events));
+    }
+    eprintln!("adjust, batches of 50: {}", rate(100, started.elapsed()));
+    assert_eq!(tryton.stock_level("SKU-001", "IN"), 2.0);
+}
+
+#[test]
+fn picks_and_ships_drive_the_orders_customer_shipments() {
+    let tryton = Tryton::start();
+    let rt = runtime();
+    let connector = connector(&tryton);
+    posted(&deliver(
+        &rt,
+        &connector,
+        &[
+            receive("rcv-1", "SKU-001", 10, None),
+            receive("rcv-2", "SKU-002", 10, None),
+            receive("rcv-3", "SKU-003", 10, None),
+        ],
+    ));
+
+    // Two orders picked in one batch: each gets a shipment made from its line, picked.
+    let first_picks = [
+        pick("pick-1", "ORD-1", "SKU-001", 2),
+        pick("pick-2", "ORD-2", "SKU-002", 3),
+    ];
+    let started = Instant::now();
+    let refs = posted(&deliver(&rt, &connector, &first_picks));
+    eprintln!("pick (new shipments): {}", rate(2, started.elapsed()));
+    assert!(refs[0].starts_with("stock.shipment.out/"));
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.out", "ORD-1")
+            .as_deref(),
+        Some("picked")
+    );
+    assert_eq!(tryton.stock_level("SKU-001", "STO"), 8.0);
+
+    // A second line of an order already picked goes to a second shipment of that order.
+    let second_line = [pick("pick-3", "ORD-1", "SKU-002", 1)];
+    let second = posted(&deliver(&rt, &connector, &second_line));
+    assert_ne!(second[0], refs[0]);
+    let ord1 = json!([["reference", "=", "ORD-1"]]);
+    assert_eq!(tryton.count("stock.shipment.out", ord1.clone()), 2);
+
+    // A shipment the ERP made (two lines, draft): a pick of one line picks the whole shipment.
+    let erp_made = tryton.call(
+        "model.stock.shipment.out.create",
+        json!([[customer_shipment(
+            &tryton,
+            "ORD-3",
+            &[("SKU-001", 1.0), ("SKU-003", 4.0)]
+        )]]),
+    );
+    let erp_made = erp_made[0].as_i64().expect("a shipment id");
+    let third = posted(&deliver(
+        &rt,
+        &connector,
+        &[pick("pick-4", "ORD-3", "SKU-003", 4)],
+    ));
+    assert_eq!(third[0], format!("stock.shipment.out/{erp_made}"));
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.out", "ORD-3")
+            .as_deref(),
+        Some("picked")
+    );
+    assert_eq!(tryton.stock_level("SKU-003", "STO"), 6.0);
+
+    // Not enough stock: the pick waits (transient), and goes through once stock arrives.
+    let short = [pick("pick-5", "ORD-4", "SKU-005", 5)];
+    match &deliver(&rt, &connector, &short)[0] {
+        Delivery::Transient {
+            reason,
+            retry_after,
+        } => {
+            assert!(reason.contains("waiting for stock"), "{reason}");
+            assert!(reason.contains("ORD-4"), "{reason}");
+            assert!(retry_after.is_some());
+        }
+        other => panic!("expected a transient wait for stock, got {other:?}"),
+    }
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.out", "ORD-4")
+            .as_deref(),
+        Some("waiting")
+    );
+    posted(&deliver(
+        &rt,
+        &connector,
+        &[receive("rcv-5", "SKU-005", 5, None)],
+    ));
+    posted(&deliver(&rt, &connector, &short));
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.out", "ORD-4")
+            .as_deref(),
+        Some("picked")
+    );
+
+    // Ships: picked shipments go to done; an order never picked gets a shipment made and done.
+    let ships = [
+        ship("ship-1", "ORD-1", "SKU-001", 2),
+        ship("ship-2", "ORD-2", "SKU-002", 3),
+        ship("ship-3", "ORD-3", "SKU-001", 1),
+        ship("ship-4", "ORD-5", "SKU-003", 2),
+    ];
+    let started = Instant::now();
+    let ship_refs = posted(&deliver(&rt, &connector, &ships));
+    eprintln!("ship (batch of 4): {}", rate(4, started.elapsed()));
+    assert_eq!(ship_refs[0], refs[0]);
+    assert_eq!(ship_refs[2], format!("stock.shipment.out/{erp_made}"));
+    for order in ["ORD-2", "ORD-3", "ORD-5"] {
+        assert_eq!(
+            tryton
+                .shipment_state("stock.shipment.out", order)
+                .as_deref(),
+            Some("done"),
+            "{order}"
+        );
+    }
+    // ORD-1's second shipment (SKU-002) is shipped by its own line's ship event.
+    posted(&deliver(
+        &rt,
+        &connector,
+        &[ship("ship-5", "ORD-1", "SKU-002", 1)],
+    ));
+    assert_eq!(
+        tryton.count(
+            "stock.shipment.out",
+            json!([["reference", "=", "ORD-1"], ["state", "=", "done"]])
+        ),
+        2
+    );
+    // The warehouse (all its zones) lost what was shipped: SKU-001 2 + 1, SKU-003 4 + 2.
+    assert_eq!(tryton.stock_level("SKU-001", "WH"), 7.0);
+    assert_eq!(tryton.stock_level("SKU-002", "WH"), 6.0);
+    assert_eq!(tryton.stock_level("SKU-003", "WH"), 4.0);
+    assert_eq!(tryton.stock_level("SKU-005", "WH"), 5.0);
+    assert_eq!(tryton.stock_level("SKU-005", "STO"), 0.0);
+
+    // An ERP shipment still waiting takes a new line; the pick then picks both lines.
+    let waiting = tryton.call(
+        "model.stock.shipment.out.create",
+        json!([[customer_shipment(&tryton, "ORD-6", &[("SKU-001", 1.0)])]]),
+    );
+    tryton.call("model.stock.shipment.out.wait", json!([waiting]));
+    let extended = posted(&deliver(
+        &rt,
+        &connector,
+        &[pick("pick-6", "ORD-6", "SKU-002", 2)],
+    ));
+    assert_eq!(extended[0], format!("stock.shipment.out/{}", waiting[0]));
+    assert_eq!(
+        tryton.count(
+            "stock.move",
+            json!([[
+                "shipment",
+                "=",
+                format!("stock.shipment.out,{}", waiting[0])
+            ]])
+        ),
+        4,
+        "two outgoing and two inventory moves"
+    );
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.out", "ORD-6")
+            .as_deref(),
+        Some("picked")
+    );
+
+    // Tryton warns when packing a shipment whose lines do not match what was picked (a line
+    // added after picking): the connector acknowledges the warning and ships.
+    let warned = tryton.call(
+        "model.stock.shipment.out.create",
+        json!([[customer_shipment(&tryton, "ORD-W", &[("SKU-001", 1.0)])]]),
+    );
+    for transition in ["wait", "assign_try", "pick"] {
+        tryton.call(
+            &format!("model.stock.shipment.out.{transition}"),
+            json!([warned.clone()]),
+        );
+    }
+    let mut extra = customer_shipment(&tryton, "ORD-W", &[("SKU-002", 1.0)]);
+    tryton.call(
+        "model.stock.shipment.out.write",
+        json!([warned, {"outgoing_moves": extra["outgoing_moves"].take()}]),
+    );
+    posted(&deliver(
+        &rt,
+        &connector,
+        &[ship("ship-w", "ORD-W", "SKU-001", 1)],
+    ));
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.out", "ORD-W")
+            .as_deref(),
+        Some("done")
+    );
+
+    // Every pick and ship again: posted, nothing new.
+    let before = books(&tryton);
+    let mut all: Vec<StampedEvent> = first_picks.to_vec();
+    all.extend(second_line.iter().cloned());
+    all.push(pick("pick-4", "ORD-3", "SKU-003", 4));
+    all.extend(short.iter().cloned());
+    for event in &all {
+        posted(&deliver(&rt, &connector, std::slice::from_ref(event)));
+    }
+    posted(&deliver(&rt, &connector, &ships));
+    assert_eq!(books(&tryton), before, "a re-delivery created records");
+    // ORD-W shipped one more SKU-001 since.
+    assert_eq!(tryton.stock_level("SKU-001", "WH"), 6.0);
+}
+
+/// A customer shipment as an ERP user would make it, for CUST-A from warehouse WH.
+fn customer_shipment(tryton: &Tryton, order: &str, lines: &[(&str, f64)]) -> Value {
+    let id = |model: &str, field: &str, value: &str| {
+        tryton
+            .id_of(model, field, value)
+            .unwrap_or_else(|| panic!("no {model} {value}"))
+    };
+    let output = id("stock.location", "code", "OUT");
+    let customer_location = id("stock.location", "code", "CUS");
+    let moves: Vec<Value> = lines
+        .iter()
+        .map(|(sku, qty)| {
+            json!({
+                "product": id("product.product", "code", sku),
+                "unit": id("product.uom", "symbol", "u"),
+                "quantity": qty,
+                "from_location": output,
+                "to_location": customer_location,
+                "company": tryton::COMPANY,
+                "unit_price": {"__class__": "Decimal", "decimal": "25"},
+                "currency": id("currency.currency", "code", "USD"),
+            })
+        })
+        .collect();
+    let customer = id("party.party", "code", "CUST-A");
+    let address =
+        tryton.call("model.party.party.read", json!([[customer], ["addresses"]]))[0]["addresses"]
+            [0]
+        .clone();
+    json!({
+        "reference": order,
+        "company": tryton::COMPANY,
+        "customer": customer,
+        "delivery_address": address,
+        "warehouse": id("stock.location", "code", "WH"),
+        "warehouse_storage": id("stock.location", "code", "STO"),
+        "warehouse_output": output,
+        "outgoing_moves": [["create", moves]],
+    })
+}
+
+#[test]
+fn unknown_master_data_is_permanent_until_fixed() {
+    let tryton = Tryton::start();
+    let rt = runtime();
+    let connector = connector(&tryton);
+
+    let batch = [
+        adjust("adj-new", "SKU-NEW", 4, None),
+        adjust("adj-ok", "SKU-001", 4, None),
+        adjust("adj-where", "SKU-002", 4, Some("Z9")),
+        count("cnt-new", "SKU-NEW", 3, "A1"),
+    ];
+    let outcomes = deliver(&rt, &connector, &batch);
+    let reason = permanent(&outcomes[0]);
+    assert!(reason.contains("SKU-NEW"), "{reason}");
+    posted(&outcomes[1..2]);
+    let reason = permanent(&outcomes[2]);
+    assert!(
+        reason.contains("\"Z9\"") && reason.contains("sink.tryton.locations"),
+        "{reason}"
+    );
+    assert!(permanent(&outcomes[3]).contains("SKU-NEW"));
+    assert_eq!(
+        tryton.count(
+            "stock.shipment.internal",
+            json!([["reference", "=", "adj-new"]])
+        ),
+        0
+    );
+
+    // The master data is fixed in the ERP; the dead-lettered events are replayed.
+    tryton.create_product("SKU-NEW");
+    let replay = [batch[0].clone(), batch[3].clone()];
+    posted(&deliver(&rt, &connector, &replay));
+    assert_eq!(tryton.stock_level("SKU-NEW", "STO"), 7.0);
+    assert_eq!(tryton.stock_level("SKU-NEW", "STO-A1"), 3.0);
+}
+
+#[test]
+fn refused_transitions_are_permanent_and_outages_transient() {
+    let mut tryton = Tryton::start();
+    let rt = runtime();
+    let connector = connector(&tryton);
+    posted(&deliver(
+        &rt,
+        &connector,
+        &[
+            receive("rcv-1", "SKU-001", 10, None),
+            receive("rcv-2", "SKU-002", 10, None),
+        ],
+    ));
+
+    // An ERP shipment whose moves lie in a closed stock period: Tryton refuses to wait it.
+    let mut locked = customer_shipment(&tryton, "ORD-LOCKED", &[("SKU-001", 1.0)]);
+    let long_ago = json!({"__class__": "date", "year": 2020, "month": 1, "day": 1});
+    locked["planned_date"] = long_ago.clone();
+    locked["outgoing_moves"][0][1][0]["planned_date"] = long_ago.clone();
+    tryton.call("model.stock.shipment.out.create", json!([[locked]]));
+    let period = tryton.call(
+        "model.stock.period.create",
+        json!([[{"date": long_ago, "company": tryton::COMPANY}]]),
+    );
+    tryton.call("model.stock.period.close", json!([period]));
+
+    // A cancelled ERP shipment: its order is refused rather than shipped again.
+    let cancelled = tryton.call(
+        "model.stock.shipment.out.create",
+        json!([[customer_shipment(
+            &tryton,
+            "ORD-CANCELLED",
+            &[("SKU-002", 1.0)]
+        )]]),
+    );
+    tryton.call("model.stock.shipment.out.cancel", json!([cancelled]));
+
+    // One batch: the refused events fail alone, the good one in the same calls goes through.
+    let outcomes = deliver(
+        &rt,
+        &connector,
+        &[
+            pick("pick-locked", "ORD-LOCKED", "SKU-001", 1),
+            pick("pick-ok", "ORD-OK", "SKU-002", 1),
+            pick("pick-cancelled", "ORD-CANCELLED", "SKU-002", 1),
+        ],
+    );
+    let reason = permanent(&outcomes[0]);
+    assert!(reason.contains("period"), "{reason}");
+    assert!(reason.contains("Tryton refused"), "{reason}");
+    posted(&outcomes[1..2]);
+    let reason = permanent(&outcomes[2]);
+    assert!(reason.contains("cancelled"), "{reason}");
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.out", "ORD-OK")
+            .as_deref(),
+        Some("picked")
+    );
+
+    // A throwaway login with a wrong password is transient (the setup, not the event, is bad).
+    let mut wrong = config(&tryton);
+    wrong.username = "nobody".into();
+    let stranger = TrytonConnector::new(&wrong, backhaul_events::config::Secret::new("nope"))
+        .expect("a connector");
+    match &deliver(&rt, &stranger, &[adjust("adj-x", "SKU-001", 1, None)])[0] {
+        Delivery::Transient { reason, .. } => {
+            assert!(reason.contains("login"), "{reason}")
+        }
+        other => panic!("expected transient, got {other:?}"),
+    }
+
+    // The ERP restored from a backup forgets the connector's session: it logs in again.
+    tryton.restart_from_seed();
+    posted(&deliver(
+        &rt,
+        &connector,
+        &[adjust("adj-after-restore", "SKU-001", 1, None)],
+    ));
+
+    // Tryton down: transient, nothing lost.
+    tryton.kill();
+    match &deliver(&rt, &connector, &[adjust("adj-y", "SKU-001", 1, None)])[0] {
+        Delivery::Transient { reason, .. } => {
+            assert!(reason.contains("connect"), "{reason}")
+        }
+        other => panic!("expected transient, got {other:?}"),
+    }
+}
