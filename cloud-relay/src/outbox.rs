@@ -220,9 +220,15 @@ impl Outbox {
 
     /// Stores batches in one durable transaction; one result per batch, in order.
     pub fn store(&self, batches: &[BatchFrame]) -> Result<Vec<Stored>, OutboxError> {
+        // The site table is read, changed and written back by every writer: hold it for the
+        // whole transaction so no writer works from a copy another one is about to replace.
+        let mut current = self
+            .sites
+            .lock()
+            .map_err(|_| OutboxError::Storage("the site table lock is poisoned".into()))?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = self.sites.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut sites = current.clone();
         let mut results = Vec::with_capacity(batches.len());
         for batch in batches {
             results.push(self.store_one(&txn, batch, &mut sites)?);
@@ -239,9 +245,7 @@ impl Outbox {
             }
         }
         txn.commit().map_err(storage)?;
-        if let Ok(mut current) = self.sites.lock() {
-            *current = sites;
-        }
+        *current = sites;
         Ok(results)
     }
 
@@ -453,9 +457,15 @@ impl Outbox {
         dead: &[(u64, StampedEvent, String, u32)],
         ledger_len: Option<u64>,
     ) -> Result<(), OutboxError> {
+        // The site table is read, changed and written back by every writer: hold it for the
+        // whole transaction so no writer works from a copy another one is about to replace.
+        let mut current = self
+            .sites
+            .lock()
+            .map_err(|_| OutboxError::Storage("the site table lock is poisoned".into()))?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = self.sites.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut sites = current.clone();
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
             let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
@@ -503,9 +513,7 @@ impl Outbox {
             }
         }
         txn.commit().map_err(storage)?;
-        if let Ok(mut current) = self.sites.lock() {
-            *current = sites;
-        }
+        *current = sites;
         Ok(())
     }
 
@@ -550,9 +558,15 @@ impl Outbox {
         ids: Option<&[u64]>,
         requeue: bool,
     ) -> Result<Vec<u64>, OutboxError> {
+        // The site table is read, changed and written back by every writer: hold it for the
+        // whole transaction so no writer works from a copy another one is about to replace.
+        let mut current = self
+            .sites
+            .lock()
+            .map_err(|_| OutboxError::Storage("the site table lock is poisoned".into()))?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = self.sites.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut sites = current.clone();
         let mut taken = Vec::new();
         {
             let mut dlq = txn.open_table(DLQ).map_err(storage)?;
@@ -607,9 +621,7 @@ impl Outbox {
             }
         }
         txn.commit().map_err(storage)?;
-        if let Ok(mut current) = self.sites.lock() {
-            *current = sites;
-        }
+        *current = sites;
         Ok(taken)
     }
 }

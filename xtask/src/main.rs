@@ -7,6 +7,14 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod demo;
+mod ingest;
+mod loadgen;
+mod openmetrics;
+mod procs;
+mod tryton;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -26,12 +34,32 @@ enum Task {
         nextest_args: Vec<String>,
     },
     /// Run the whole pipeline on this machine with a live view.
-    Demo,
+    Demo {
+        /// Seconds the scanners publish; one site's link is cut for the middle third.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Events per second of each site's scanners.
+        #[arg(long, default_value_t = 60)]
+        rate: u32,
+    },
     /// Measure speed and memory; prints a table and writes JSON under target/bench/.
     Bench {
-        /// Which benchmark: ingest (more arrive with later work).
+        /// Which benchmark: ingest (more arrive with later work), or all.
         #[arg(default_value = "all")]
         which: String,
+        /// Numbers of concurrent publishers, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+        publishers: Vec<usize>,
+        /// Seconds of warm-up before each measured window.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Seconds measured per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// QoS 1 publishes each publisher keeps in flight (default: 2000 / publishers,
+        /// between 100 and 1000).
+        #[arg(long)]
+        window: Option<usize>,
     },
 }
 
@@ -39,8 +67,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Test { long, nextest_args } => test(long, &nextest_args),
-        Task::Demo => demo(),
-        Task::Bench { which } => bench(&which),
+        Task::Demo { seconds, rate } => demo::run(
+            &workspace_root(),
+            &tryton::target_dir(),
+            std::time::Duration::from_secs(seconds.max(6)),
+            rate.max(1),
+        ),
+        Task::Bench {
+            which,
+            publishers,
+            warmup,
+            seconds,
+            window,
+        } => seconds_arg("--warmup", warmup).and_then(|warmup| {
+            bench::bench(bench::BenchOptions {
+                which,
+                publishers,
+                warmup,
+                measure: seconds_arg("--seconds", seconds)?,
+                window,
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -153,7 +200,10 @@ fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
     ensure_debian_packages(&[
         ("mosquitto", "mosquitto"),
         ("mosquitto_pub", "mosquitto-clients"),
+        ("systemd-analyze", "systemd"),
+        ("promtool", "prometheus"),
     ])?;
+    tryton::ensure_tryton()?;
     // The end-to-end tests start the real binaries, so they must be built first.
     run(
         "cargo build (binaries)",
@@ -168,13 +218,9 @@ fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
     run("cargo nextest run", &mut nextest)
 }
 
-fn demo() -> anyhow::Result<()> {
-    bail!(
-        "the demo is not built yet: it needs the forwarder (agent → broker → relay), the relay's \
-         ledger, and the scanner simulator. Until they land, run `cargo xtask test`."
-    )
-}
-
-fn bench(which: &str) -> anyhow::Result<()> {
-    bail!("no benchmark named {which:?} exists yet")
+fn seconds_arg(name: &str, seconds: f64) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero() || name == "--warmup")
+        .with_context(|| format!("{name} {seconds}: expected a positive number of seconds"))
 }
