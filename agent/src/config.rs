@@ -66,16 +66,16 @@ fn default_keep_alive() -> u16 {
     30
 }
 fn default_batch_max_events() -> usize {
-    500
+    2000
 }
 fn default_batch_max_bytes() -> ByteSize {
-    ByteSize(512 << 10)
+    ByteSize(1 << 20)
 }
 fn default_linger_ms() -> u64 {
     20
 }
 fn default_window() -> usize {
-    8
+    16
 }
 fn default_ack_timeout() -> u64 {
     30

@@ -627,24 +627,30 @@ impl Writer {
         // Recovery after a crash then takes milliseconds instead of a walk of the whole file.
         txn.set_quick_repair(true);
         let mut outcomes = Vec::with_capacity(batch.len());
-        for request in batch {
-            outcomes.push(match request {
-                Request::Append { events, .. } => {
-                    Outcome::Appended(self.append(&txn, events, &mut stats)?)
-                }
-                Request::Reject { record, .. } => {
-                    self.reject(&txn, record, &mut stats)?;
-                    Outcome::Rejected
-                }
-                Request::AckThrough { seq, .. } => {
-                    Outcome::Acked(self.delete_through(&txn, *seq, &mut stats)?)
-                }
-            });
-        }
         {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            write_u64(&mut meta, META_NEXT_SEQ, stats.next_seq)?;
-            write_u64(&mut meta, META_LIVE_BYTES, stats.backlog_bytes)?;
+            // Opened once per transaction: opening them per request cost a fifth of the
+            // writer's time when every MQTT publish is its own request.
+            let mut tables = Tables {
+                events: txn.open_table(EVENTS).map_err(storage)?,
+                ids: txn.open_table(IDS).map_err(storage)?,
+                meta: txn.open_table(META).map_err(storage)?,
+            };
+            for request in batch {
+                outcomes.push(match request {
+                    Request::Append { events, .. } => {
+                        Outcome::Appended(self.append(&mut tables, events, &mut stats)?)
+                    }
+                    Request::Reject { record, .. } => {
+                        self.reject(&txn, &mut tables, record, &mut stats)?;
+                        Outcome::Rejected
+                    }
+                    Request::AckThrough { seq, .. } => {
+                        Outcome::Acked(self.delete_through(&mut tables, *seq, &mut stats)?)
+                    }
+                });
+            }
+            write_u64(&mut tables.meta, META_NEXT_SEQ, stats.next_seq)?;
+            write_u64(&mut tables.meta, META_LIVE_BYTES, stats.backlog_bytes)?;
         }
         txn.commit().map_err(storage)?;
         drop(db);
@@ -693,12 +699,13 @@ impl Writer {
 
     fn append(
         &self,
-        txn: &WriteTransaction,
+        tables: &mut Tables<'_>,
         events: &[(Event, i64)],
         stats: &mut LogStats,
     ) -> Result<Vec<Appended>, LogError> {
-        let mut table = txn.open_table(EVENTS).map_err(storage)?;
-        let mut ids = txn.open_table(IDS).map_err(storage)?;
+        let Tables {
+            events: table, ids, ..
+        } = tables;
         let mut out = Vec::with_capacity(events.len());
         let mut buf = Vec::with_capacity(512);
         for (event, received_at_ms) in events {
@@ -707,9 +714,9 @@ impl Writer {
                 continue;
             }
             buf.clear();
-            let record = LoggedEvent {
+            let record = LoggedEventRef {
                 received_at_ms: *received_at_ms,
-                event: event.clone(),
+                event,
             };
             buf = postcard::to_extend(&record, std::mem::take(&mut buf)).map_err(storage)?;
             let size = buf.len() as u64 + event.id.len() as u64 + PER_EVENT_OVERHEAD;
@@ -737,12 +744,12 @@ impl Writer {
     fn reject(
         &self,
         txn: &WriteTransaction,
+        tables: &mut Tables<'_>,
         record: &RejectRecord,
         stats: &mut LogStats,
     ) -> Result<(), LogError> {
-        let mut meta = txn.open_table(META).map_err(storage)?;
-        let key = read_u64(&meta, META_NEXT_REJECT)?.unwrap_or(1);
-        write_u64(&mut meta, META_NEXT_REJECT, key + 1)?;
+        let key = read_u64(&tables.meta, META_NEXT_REJECT)?.unwrap_or(1);
+        write_u64(&mut tables.meta, META_NEXT_REJECT, key + 1)?;
         let mut table = txn.open_table(REJECTS).map_err(storage)?;
         let bytes = serde_json::to_vec(record).map_err(storage)?;
         table.insert(key, bytes.as_slice()).map_err(storage)?;
@@ -755,12 +762,13 @@ impl Writer {
 
     fn delete_through(
         &self,
-        txn: &WriteTransaction,
+        tables: &mut Tables<'_>,
         seq: u64,
         stats: &mut LogStats,
     ) -> Result<u64, LogError> {
-        let mut table = txn.open_table(EVENTS).map_err(storage)?;
-        let mut ids = txn.open_table(IDS).map_err(storage)?;
+        let Tables {
+            events: table, ids, ..
+        } = tables;
         let mut deleted = 0u64;
         let mut freed = 0u64;
         {
@@ -822,6 +830,20 @@ impl Writer {
             }
         }
     }
+}
+
+/// The log's tables, open for one write transaction.
+struct Tables<'txn> {
+    events: redb::Table<'txn, u64, &'static [u8]>,
+    ids: redb::Table<'txn, &'static str, u64>,
+    meta: redb::Table<'txn, &'static str, &'static [u8]>,
+}
+
+/// [`LoggedEvent`] by reference: the same postcard bytes, without copying the event.
+#[derive(Serialize)]
+struct LoggedEventRef<'a> {
+    received_at_ms: i64,
+    event: &'a Event,
 }
 
 enum Outcome {
