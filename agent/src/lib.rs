@@ -9,4 +9,3 @@ pub mod log;
 pub mod metrics;
 pub mod mqtt;
 pub mod service;
-pub mod shutdown;

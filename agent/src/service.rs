@@ -14,7 +14,6 @@ use crate::http::{HttpState, router};
 use crate::log::{EventLog, LogOptions};
 use crate::metrics::AgentMetrics;
 use crate::mqtt::{Endpoint, MqttSettings};
-use crate::shutdown;
 
 /// How long in-flight acknowledgements may take to go out once a stop is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,23 +111,10 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             .await
     });
 
-    // Everything is open and bound: tell systemd (Type=notify), and feed its watchdog from
-    // this runtime so a wedged process gets restarted.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let watchdog = sd_notify::watchdog_enabled().map(|period| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period / 2);
-            loop {
-                tick.tick().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            }
-        })
-    });
-    let signal = shutdown::signalled().await?;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    if let Some(watchdog) = watchdog {
-        watchdog.abort();
-    }
+    // Everything is open and bound: tell systemd.
+    let watchdog = backhaul_events::service::notify_ready();
+    let signal = backhaul_events::service::signalled().await?;
+    backhaul_events::service::notify_stopping(watchdog);
     tracing::info!(
         signal,
         "agent stopping: answering what was taken in, then closing the log"

@@ -12,4 +12,3 @@ pub mod ledger;
 pub mod metrics;
 pub mod outbox;
 pub mod service;
-pub mod shutdown;

@@ -1,7 +1,6 @@
 //! The `backhaul-relay` command: runs the cloud relay, checks its configuration, and answers
 //! questions about a running relay.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -111,57 +110,14 @@ fn main() -> ExitCode {
             DlqAction::Replay { ids, all } => backhaul_relay::cli::dlq_replay(url, &ids, all),
             DlqAction::Discard { ids } => backhaul_relay::cli::dlq_discard(url, &ids),
         }),
-        Command::CheckConfig { config } => match RelayConfig::load(&config) {
-            Ok(loaded) => {
-                // A closed stdout (`| head`) is not an error worth a panic.
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{}: OK", config.display());
-                let _ = writeln!(out, "{:#?}", loaded.config);
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Run { config } => {
-            init_logging();
-            let loaded = match RelayConfig::load(&config) {
-                Ok(loaded) => loaded,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(backhaul_relay::service::run(loaded)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("relay stopped: {e:#}");
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::CheckConfig { config } => {
+            let loaded = RelayConfig::load(&config).map(|l| l.config);
+            backhaul_events::service::check_config(&config, loaded)
         }
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BACKHAUL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("BACKHAUL_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+        Command::Run { config } => backhaul_events::service::run(
+            "relay",
+            RelayConfig::load(&config),
+            backhaul_relay::service::run,
+        ),
     }
 }

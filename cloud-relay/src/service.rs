@@ -83,23 +83,10 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         .await
     });
 
-    // Everything is open and bound: tell systemd (Type=notify), and feed its watchdog from
-    // this runtime so a wedged process gets restarted.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let watchdog = sd_notify::watchdog_enabled().map(|period| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period / 2);
-            loop {
-                tick.tick().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            }
-        })
-    });
-    let signal = crate::shutdown::signalled().await?;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    if let Some(watchdog) = watchdog {
-        watchdog.abort();
-    }
+    // Everything is open and bound: tell systemd.
+    let watchdog = backhaul_events::service::notify_ready();
+    let signal = backhaul_events::service::signalled().await?;
+    backhaul_events::service::notify_stopping(watchdog);
     tracing::info!(signal, "relay stopping");
     stop.cancel();
     let _ = intake_task.await;

@@ -8,6 +8,8 @@ pub mod admin_client;
 pub mod config;
 pub mod event;
 pub mod frame;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod stamped;
 pub mod topics;
 

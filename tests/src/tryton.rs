@@ -7,6 +7,8 @@
 //! address each, the products SKU-001..SKU-010 (goods, unit, cost price 20), the warehouse
 //! "WH" with its zones (IN, OUT, STO, lost and found) and the bin "STO-A1" under STO.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -164,7 +166,10 @@ impl Tryton {
         let (Some(user), Some(token)) = (user, token) else {
             return Err(format!("unexpected login answer {answer}"));
         };
-        self.session = format!("Session {}", base64(&format!("{USERNAME}:{user}:{token}")));
+        self.session = format!(
+            "Session {}",
+            BASE64.encode(format!("{USERNAME}:{user}:{token}"))
+        );
         Ok(())
     }
 
@@ -345,26 +350,4 @@ impl Tryton {
             .and_then(Value::as_i64)
             .unwrap_or_else(|| panic!("no product for template {template}"))
     }
-}
-
-fn base64(text: &str) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes = text.as_bytes();
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }

@@ -5,6 +5,8 @@
 //! Answers: 2xx posted; 409 already there (posted); 408, 425, 429 and 5xx transient (with
 //! Retry-After when given); any other 4xx permanent, with the ERP's answer as the reason.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -257,7 +259,7 @@ impl HttpConnector {
             Some(ResolvedAuth::Bearer(token)) => Ok(Some(format!("Bearer {}", token.expose()))),
             Some(ResolvedAuth::Basic(user, password)) => Ok(Some(format!(
                 "Basic {}",
-                base64(&format!("{user}:{}", password.expose()))
+                BASE64.encode(format!("{user}:{}", password.expose()))
             ))),
             Some(ResolvedAuth::Oauth2 {
                 token_url,
@@ -407,28 +409,6 @@ fn form_encode(text: &str) -> String {
     out
 }
 
-fn base64(text: &str) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes = text.as_bytes();
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,12 +434,7 @@ mod tests {
     }
 
     #[test]
-    fn basic_auth_is_base64() {
-        assert_eq!(
-            base64("Aladdin:open sesame"),
-            "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
-        );
-        assert_eq!(base64("a"), "YQ==");
+    fn form_fields_are_percent_encoded() {
         assert_eq!(form_encode("a b&c"), "a%20b%26c");
     }
 }

@@ -98,6 +98,8 @@
 //!   configuration is fixed instead of filling the dead-letter queue. An unknown SKU or
 //!   location, or a missing party code, is permanent for the events that need it.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -1732,7 +1734,7 @@ impl Rpc {
             )));
         };
         let credentials = format!("{}:{user_id}:{token}", self.username);
-        let auth: Arc<str> = format!("Session {}", base64(credentials.as_bytes())).into();
+        let auth: Arc<str> = format!("Session {}", BASE64.encode(credentials.as_bytes())).into();
         *lock(&self.session) = Some(auth.clone());
         Ok(auth)
     }
@@ -1889,27 +1891,6 @@ fn html_text(body: &str) -> String {
     truncate(text)
 }
 
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1918,12 +1899,12 @@ mod tests {
     fn base64_matches_the_transcript() {
         let token = "33ddc79f71ba8eb3e09118beb02051295c3c160f7b7a56e4e24654fc2a148d49";
         assert_eq!(
-            base64(format!("admin:1:{token}").as_bytes()),
+            BASE64.encode(format!("admin:1:{token}").as_bytes()),
             "YWRtaW46MTozM2RkYzc5ZjcxYmE4ZWIzZTA5MTE4YmViMDIwNTEyOTVjM2MxNjBmN2I3YTU2ZTRlMjQ2NTRmYzJhMTQ4ZDQ5"
         );
-        assert_eq!(base64(b"a"), "YQ==");
-        assert_eq!(base64(b"ab"), "YWI=");
-        assert_eq!(base64(b""), "");
+        assert_eq!(BASE64.encode(b"a"), "YQ==");
+        assert_eq!(BASE64.encode(b"ab"), "YWI=");
+        assert_eq!(BASE64.encode(b""), "");
     }
 
     #[test]
