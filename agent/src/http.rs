@@ -332,7 +332,8 @@ struct LimitQuery {
 }
 
 async fn rejects(State(state): State<HttpState>, Query(query): Query<LimitQuery>) -> Response {
-    let limit = query.limit.unwrap_or(100).min(10_000);
+    // Rejects keep up to 16 KiB of payload each: a bounded page keeps the answer small.
+    let limit = query.limit.unwrap_or(100).min(1000);
     match state.log.recent_rejects(limit) {
         Ok(list) => {
             let refusals: Vec<_> = state

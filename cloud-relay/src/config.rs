@@ -88,12 +88,15 @@ fn default_max_frame_size() -> ByteSize {
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
     pub cache_size: ByteSize,
+    /// How many event ids are remembered to drop repeats (about 130 bytes of disk each).
+    pub dedup_ids: u64,
 }
 
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
             cache_size: ByteSize(64 << 20),
+            dedup_ids: 1_000_000,
         }
     }
 }

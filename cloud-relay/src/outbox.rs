@@ -22,6 +22,11 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const BY_KEY: TableDefinition<&[u8], ()> = TableDefinition::new("by_ordering_key");
 /// Event ids seen per site: site, 0, id → outbox sequence number.
 const SEEN_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("seen_ids");
+/// The same ids by the outbox sequence number that recorded them, oldest first, so the
+/// deduplication window can be kept to a bounded number of ids.
+const SEEN_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("seen_order");
+/// Ids forgotten per transaction at most, so pruning never holds up an acknowledgement long.
+const PRUNE_PER_COMMIT: usize = 20_000;
 /// Highest sequence number stored without a gap, per site and epoch: site, 0, epoch.
 const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
 /// Per-site summary (JSON).
@@ -90,6 +95,8 @@ pub struct Stored {
 
 pub struct Outbox {
     db: Database,
+    /// How many event ids are remembered for deduplication (outbox.dedup_ids).
+    dedup_ids: u64,
     path: PathBuf,
     sites: Mutex<BTreeMap<String, SiteRecord>>,
 }
@@ -140,7 +147,7 @@ pub fn now_ms() -> i64 {
 }
 
 impl Outbox {
-    pub fn open(dir: &Path, cache_size: usize) -> Result<Arc<Outbox>, OutboxError> {
+    pub fn open(dir: &Path, cache_size: usize, dedup_ids: u64) -> Result<Arc<Outbox>, OutboxError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             OutboxError::Storage(format!(
                 "cannot create the state directory {}: {e}",
@@ -179,6 +186,7 @@ impl Outbox {
             }
             txn.open_table(BY_KEY).map_err(storage)?;
             txn.open_table(SEEN_IDS).map_err(storage)?;
+            txn.open_table(SEEN_ORDER).map_err(storage)?;
             txn.open_table(EPOCHS).map_err(storage)?;
             txn.open_table(META).map_err(storage)?;
             txn.open_table(DLQ).map_err(storage)?;
@@ -192,6 +200,7 @@ impl Outbox {
         }
         txn.commit().map_err(storage)?;
         Ok(Arc::new(Outbox {
+            dedup_ids,
             db,
             path,
             sites: Mutex::new(sites),
@@ -233,6 +242,7 @@ impl Outbox {
         for batch in batches {
             results.push(self.store_one(&txn, batch, &mut sites)?);
         }
+        self.forget_old_ids(&txn)?;
         {
             let mut table = txn.open_table(SITES).map_err(storage)?;
             for result in &results {
@@ -292,6 +302,7 @@ impl Outbox {
         let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
         let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
         let mut seen = txn.open_table(SEEN_IDS).map_err(storage)?;
+        let mut seen_order = txn.open_table(SEEN_ORDER).map_err(storage)?;
         let mut meta = txn.open_table(META).map_err(storage)?;
         let mut next = meta
             .get(META_NEXT_OUTBOX_SEQ)
@@ -319,6 +330,9 @@ impl Outbox {
                 .insert(queue_key(&stamped, next).as_slice(), ())
                 .map_err(storage)?;
             seen.insert(id_key.as_slice(), next).map_err(storage)?;
+            seen_order
+                .insert(next, id_key.as_slice())
+                .map_err(storage)?;
             next += 1;
             result.stored += 1;
         }
@@ -585,6 +599,7 @@ impl Outbox {
             let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
             let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
             let mut seen = txn.open_table(SEEN_IDS).map_err(storage)?;
+            let mut seen_order = txn.open_table(SEEN_ORDER).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut next = meta
                 .get(META_NEXT_OUTBOX_SEQ)
@@ -607,6 +622,9 @@ impl Outbox {
                         .map_err(storage)?;
                     let id_key = site_key(&letter.event.site, letter.event.event.id.as_bytes());
                     seen.insert(id_key.as_slice(), next).map_err(storage)?;
+                    seen_order
+                        .insert(next, id_key.as_slice())
+                        .map_err(storage)?;
                     next += 1;
                 }
                 taken.push(id);
@@ -623,5 +641,35 @@ impl Outbox {
         txn.commit().map_err(storage)?;
         *current = sites;
         Ok(taken)
+    }
+}
+
+impl Outbox {
+    /// Keeps the deduplication window to `dedup_ids` ids: the oldest are forgotten. A batch
+    /// re-sent later is still recognised by its sequence numbers; only an event re-sent under
+    /// a new sequence number after that many newer ones would be stored again, and connectors
+    /// write idempotently by event id.
+    fn forget_old_ids(&self, txn: &WriteTransaction) -> Result<(), OutboxError> {
+        let mut order = txn.open_table(SEEN_ORDER).map_err(storage)?;
+        let mut seen = txn.open_table(SEEN_IDS).map_err(storage)?;
+        let excess = order.len().map_err(storage)?.saturating_sub(self.dedup_ids);
+        for _ in 0..excess.min(PRUNE_PER_COMMIT as u64) {
+            let Some((seq, key)) = order
+                .pop_first()
+                .map_err(storage)?
+                .map(|(s, k)| (s.value(), k.value().to_vec()))
+            else {
+                break;
+            };
+            // A replayed event was recorded again under a newer number: keep that one.
+            let current = seen
+                .get(key.as_slice())
+                .map_err(storage)?
+                .map(|v| v.value());
+            if current == Some(seq) {
+                seen.remove(key.as_slice()).map_err(storage)?;
+            }
+        }
+        Ok(())
     }
 }

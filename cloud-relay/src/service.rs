@@ -32,7 +32,9 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     }
     let state_dir = config.state_dir.clone();
     let cache = config.outbox.cache_size.0 as usize;
-    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&state_dir, cache)).await??;
+    let dedup_ids = config.outbox.dedup_ids;
+    let outbox =
+        tokio::task::spawn_blocking(move || Outbox::open(&state_dir, cache, dedup_ids)).await??;
     tracing::info!(path = %outbox.path().display(), depth = outbox.depth(), "outbox open");
     let metrics = RelayMetrics::new();
     let stop = CancellationToken::new();

@@ -18,6 +18,8 @@ pub enum Mode {
     Ok,
     /// 500 Internal Server Error.
     Fail,
+    /// 503 Service Unavailable, as an ERP down for maintenance answers.
+    Unavailable,
     /// 429 with `Retry-After: secs`.
     Throttle(u64),
     /// Holds the request this long, then closes without answering (and without effect).
@@ -140,6 +142,11 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
                 String::new(),
                 r#"{"error":"internal error"}"#.to_string(),
             ),
+            Mode::Unavailable => (
+                503,
+                String::new(),
+                r#"{"error":"down for maintenance"}"#.to_string(),
+            ),
             Mode::Throttle(secs) => (
                 429,
                 format!("Retry-After: {secs}\r\n"),
@@ -164,6 +171,7 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
             201 => "Created",
             422 => "Unprocessable Entity",
             429 => "Too Many Requests",
+            503 => "Service Unavailable",
             _ => "Internal Server Error",
         };
         let response = format!(

@@ -113,5 +113,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod proxy;
 pub mod relay;
+pub mod rss;
 pub mod scanner;
+pub mod sim;
 pub mod tryton;

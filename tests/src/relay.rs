@@ -163,6 +163,16 @@ impl RelayProcess {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// The process id while the relay runs (it changes with every restart).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::pid)
+    }
+
+    /// The relay's `/v1/status`, as `backhaul-relay status --json` prints it.
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&self.cli(&["status", "--json"])).expect("status --json is JSON")
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

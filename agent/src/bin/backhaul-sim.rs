@@ -108,6 +108,8 @@ struct Counters {
     published: AtomicU64,
     acked: AtomicU64,
     refused: AtomicU64,
+    /// Events the agent refused for a full disk quota, kept and sent again.
+    quota_retries: AtomicU64,
     reconnects: AtomicU64,
 }
 
@@ -304,10 +306,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let acked = counters.acked.load(Ordering::Relaxed);
     println!(
-        "published {}  acknowledged {}  refused {}  reconnects {}  in {secs:.1}s ({:.0} acknowledged/s)",
+        "published {}  acknowledged {}  refused {}  retried-for-quota {}  reconnects {}  in {secs:.1}s ({:.0} acknowledged/s)",
         counters.published.load(Ordering::Relaxed),
         acked,
         counters.refused.load(Ordering::Relaxed),
+        counters.quota_retries.load(Ordering::Relaxed),
         counters.reconnects.load(Ordering::Relaxed),
         acked as f64 / secs.max(0.001)
     );
@@ -383,8 +386,16 @@ async fn device_loop(
                     Err(_) => continue,
                     Ok(answer) => match answer? {
                         Answer::Acked { pkid, refused } => {
-                            if let Some((id, _)) = in_flight.remove(&pkid) {
-                                if let Some(reason) = refused {
+                            if let Some((id, payload)) = in_flight.remove(&pkid) {
+                                if refused.as_deref().is_some_and(|r| r.starts_with("QuotaExceeded")) {
+                                    // Back-pressure: a scanner keeps the event and tries again.
+                                    counters.quota_retries.fetch_add(1, Ordering::Relaxed);
+                                    if let Some(reason) = &refused {
+                                        tracing_like(&format!("{device}: event {id} refused: {reason}; keeping it to send again"));
+                                    }
+                                    resend.push_back((id, payload));
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                } else if let Some(reason) = refused {
                                     counters.refused.fetch_add(1, Ordering::Relaxed);
                                     tracing_like(&format!(
                                         "{device}: event {id} refused: {reason}"
