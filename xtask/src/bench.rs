@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{cargo, ingest, run, workspace_root};
+use crate::{cargo, drain, erp_bench, ingest, run, tryton, workspace_root};
 
 /// Every benchmark `cargo xtask bench` (= `all`) runs, in order.
-pub const BENCHES: &[&str] = &["ingest"];
+pub const BENCHES: &[&str] = &["ingest", "drain", "erp"];
 
 /// Set in the environment of the release xtask a debug xtask hands the run to.
 const HANDED_OVER: &str = "BACKHAUL_BENCH_HANDED_OVER";
@@ -26,6 +26,9 @@ pub struct BenchOptions {
     pub warmup: Duration,
     pub measure: Duration,
     pub window: Option<usize>,
+    pub batch_events: Option<usize>,
+    pub drain_events: u64,
+    pub erp_events: usize,
 }
 
 /// The cargo target directory: `$CARGO_TARGET_DIR` when set, else `<workspace>/target`.
@@ -62,20 +65,25 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     if options.window == Some(0) {
         bail!("--window must be at least 1");
     }
-    if selected.contains(&"ingest") {
+    if selected.contains(&"ingest") || selected.contains(&"drain") {
         ingest::find_mosquitto()?;
+    }
+    if selected.contains(&"erp") {
+        tryton::ensure_tryton()?;
     }
     let target = target_dir()?;
     let release = target.join("release");
     let handed_over = std::env::var_os(HANDED_OVER).is_some();
     if !handed_over {
         run(
-            "cargo build --release (agent and xtask)",
+            "cargo build --release (agent, relay and xtask)",
             cargo().args([
                 "build",
                 "--release",
                 "-p",
                 "backhaul-agent",
+                "-p",
+                "backhaul-relay",
                 "-p",
                 "xtask",
                 "--bins",
@@ -112,6 +120,8 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
             for name in &selected {
                 match *name {
                     "ingest" => ingest::run(&options, &release, &out_dir).await?,
+                    "drain" => drain::run(&options, &release, &out_dir).await?,
+                    "erp" => erp_bench::run(&options, &release, &out_dir).await?,
                     other => bail!("benchmark {other:?} is listed but not wired up"),
                 }
             }
@@ -138,7 +148,7 @@ pub fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !path.is_file() {
         bail!(
-            "{} is missing: build it with `cargo build --release -p backhaul-agent --bins`",
+            "{} is missing: build it with `cargo build --release -p backhaul-agent -p backhaul-relay --bins`",
             path.display()
         );
     }

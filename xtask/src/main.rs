@@ -9,9 +9,12 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod drain;
+mod erp_bench;
 mod ingest;
 mod loadgen;
 mod openmetrics;
+mod package;
 mod procs;
 mod tryton;
 
@@ -44,7 +47,7 @@ enum Task {
     },
     /// Measure speed and memory; prints a table and writes JSON under target/bench/.
     Bench {
-        /// Which benchmark: ingest (more arrive with later work), or all.
+        /// Which benchmark: ingest, drain, erp, or all.
         #[arg(default_value = "all")]
         which: String,
         /// Numbers of concurrent publishers, one run each.
@@ -56,11 +59,22 @@ enum Task {
         /// Seconds measured per run.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
-        /// QoS 1 publishes each publisher keeps in flight (default: 2000 / publishers,
-        /// between 100 and 1000).
+        /// ingest: QoS 1 publishes each publisher keeps in flight (default: 2000 / publishers,
+        /// between 100 and 1000). drain: the agent's uplink.window (default: config/agent.toml).
         #[arg(long)]
         window: Option<usize>,
+        /// drain: the agent's uplink.batch_max_events (default: config/agent.toml).
+        #[arg(long)]
+        batch_events: Option<usize>,
+        /// drain: events the offline agent holds before its link is restored.
+        #[arg(long, default_value_t = 1_000_000)]
+        drain_events: u64,
+        /// erp: stock adjustments posted to Tryton by each client.
+        #[arg(long, default_value_t = 1500)]
+        erp_events: usize,
     },
+    /// Build the Debian packages of both services (needs dpkg-deb, not cargo-deb).
+    Package(package::PackageArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +93,9 @@ fn main() -> ExitCode {
             warmup,
             seconds,
             window,
+            batch_events,
+            drain_events,
+            erp_events,
         } => seconds_arg("--warmup", warmup).and_then(|warmup| {
             bench::bench(bench::BenchOptions {
                 which,
@@ -86,8 +103,12 @@ fn main() -> ExitCode {
                 warmup,
                 measure: seconds_arg("--seconds", seconds)?,
                 window,
+                batch_events,
+                drain_events,
+                erp_events,
             })
         }),
+        Task::Package(args) => package::run(&workspace_root(), args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

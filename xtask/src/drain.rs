@@ -1,0 +1,1291 @@
+//! `cargo xtask bench drain`: how fast a large backlog leaves an agent that was offline.
+//!
+//! What it owns: filling an offline agent (its uplink points at a port where nothing listens)
+//! with `--drain-events` events over `POST /v1/events`, keeping that log aside, and then one
+//! drain per broker — Mosquitto (own config, persistence off) and the relay's embedded broker.
+//! Each drain starts a relay with the ledger connector, then the agent again on a copy of the
+//! filled log with its uplink pointing at the broker, and watches until the relay's outbox has
+//! stored every event (`/v1/sites` → `events_stored`), the agent's backlog is 0 and the ledger
+//! holds every event; then it counts the ledger's lines and ids. Memory (VmRSS, VmHWM) and CPU
+//! come from `/proc`. The table goes to stdout, the figures to `<target dir>/bench/drain.json`.
+//!
+//! The agent runs with `config/agent.toml` as shipped (read at run time, so tuning of the
+//! shipped defaults shows here), with only its site, paths, ports and — when `--window` or
+//! `--batch-events` are given — `uplink.window` / `uplink.batch_max_events` changed.
+//!
+//! It also holds what the ERP bench shares: editing the shipped TOML configs as text, starting
+//! an agent and filling it over HTTP, and the table layout.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::bench::{BenchOptions, binary};
+use crate::ingest::find_mosquitto;
+use crate::loadgen::{EVENT_BYTES, event_json};
+use crate::openmetrics::http_get;
+use crate::procs::{
+    ChildGuard, clock_ticks, cpu_seconds, free_addr, log_tail, machine_busy_seconds, memory_kib,
+    thread_cpu_seconds,
+};
+use crate::workspace_root;
+
+/// The site of the drained agent.
+const SITE: &str = "bench-drain";
+/// The issue's targets.
+const TARGET_RATE: f64 = 200_000.0;
+const TARGET_AGENT_RSS_MIB: f64 = 64.0;
+/// Concurrent `POST /v1/events` while filling, and events per request (the agent's maximum).
+const POSTERS: usize = 4;
+const EVENTS_PER_POST: u64 = 1000;
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A drain that makes no progress for this long is given up (and reported as incomplete).
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(50);
+/// Other processes using more than this (percent of one core) during a drain make the table
+/// carry a warning.
+const NOISY_OTHERS_PERCENT: f64 = 20.0;
+
+/// The broker between agent and relay in one drain.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BrokerKind {
+    Mosquitto,
+    Embedded,
+}
+
+impl BrokerKind {
+    fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::Embedded => "embedded (rumqttd)",
+        }
+    }
+}
+
+/// The agent's uplink settings a drain ran with.
+#[derive(Debug, Clone)]
+struct Uplink {
+    window: usize,
+    batch_max_events: usize,
+    batch_max_bytes: String,
+    linger_ms: String,
+    /// Which of them came from flags rather than config/agent.toml.
+    overridden: Vec<&'static str>,
+}
+
+/// Elapsed seconds since the agent was started again, when each milestone was first seen.
+#[derive(Debug, Default, Clone)]
+struct Milestones {
+    agent_http: Option<f64>,
+    link_up: Option<f64>,
+    outbox_all: Option<f64>,
+    backlog_zero: Option<f64>,
+    ledger_all: Option<f64>,
+}
+
+struct Row {
+    broker: BrokerKind,
+    events: u64,
+    at: Milestones,
+    /// Agent VmRSS when its link was first seen up (the drain's start), KiB.
+    agent_rss_at_link_up_kib: Option<u64>,
+    agent_rss_first_kib: Option<u64>,
+    agent_rss_max_sampled_kib: u64,
+    agent_hwm_kib: u64,
+    relay_hwm_kib: u64,
+    relay_rss_max_sampled_kib: u64,
+    mosquitto_hwm_kib: Option<u64>,
+    /// CPU seconds over the drain (agent start → last milestone).
+    cpu_agent: f64,
+    cpu_relay: f64,
+    cpu_mosquitto: Option<f64>,
+    cpu_others: f64,
+    drain_secs: f64,
+    agent_threads: Vec<(String, f64)>,
+    relay_threads: Vec<(String, f64)>,
+    stored_final: u64,
+    delivered_final: u64,
+    backlog_final: Option<u64>,
+    batches_resent: Option<u64>,
+    ledger_lines: u64,
+    ledger_distinct_ids: u64,
+    errors: Vec<String>,
+}
+
+impl Row {
+    fn rate_from_start(&self) -> Option<f64> {
+        self.at.outbox_all.map(|t| self.events as f64 / t.max(1e-9))
+    }
+
+    fn rate_from_link_up(&self) -> Option<f64> {
+        match (self.at.outbox_all, self.at.link_up) {
+            (Some(all), Some(up)) => Some(self.events as f64 / (all - up).max(1e-9)),
+            _ => None,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let events = options.drain_events;
+    if events == 0 {
+        bail!("--drain-events must be at least 1");
+    }
+    let dir = out_dir.join("drain");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot clear the previous run's {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let shipped_path = workspace_root().join("config/agent.toml");
+    let shipped = std::fs::read_to_string(&shipped_path)
+        .with_context(|| format!("cannot read {}", shipped_path.display()))?;
+    let uplink = uplink_settings(&shipped, options)?;
+    let mut overrides = vec![("window", uplink.window.to_string())];
+    overrides.push(("batch_max_events", uplink.batch_max_events.to_string()));
+    let agent_bin = binary(release, "backhaul-agent")?;
+    let relay_bin = binary(release, "backhaul-relay")?;
+    eprintln!(
+        "xtask: bench drain: {events} events of {EVENT_BYTES} bytes, uplink window {} × batch_max_events {} (batch_max_bytes {}, linger_ms {}{})",
+        uplink.window,
+        uplink.batch_max_events,
+        uplink.batch_max_bytes,
+        uplink.linger_ms,
+        if uplink.overridden.is_empty() {
+            ", as in config/agent.toml".to_string()
+        } else {
+            format!(", {} from flags", uplink.overridden.join(" and "))
+        }
+    );
+
+    // Fill an offline agent once; each drain runs on a copy of its log.
+    let filled = dir.join("filled-state");
+    let fill_secs = {
+        let nowhere = free_addr()?; // nothing listens there
+        let (mqtt, http) = (free_addr()?, free_addr()?);
+        let config = dir.join("agent-fill.toml");
+        let text = agent_config(
+            &shipped,
+            SITE,
+            &filled,
+            mqtt,
+            http,
+            nowhere.port(),
+            &overrides,
+        )?;
+        std::fs::write(&config, text)
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        let log = dir.join("agent-fill.log");
+        let mut agent = spawn_agent(&agent_bin, &config, &log)?;
+        wait_http_ok(&mut agent, http, "/readyz", &log, STARTUP_TIMEOUT).await?;
+        eprintln!(
+            "xtask: bench drain: filling the offline agent (pid {}) over HTTP, {POSTERS} posters × {EVENTS_PER_POST} events per request",
+            agent.pid()
+        );
+        let make: Arc<dyn Fn(u64) -> String + Send + Sync> =
+            Arc::new(|i| event_json(&format!("drain-{i:08}"), "bench-wms", i));
+        let fill_started = Instant::now();
+        fill(http, events, POSTERS, make).await?;
+        let fill_secs = fill_started.elapsed().as_secs_f64();
+        let status = get_json(http, "/v1/status").await?;
+        let backlog = status["backlog"]["events"]
+            .as_u64()
+            .with_context(|| format!("/v1/status has no backlog.events: {status}"))?;
+        if backlog != events {
+            bail!("the filled agent's backlog holds {backlog} events, {events} were accepted");
+        }
+        stop_cleanly(&mut agent, "the filling agent", &log)?;
+        eprintln!(
+            "xtask: bench drain: filled in {fill_secs:.1} s ({:.0} events/s over HTTP)",
+            events as f64 / fill_secs
+        );
+        fill_secs
+    };
+
+    let mut rows = Vec::new();
+    for broker in [BrokerKind::Mosquitto, BrokerKind::Embedded] {
+        let row = drain_once(
+            broker, events, &dir, &filled, &shipped, &overrides, &agent_bin, &relay_bin,
+        )
+        .await
+        .with_context(|| format!("the drain through {}", broker.name()))?;
+        rows.push(row);
+    }
+    let _ = std::fs::remove_dir_all(&filled);
+
+    let elapsed = started.elapsed().as_secs_f64();
+    let table = render(&rows, &uplink, fill_secs, events, elapsed);
+    println!("{table}");
+    let report = json!({
+        "bench": "drain",
+        "unix_time": unix_time(),
+        "cpus": cpus(),
+        "settings": {
+            "events": events,
+            "event_bytes": EVENT_BYTES,
+            "uplink": {
+                "window": uplink.window,
+                "batch_max_events": uplink.batch_max_events,
+                "batch_max_bytes": uplink.batch_max_bytes,
+                "linger_ms": uplink.linger_ms,
+                "from_flags": uplink.overridden,
+                "config": "config/agent.toml as shipped otherwise",
+            },
+            "mosquitto": {"version": mosquitto_version(), "persistence": false, "max_inflight_messages": 1000, "max_queued_messages": 1_000_000, "message_size_limit": 0},
+            "relay": "config/relay.toml as shipped, [sink.ledger]",
+        },
+        "fill": {"seconds": fill_secs, "events_per_second": events as f64 / fill_secs, "posters": POSTERS, "events_per_request": EVENTS_PER_POST},
+        "targets": {"outbox_events_per_second": TARGET_RATE, "agent_rss_mib": TARGET_AGENT_RSS_MIB},
+        "runs": rows.iter().map(row_json).collect::<Vec<_>>(),
+        "elapsed_seconds": elapsed,
+        "ok": rows.iter().all(Row::complete),
+    });
+    let json_path = out_dir.join("drain.json");
+    let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+    std::fs::write(&json_path, text + "\n")
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    println!("results: {}", json_path.display());
+    let errors: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.errors.iter().map(|e| format!("{}: {e}", r.broker.name())))
+        .collect();
+    if !errors.is_empty() {
+        bail!("the drain did not complete:\n  {}", errors.join("\n  "));
+    }
+    Ok(())
+}
+
+fn uplink_settings(shipped: &str, options: &BenchOptions) -> anyhow::Result<Uplink> {
+    let read = |key: &str| {
+        toml_get(shipped, "uplink", key)
+            .with_context(|| format!("config/agent.toml has no uplink.{key}"))
+    };
+    let number = |key: &str| -> anyhow::Result<usize> {
+        let text = read(key)?;
+        text.parse()
+            .with_context(|| format!("config/agent.toml: uplink.{key} = {text} is not a count"))
+    };
+    let mut overridden = Vec::new();
+    let window = match options.window {
+        Some(w) => {
+            overridden.push("window");
+            w
+        }
+        None => number("window")?,
+    };
+    let batch_max_events = match options.batch_events {
+        Some(b) => {
+            overridden.push("batch_max_events");
+            b
+        }
+        None => number("batch_max_events")?,
+    };
+    Ok(Uplink {
+        window,
+        batch_max_events,
+        batch_max_bytes: read("batch_max_bytes")?.trim_matches('"').to_string(),
+        linger_ms: read("linger_ms")?,
+        overridden,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drain_once(
+    broker: BrokerKind,
+    events: u64,
+    dir: &Path,
+    filled: &Path,
+    shipped: &str,
+    overrides: &[(&str, String)],
+    agent_bin: &Path,
+    relay_bin: &Path,
+) -> anyhow::Result<Row> {
+    let tag = match broker {
+        BrokerKind::Mosquitto => "mosquitto",
+        BrokerKind::Embedded => "embedded",
+    };
+    let run_dir = dir.join(tag);
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let agent_state = run_dir.join("agent-state");
+    copy_dir(filled, &agent_state)?;
+    let ticks = clock_ticks();
+
+    // The broker.
+    let broker_addr = free_addr()?;
+    let mut mosquitto = match broker {
+        BrokerKind::Mosquitto => Some(start_mosquitto(&run_dir, broker_addr).await?),
+        BrokerKind::Embedded => None,
+    };
+
+    // The relay with the ledger.
+    let admin = free_addr()?;
+    let ledger = run_dir.join("ledger.jsonl");
+    let relay_config = relay_config(
+        &run_dir.join("relay-state"),
+        broker_addr,
+        broker == BrokerKind::Embedded,
+        admin,
+    )?;
+    let relay_config = toml_set(
+        &relay_config,
+        "sink.ledger",
+        "path",
+        &quote(&ledger.display().to_string()),
+    )?;
+    let relay_config_path = run_dir.join("relay.toml");
+    std::fs::write(&relay_config_path, relay_config)
+        .with_context(|| format!("cannot write {}", relay_config_path.display()))?;
+    let relay_log = run_dir.join("relay.log");
+    let mut relay = spawn_relay(relay_bin, &relay_config_path, &relay_log)?;
+    wait_http_ok(&mut relay, admin, "/readyz", &relay_log, STARTUP_TIMEOUT)
+        .await
+        .context("the relay did not connect to its broker")?;
+
+    // The agent again, on a copy of the filled log, its link now restored.
+    let (mqtt, http) = (free_addr()?, free_addr()?);
+    let agent_config_path = run_dir.join("agent.toml");
+    let text = agent_config(
+        shipped,
+        SITE,
+        &agent_state,
+        mqtt,
+        http,
+        broker_addr.port(),
+        overrides,
+    )?;
+    std::fs::write(&agent_config_path, text)
+        .with_context(|| format!("cannot write {}", agent_config_path.display()))?;
+    let agent_log = run_dir.join("agent.log");
+    eprintln!(
+        "xtask: bench drain: draining {events} events through {} (relay pid {}, admin {admin})",
+        broker.name(),
+        relay.pid()
+    );
+    let machine_start = machine_busy_seconds(ticks)?;
+    let relay_cpu_start = cpu_seconds(relay.pid(), ticks)?;
+    let relay_threads_start = thread_cpu_seconds(relay.pid(), ticks)?;
+    let mosquitto_cpu_start = match &mosquitto {
+        Some(m) => Some(cpu_seconds(m.pid(), ticks)?),
+        None => None,
+    };
+    let own_start = cpu_seconds(0, ticks)?;
+    let t0 = Instant::now();
+    let t0_unix_ms = unix_time_ms();
+    let mut agent = spawn_agent(agent_bin, &agent_config_path, &agent_log)?;
+    let agent_pid = agent.pid();
+
+    let mut at = Milestones::default();
+    let mut agent_rss_first = None;
+    let mut agent_rss_at_link_up = None;
+    let mut agent_rss_max = 0u64;
+    let mut relay_rss_max = 0u64;
+    let mut stored = 0u64;
+    let mut delivered = 0u64;
+    let mut backlog: Option<u64> = None;
+    let mut batches_resent = None;
+    let mut progress = (0u64, 0u64, u64::MAX);
+    let mut progressed_at = Instant::now();
+    let mut errors = Vec::new();
+    // Agent CPU is read on every poll, so that the last reading before it stops counts.
+    let mut cpu_agent = 0.0;
+    let mut agent_threads_last = BTreeMap::new();
+    loop {
+        agent.check_running()?;
+        relay.check_running()?;
+        if let Some(m) = mosquitto.as_mut() {
+            m.check_running()?;
+        }
+        let now = t0.elapsed().as_secs_f64();
+        let (agent_status, relay_sites) =
+            tokio::join!(get_json(http, "/v1/status"), get_json(admin, "/v1/sites"));
+        if let Ok((rss, _)) = memory_kib(agent_pid) {
+            agent_rss_max = agent_rss_max.max(rss);
+            if agent_status.is_ok() && agent_rss_first.is_none() {
+                agent_rss_first = Some(rss);
+            }
+        }
+        if let Ok((rss, _)) = memory_kib(relay.pid()) {
+            relay_rss_max = relay_rss_max.max(rss);
+        }
+        if let Ok(cpu) = cpu_seconds(agent_pid, ticks) {
+            cpu_agent = cpu;
+        }
+        if let Ok(threads) = thread_cpu_seconds(agent_pid, ticks) {
+            agent_threads_last = threads;
+        }
+        if let Ok(status) = &agent_status {
+            at.agent_http.get_or_insert(now);
+            backlog = status["backlog"]["events"].as_u64();
+            batches_resent = status["link"]["batches_resent"].as_u64();
+            if status["link"]["state"].as_str() == Some("up") && at.link_up.is_none() {
+                // The agent stamps the change (Unix ms): finer than this poll.
+                let since = status["link"]["since_ms"]
+                    .as_i64()
+                    .map(|ms| (ms - t0_unix_ms) as f64 / 1000.0)
+                    .filter(|t| (0.0..=now).contains(t));
+                at.link_up = Some(since.unwrap_or(now));
+                agent_rss_at_link_up = memory_kib(agent_pid).ok().map(|(rss, _)| rss);
+            }
+        }
+        if let Ok(sites) = &relay_sites
+            && let Some(site) = sites["sites"]
+                .as_array()
+                .and_then(|list| list.iter().find(|s| s["site"].as_str() == Some(SITE)))
+        {
+            stored = site["events_stored"].as_u64().unwrap_or(0);
+            delivered = site["events_delivered"].as_u64().unwrap_or(0);
+        }
+        if stored >= events {
+            at.outbox_all.get_or_insert(now);
+        }
+        if backlog == Some(0) {
+            at.backlog_zero.get_or_insert(now);
+        }
+        if delivered >= events {
+            at.ledger_all.get_or_insert(now);
+        }
+        if at.outbox_all.is_some() && at.backlog_zero.is_some() && at.ledger_all.is_some() {
+            break;
+        }
+        let seen = (stored, delivered, backlog.unwrap_or(u64::MAX));
+        if seen != progress {
+            progress = seen;
+            progressed_at = Instant::now();
+        } else if progressed_at.elapsed() > STALL_TIMEOUT {
+            errors.push(format!(
+                "no progress for {STALL_TIMEOUT:?}: outbox stored {stored}, ledger {delivered}, agent backlog {backlog:?} of {events}"
+            ));
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let drain_secs = t0.elapsed().as_secs_f64();
+    let cpu_relay = cpu_seconds(relay.pid(), ticks)? - relay_cpu_start;
+    let relay_threads_end = thread_cpu_seconds(relay.pid(), ticks)?;
+    let cpu_mosquitto = match (&mosquitto, mosquitto_cpu_start) {
+        (Some(m), Some(start)) => Some(cpu_seconds(m.pid(), ticks)? - start),
+        _ => None,
+    };
+    let cpu_own = cpu_seconds(0, ticks)? - own_start;
+    let machine = machine_busy_seconds(ticks)? - machine_start;
+    let (_, agent_hwm_kib) = memory_kib(agent_pid)?;
+    let (relay_rss_now, relay_hwm_kib) = memory_kib(relay.pid())?;
+    relay_rss_max = relay_rss_max.max(relay_rss_now);
+    let mosquitto_hwm_kib = match &mosquitto {
+        Some(m) => Some(memory_kib(m.pid())?.1),
+        None => None,
+    };
+    let cpu_others =
+        (machine - cpu_agent - cpu_relay - cpu_mosquitto.unwrap_or(0.0) - cpu_own).max(0.0);
+
+    stop_cleanly(&mut agent, "the agent", &agent_log)?;
+    stop_cleanly(&mut relay, "the relay", &relay_log)?;
+    if let Some(m) = mosquitto.as_mut() {
+        let _ = tokio::task::block_in_place(|| m.terminate(Duration::from_secs(5)));
+    }
+
+    let (ledger_lines, ledger_distinct_ids) = tokio::task::block_in_place(|| read_ledger(&ledger))?;
+    if errors.is_empty() && (ledger_lines != events || ledger_distinct_ids != events) {
+        errors.push(format!(
+            "the ledger holds {ledger_lines} lines with {ledger_distinct_ids} distinct ids; expected {events} of each"
+        ));
+    }
+    // Keep the configs and process logs; the logs of events are big and of no further use.
+    for big in [agent_state, run_dir.join("relay-state"), ledger] {
+        if big.is_dir() {
+            let _ = std::fs::remove_dir_all(&big);
+        } else {
+            let _ = std::fs::remove_file(&big);
+        }
+    }
+    Ok(Row {
+        broker,
+        events,
+        at,
+        agent_rss_at_link_up_kib: agent_rss_at_link_up,
+        agent_rss_first_kib: agent_rss_first,
+        agent_rss_max_sampled_kib: agent_rss_max,
+        agent_hwm_kib,
+        relay_hwm_kib,
+        relay_rss_max_sampled_kib: relay_rss_max,
+        mosquitto_hwm_kib,
+        cpu_agent,
+        cpu_relay,
+        cpu_mosquitto,
+        cpu_others,
+        drain_secs,
+        agent_threads: top_threads(&BTreeMap::new(), &agent_threads_last, drain_secs),
+        relay_threads: top_threads(&relay_threads_start, &relay_threads_end, drain_secs),
+        stored_final: stored,
+        delivered_final: delivered,
+        backlog_final: backlog,
+        batches_resent,
+        ledger_lines,
+        ledger_distinct_ids,
+        errors,
+    })
+}
+
+/// The busiest thread names over a window, in percent of one core, busiest first.
+fn top_threads(
+    start: &BTreeMap<String, f64>,
+    end: &BTreeMap<String, f64>,
+    secs: f64,
+) -> Vec<(String, f64)> {
+    let mut list: Vec<(String, f64)> = end
+        .iter()
+        .map(|(name, used)| {
+            let before = start.get(name).copied().unwrap_or(0.0);
+            (name.clone(), 100.0 * (used - before) / secs.max(1e-9))
+        })
+        .filter(|(_, p)| *p >= 1.0)
+        .collect();
+    list.sort_by(|a, b| b.1.total_cmp(&a.1));
+    list.truncate(6);
+    list
+}
+
+/// Lines of the ledger and distinct event ids among them.
+fn read_ledger(path: &Path) -> anyhow::Result<(u64, u64)> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut lines = 0u64;
+    let mut ids: HashSet<String> = HashSet::new();
+    for line in std::io::BufReader::with_capacity(1 << 20, file).lines() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        lines += 1;
+        if let Some(rest) = line.split_once(r#""id":""#).map(|(_, rest)| rest)
+            && let Some((id, _)) = rest.split_once('"')
+        {
+            ids.insert(id.to_string());
+        }
+    }
+    Ok((lines, ids.len() as u64))
+}
+
+async fn start_mosquitto(dir: &Path, addr: SocketAddr) -> anyhow::Result<ChildGuard> {
+    let bin = find_mosquitto()?;
+    let config = dir.join("mosquitto.conf");
+    let text = format!(
+        "# Written by `cargo xtask bench drain`.\n\
+         listener {port} {host}\n\
+         allow_anonymous true\n\
+         persistence false\n\
+         max_inflight_messages 1000\n\
+         max_queued_messages 1000000\n\
+         message_size_limit 0\n\
+         log_dest stderr\n\
+         log_type error\n\
+         log_type warning\n\
+         log_type notice\n",
+        port = addr.port(),
+        host = addr.ip()
+    );
+    std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
+    let log = dir.join("mosquitto.log");
+    let mut guard =
+        ChildGuard::spawn("mosquitto", Command::new(&bin).arg("-c").arg(&config), &log)?;
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        guard.check_running()?;
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(guard);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "Mosquitto did not listen on {addr} within {STARTUP_TIMEOUT:?}; its log:\n{}",
+                log_tail(&log, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn mosquitto_version() -> String {
+    find_mosquitto()
+        .ok()
+        .and_then(|bin| Command::new(bin).arg("-h").output().ok())
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .map(|l| {
+                    l.trim_start_matches("mosquitto version ")
+                        .trim()
+                        .to_string()
+                })
+        })
+        .unwrap_or_default()
+}
+
+// ----- shared with the ERP bench -------------------------------------------------------------
+
+/// `config/relay.toml` as shipped, with its state, broker and admin address set (the sink is
+/// left as shipped: the ledger, whose path still needs setting).
+pub(crate) fn relay_config(
+    state: &Path,
+    broker: SocketAddr,
+    embedded: bool,
+    admin: SocketAddr,
+) -> anyhow::Result<String> {
+    let path = workspace_root().join("config/relay.toml");
+    let shipped = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut text = toml_set(
+        &shipped,
+        "",
+        "state_dir",
+        &quote(&state.display().to_string()),
+    )?;
+    text = toml_set(&text, "broker", "host", &quote(&broker.ip().to_string()))?;
+    text = toml_set(&text, "broker", "port", &broker.port().to_string())?;
+    text = toml_set(&text, "broker", "embedded", &embedded.to_string())?;
+    text = toml_set(&text, "admin", "listen", &quote(&admin.to_string()))?;
+    Ok(format!(
+        "# Written by `cargo xtask bench`: config/relay.toml with its paths, ports and sink changed.\n{text}"
+    ))
+}
+
+/// `config/agent.toml` as shipped (its text), with the site, paths, listeners and uplink port
+/// set, and the given `[uplink]` keys changed.
+pub(crate) fn agent_config(
+    shipped: &str,
+    site: &str,
+    state: &Path,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    uplink_port: u16,
+    uplink: &[(&str, String)],
+) -> anyhow::Result<String> {
+    let mut text = toml_set(shipped, "", "site", &quote(site))?;
+    text = toml_set(&text, "", "state_dir", &quote(&state.display().to_string()))?;
+    text = toml_set(&text, "mqtt", "listen", &quote(&mqtt.to_string()))?;
+    text = toml_set(&text, "http", "listen", &quote(&http.to_string()))?;
+    text = toml_set(&text, "uplink", "host", &quote("127.0.0.1"))?;
+    text = toml_set(&text, "uplink", "port", &uplink_port.to_string())?;
+    for (key, value) in uplink {
+        text = toml_set(&text, "uplink", key, value)?;
+    }
+    Ok(format!(
+        "# Written by `cargo xtask bench`: config/agent.toml with its site, paths, ports and these uplink keys changed: {}.\n{text}",
+        uplink
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// A TOML basic string (JSON's escapes are TOML's).
+pub(crate) fn quote(text: &str) -> String {
+    serde_json::Value::String(text.to_string()).to_string()
+}
+
+/// The section a line opens, when it is a table header (`[a.b]` or `[[a.b]]`).
+fn section_of(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let inner = line.strip_prefix('[')?;
+    let inner = inner.strip_prefix('[').unwrap_or(inner);
+    let (name, _) = inner.split_once(']')?;
+    Some(name.trim())
+}
+
+/// The key a `key = value` line sets (not a comment, not a header).
+fn key_of(line: &str) -> Option<&str> {
+    let line = line.trim();
+    if line.starts_with('#') || line.starts_with('[') {
+        return None;
+    }
+    line.split_once('=').map(|(key, _)| key.trim())
+}
+
+/// Sets `key = value` in `[section]` ("" = the top level before any table) of a TOML text:
+/// replaces the key's line, or adds the line right after the header when the key is absent.
+pub(crate) fn toml_set(
+    text: &str,
+    section: &str,
+    key: &str,
+    value: &str,
+) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut found_section = section.is_empty();
+    let mut done = false;
+    for line in text.lines() {
+        if let Some(name) = section_of(line) {
+            current = name.to_string();
+            out.push(line.to_string());
+            if current == section {
+                found_section = true;
+                // Added right after the header; a later line of the same key is then dropped.
+                if !done && !section_has_key(text, section, key) {
+                    out.push(format!("{key} = {value}"));
+                    done = true;
+                }
+            }
+            continue;
+        }
+        if current == section && key_of(line) == Some(key) {
+            if !done {
+                out.push(format!("{key} = {value}"));
+                done = true;
+            }
+            continue;
+        }
+        out.push(line.to_string());
+    }
+    if !found_section {
+        bail!("the config has no [{section}] section to set {key} in");
+    }
+    if !done {
+        // The top level without the key: put it first.
+        out.insert(0, format!("{key} = {value}"));
+    }
+    Ok(out.join("\n") + "\n")
+}
+
+fn section_has_key(text: &str, section: &str, key: &str) -> bool {
+    let mut current = String::new();
+    for line in text.lines() {
+        if let Some(name) = section_of(line) {
+            current = name.to_string();
+        } else if current == section && key_of(line) == Some(key) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The value text of `key` in `[section]`, without a trailing comment.
+pub(crate) fn toml_get(text: &str, section: &str, key: &str) -> Option<String> {
+    let mut current = String::new();
+    for line in text.lines() {
+        if let Some(name) = section_of(line) {
+            current = name.to_string();
+        } else if current == section && key_of(line) == Some(key) {
+            let (_, value) = line.split_once('=')?;
+            let value = value.trim();
+            if let Some(rest) = value.strip_prefix('"') {
+                let (inner, _) = rest.split_once('"')?;
+                return Some(format!("\"{inner}\""));
+            }
+            return Some(
+                value
+                    .split_once('#')
+                    .map(|(v, _)| v)
+                    .unwrap_or(value)
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+    None
+}
+
+/// Removes `[section]` with its keys (up to the next header) from a TOML text.
+pub(crate) fn toml_remove_section(text: &str, section: &str) -> String {
+    let mut out = Vec::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        if let Some(name) = section_of(line) {
+            skipping = name == section;
+            if skipping {
+                continue;
+            }
+        } else if skipping && key_of(line).is_some() {
+            // Comments and blank lines after the keys may belong to what follows: kept.
+            continue;
+        }
+        out.push(line);
+    }
+    out.join("\n") + "\n"
+}
+
+pub(crate) fn spawn_agent(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<ChildGuard> {
+    ChildGuard::spawn(
+        "backhaul-agent",
+        Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("BACKHAUL_LOG", "warn"),
+        log,
+    )
+}
+
+pub(crate) fn spawn_relay(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<ChildGuard> {
+    ChildGuard::spawn(
+        "backhaul-relay",
+        Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("BACKHAUL_LOG", "warn"),
+        log,
+    )
+}
+
+/// Waits until `GET path` answers 200, failing early when the process exits.
+pub(crate) async fn wait_http_ok(
+    guard: &mut ChildGuard,
+    addr: SocketAddr,
+    path: &str,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        guard.check_running()?;
+        if let Ok((200, _)) = http_get(addr, path).await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no 200 from http://{addr}{path} within {timeout:?}; the end of {}:\n{}",
+                log.display(),
+                log_tail(log, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM and wait; fails when the process does not exit cleanly.
+pub(crate) fn stop_cleanly(guard: &mut ChildGuard, what: &str, log: &Path) -> anyhow::Result<()> {
+    let status = tokio::task::block_in_place(|| guard.terminate(Duration::from_secs(30)))?;
+    match status {
+        Some(status) if status.success() => Ok(()),
+        Some(status) => bail!(
+            "{what} exited with {status} on SIGTERM; the end of {}:\n{}",
+            log.display(),
+            log_tail(log, 20)
+        ),
+        None => bail!(
+            "{what} did not exit within 30 s of SIGTERM and was killed; see {}",
+            log.display()
+        ),
+    }
+}
+
+pub(crate) async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let (status, text) = http_get(addr, path).await?;
+    if status != 200 {
+        bail!("GET http://{addr}{path} answered {status}: {text}");
+    }
+    serde_json::from_str(&text).with_context(|| format!("GET http://{addr}{path}: not JSON"))
+}
+
+/// Posts events `0..total` (made by `make`) to an agent's `POST /v1/events`, 1000 per request,
+/// from `posters` concurrent clients; fails unless every event is accepted.
+pub(crate) async fn fill(
+    http: SocketAddr,
+    total: u64,
+    posters: usize,
+    make: Arc<dyn Fn(u64) -> String + Send + Sync>,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .context("an HTTP client")?;
+    let next = Arc::new(AtomicU64::new(0));
+    let url = format!("http://{http}/v1/events");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..posters.max(1) {
+        let (client, next, url, make) = (client.clone(), next.clone(), url.clone(), make.clone());
+        tasks.spawn(async move {
+            loop {
+                let start = next.fetch_add(EVENTS_PER_POST, Ordering::Relaxed);
+                if start >= total {
+                    return anyhow::Ok(());
+                }
+                let end = (start + EVENTS_PER_POST).min(total);
+                let mut body = String::with_capacity((end - start) as usize * (EVENT_BYTES + 1) + 2);
+                body.push('[');
+                for i in start..end {
+                    if i > start {
+                        body.push(',');
+                    }
+                    body.push_str(&make(i));
+                }
+                body.push(']');
+                let response = client
+                    .post(&url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .with_context(|| format!("POST {url}"))?;
+                let status = response.status();
+                let text = response
+                    .text()
+                    .await
+                    .with_context(|| format!("POST {url}: reading the answer"))?;
+                let answer: Value = serde_json::from_str(&text).with_context(|| {
+                    format!("POST {url} answered {status} with no JSON: {}", cut(&text))
+                })?;
+                let accepted = answer["accepted"].as_u64().unwrap_or(0);
+                if status.as_u16() != 202 || accepted != end - start {
+                    bail!(
+                        "POST {url} of events {start}..{end} answered {status}, {accepted} accepted: {}",
+                        cut(&text)
+                    );
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a poster panicked")??;
+    }
+    Ok(())
+}
+
+fn cut(text: &str) -> String {
+    text.chars().take(400).collect()
+}
+
+/// Copies a directory tree (regular files and directories).
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot list {}", from.display()))?
+    {
+        let entry = entry.with_context(|| format!("cannot list {}", from.display()))?;
+        let target: PathBuf = to.join(entry.file_name());
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("cannot stat {}", entry.path().display()))?;
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).with_context(|| {
+                format!(
+                    "cannot copy {} to {}",
+                    entry.path().display(),
+                    target.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn unix_time_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
+}
+
+/// A whole number with thousands separators.
+pub(crate) fn fmt_rate(rate: f64) -> String {
+    let digits = (rate.max(0.0).round() as u64).to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A table: the first line is the header; the first column left-aligned, the rest right.
+pub(crate) fn push_table(out: &mut String, lines: &[Vec<String>]) {
+    let columns = lines.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; columns];
+    for line in lines {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(col, (cell, w))| {
+                let pad = " ".repeat(w - cell.chars().count());
+                if col == 0 {
+                    format!("{cell}{pad}")
+                } else {
+                    format!("{pad}{cell}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", cells.join(" | "));
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            let _ = writeln!(out, "{}", rule.join("-|-"));
+        }
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn secs(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |s| format!("{s:.2}"))
+}
+
+fn render(rows: &[Row], uplink: &Uplink, fill_secs: f64, events: u64, elapsed: f64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\ndrain: {events} events of {EVENT_BYTES} bytes logged by an offline agent, then its link restored: agent → broker → relay outbox → ledger\n\
+         uplink window {} × batch_max_events {} (batch_max_bytes {}, linger_ms {}); times are seconds since the agent was started again (link up: the agent's own stamp; the rest: first seen in 50 ms polls)\n",
+        uplink.window, uplink.batch_max_events, uplink.batch_max_bytes, uplink.linger_ms
+    );
+    let mut lines = vec![
+        [
+            "broker",
+            "link up s",
+            "outbox all s",
+            "outbox ev/s (from link up)",
+            "outbox ev/s (from start)",
+            "agent backlog 0 s",
+            "ledger all s",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for r in rows {
+        lines.push(vec![
+            r.broker.name().to_string(),
+            secs(r.at.link_up),
+            secs(r.at.outbox_all),
+            r.rate_from_link_up().map_or_else(|| "-".into(), fmt_rate),
+            r.rate_from_start().map_or_else(|| "-".into(), fmt_rate),
+            secs(r.at.backlog_zero),
+            secs(r.at.ledger_all),
+        ]);
+    }
+    push_table(&mut out, &lines);
+    let _ = writeln!(out);
+    let mut lines = vec![
+        [
+            "broker",
+            "agent RSS at link up MiB",
+            "agent peak RSS MiB",
+            "relay peak RSS MiB",
+            "broker peak RSS MiB",
+            "agent CPU %",
+            "relay CPU %",
+            "broker CPU %",
+            "others CPU %",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for r in rows {
+        let pct = |cpu: f64| format!("{:.0}", 100.0 * cpu / r.drain_secs.max(1e-9));
+        lines.push(vec![
+            r.broker.name().to_string(),
+            r.agent_rss_at_link_up_kib.map_or_else(|| "-".into(), mib),
+            mib(r.agent_hwm_kib),
+            mib(r.relay_hwm_kib),
+            match r.broker {
+                BrokerKind::Mosquitto => r.mosquitto_hwm_kib.map_or_else(|| "-".into(), mib),
+                BrokerKind::Embedded => "(in relay)".into(),
+            },
+            pct(r.cpu_agent),
+            pct(r.cpu_relay),
+            match r.cpu_mosquitto {
+                Some(cpu) => pct(cpu),
+                None => "(in relay)".into(),
+            },
+            pct(r.cpu_others),
+        ]);
+    }
+    push_table(&mut out, &lines);
+    let _ = writeln!(
+        out,
+        "\n(peak RSS = VmHWM of the process over its life, which for the agent and relay is this drain; CPU % of one core over the drain; {} cores)",
+        cpus()
+    );
+    for r in rows {
+        let threads = |list: &[(String, f64)]| {
+            list.iter()
+                .map(|(name, p)| format!("{name} {p:.0}%"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "{}: busiest threads — agent: {}; relay: {}",
+            r.broker.name(),
+            threads(&r.agent_threads),
+            threads(&r.relay_threads)
+        );
+    }
+    let busiest = rows
+        .iter()
+        .map(|r| 100.0 * r.cpu_others / r.drain_secs.max(1e-9))
+        .fold(0.0, f64::max);
+    if busiest > NOISY_OTHERS_PERCENT {
+        let _ = writeln!(
+            out,
+            "WARNING: other processes used up to {busiest:.0}% of a core during the drains; these numbers are disturbed"
+        );
+    }
+    for r in rows {
+        let rate = r.rate_from_link_up().unwrap_or(0.0);
+        let rss = r.agent_hwm_kib as f64 / 1024.0;
+        let _ = writeln!(
+            out,
+            "{}: outbox ≥ {} ev/s: {}; agent RSS < {TARGET_AGENT_RSS_MIB} MiB: {}; ledger {} lines, {} distinct ids{}",
+            r.broker.name(),
+            fmt_rate(TARGET_RATE),
+            if rate >= TARGET_RATE {
+                "met"
+            } else {
+                "NOT met"
+            },
+            if rss < TARGET_AGENT_RSS_MIB {
+                "met"
+            } else {
+                "NOT met"
+            },
+            r.ledger_lines,
+            r.ledger_distinct_ids,
+            if r.errors.is_empty() {
+                String::new()
+            } else {
+                format!("; INCOMPLETE: {}", r.errors.join("; "))
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "fill: {events} events over HTTP in {fill_secs:.1} s ({} ev/s); bench took {elapsed:.0} s",
+        fmt_rate(events as f64 / fill_secs.max(1e-9))
+    );
+    out
+}
+
+fn row_json(r: &Row) -> Value {
+    let threads = |list: &[(String, f64)]| {
+        list.iter()
+            .map(|(name, p)| json!({"thread": name, "cpu_percent": p}))
+            .collect::<Vec<_>>()
+    };
+    let pct = |cpu: f64| 100.0 * cpu / r.drain_secs.max(1e-9);
+    json!({
+        "broker": match r.broker {
+            BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::Embedded => "embedded",
+        },
+        "events": r.events,
+        "seconds_since_agent_start": {
+            "agent_http_up": r.at.agent_http,
+            "link_up": r.at.link_up,
+            "outbox_all_stored": r.at.outbox_all,
+            "agent_backlog_zero": r.at.backlog_zero,
+            "ledger_all": r.at.ledger_all,
+        },
+        "outbox_events_per_second_from_link_up": r.rate_from_link_up(),
+        "outbox_events_per_second_from_agent_start": r.rate_from_start(),
+        "ledger_events_per_second_from_link_up": match (r.at.ledger_all, r.at.link_up) {
+            (Some(all), Some(up)) => Some(r.events as f64 / (all - up).max(1e-9)),
+            _ => None,
+        },
+        "target_rate_met": r.rate_from_link_up().is_some_and(|rate| rate >= TARGET_RATE),
+        "memory_kib": {
+            "agent_rss_first_sample": r.agent_rss_first_kib,
+            "agent_rss_at_link_up": r.agent_rss_at_link_up_kib,
+            "agent_rss_max_sampled": r.agent_rss_max_sampled_kib,
+            "agent_vmhwm": r.agent_hwm_kib,
+            "relay_rss_max_sampled": r.relay_rss_max_sampled_kib,
+            "relay_vmhwm": r.relay_hwm_kib,
+            "mosquitto_vmhwm": r.mosquitto_hwm_kib,
+        },
+        "target_agent_rss_met": (r.agent_hwm_kib as f64 / 1024.0) < TARGET_AGENT_RSS_MIB,
+        "cpu_percent_of_one_core": {
+            "agent": pct(r.cpu_agent),
+            "relay": pct(r.cpu_relay),
+            "mosquitto": r.cpu_mosquitto.map(pct),
+            "other_processes": pct(r.cpu_others),
+            "agent_threads": threads(&r.agent_threads),
+            "relay_threads": threads(&r.relay_threads),
+        },
+        "drain_seconds": r.drain_secs,
+        "final": {
+            "outbox_events_stored": r.stored_final,
+            "ledger_events_delivered": r.delivered_final,
+            "agent_backlog": r.backlog_final,
+            "agent_batches_resent": r.batches_resent,
+            "ledger_lines": r.ledger_lines,
+            "ledger_distinct_ids": r.ledger_distinct_ids,
+        },
+        "errors": r.errors,
+        "complete": r.complete(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "site = \"x\"\n# c\n[log]\nmax_bytes = \"1 GiB\" # q\n\n[uplink]\nport = 1883\n# window = 3\nwindow = 8\n[sink.ledger]\npath = \"/p\"\n\n# other sinks\n[delivery]\nmax_batch = 50\n";
+
+    #[test]
+    fn toml_keys_are_read_and_set_per_section() {
+        assert_eq!(toml_get(TEXT, "uplink", "window").as_deref(), Some("8"));
+        assert_eq!(
+            toml_get(TEXT, "log", "max_bytes").as_deref(),
+            Some("\"1 GiB\"")
+        );
+        assert_eq!(toml_get(TEXT, "", "site").as_deref(), Some("\"x\""));
+        let set = toml_set(TEXT, "uplink", "window", "16").expect("set");
+        assert_eq!(toml_get(&set, "uplink", "window").as_deref(), Some("16"));
+        assert!(set.contains("# window = 3"));
+        let added = toml_set(TEXT, "uplink", "linger_ms", "5").expect("add");
+        assert_eq!(
+            toml_get(&added, "uplink", "linger_ms").as_deref(),
+            Some("5")
+        );
+        assert_eq!(toml_get(&added, "uplink", "port").as_deref(), Some("1883"));
+        assert!(toml_set(TEXT, "nope", "a", "1").is_err());
+        let removed = toml_remove_section(TEXT, "sink.ledger");
+        assert!(!removed.contains("sink.ledger") && !removed.contains("/p"));
+        assert!(removed.contains("# other sinks"));
+        assert_eq!(
+            toml_get(&removed, "delivery", "max_batch").as_deref(),
+            Some("50")
+        );
+    }
+
+    #[test]
+    fn rates_are_grouped() {
+        assert_eq!(fmt_rate(1_234_567.4), "1,234,567");
+        assert_eq!(fmt_rate(999.0), "999");
+        assert_eq!(fmt_rate(1000.0), "1,000");
+    }
+}
