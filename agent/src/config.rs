@@ -142,6 +142,20 @@ pub struct MqttConfig {
     pub own_device_topic_only: bool,
     /// Usernames and passwords of scanners; when empty, anonymous clients are accepted.
     pub users: Vec<MqttUser>,
+    /// TLS for scanners (PEM files); without it the endpoint speaks plain MQTT.
+    pub tls: Option<MqttTls>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// The endpoint's certificate chain.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate signed by this CA.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -154,6 +168,7 @@ impl Default for MqttConfig {
             max_keep_alive_secs: 300,
             own_device_topic_only: false,
             users: Vec::new(),
+            tls: None,
         }
     }
 }

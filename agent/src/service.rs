@@ -48,8 +48,13 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen for MQTT on {listen} (mqtt.listen)"))?;
+        let tls = match &config.mqtt.tls {
+            Some(tls) => Some(crate::mqtt::tls_acceptor(tls)?),
+            None => None,
+        };
         let endpoint = Endpoint::new(
             MqttSettings {
+                tls,
                 topic: config.mqtt.topic.clone(),
                 max_connections: config.mqtt.max_connections,
                 max_packet_size: config.mqtt.max_packet_size.0 as usize,
@@ -60,7 +65,7 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             log.clone(),
             metrics.clone(),
         );
-        tracing::info!(%listen, topic = %config.mqtt.topic, "MQTT endpoint listening");
+        tracing::info!(%listen, topic = %config.mqtt.topic, tls = config.mqtt.tls.is_some(), "MQTT endpoint listening");
         mqtt_task = Some(tokio::spawn(endpoint.clone().serve(listener, stop.clone())));
         mqtt_endpoint = Some(endpoint);
     }

@@ -223,6 +223,7 @@ fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
         ("mosquitto_pub", "mosquitto-clients"),
         ("systemd-analyze", "systemd"),
         ("promtool", "prometheus"),
+        ("openssl", "openssl"),
     ])?;
     tryton::ensure_tryton()?;
     // The end-to-end tests start the real binaries, so they must be built first.

@@ -37,8 +37,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REJECTS_PREFIX: &str = "rejects/";
 
 /// Settings of the endpoint, from `[mqtt]` in the configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MqttSettings {
+    /// TLS for every connection when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub topic: String,
     pub max_connections: usize,
     pub max_packet_size: usize,
@@ -117,7 +119,25 @@ impl Endpoint {
             tokio::spawn(async move {
                 endpoint.connections.fetch_add(1, Ordering::Relaxed);
                 endpoint.metrics.mqtt_connections.inc();
-                endpoint.handle(stream, peer, shutdown).await;
+                let stream: Option<Box<dyn ClientStream>> = match &endpoint.settings.tls {
+                    None => Some(Box::new(stream)),
+                    Some(acceptor) => {
+                        match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => Some(Box::new(tls)),
+                            Ok(Err(e)) => {
+                                tracing::warn!(%peer, error = %e, "MQTT TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "MQTT TLS handshake timed out");
+                                None
+                            }
+                        }
+                    }
+                };
+                if let Some(stream) = stream {
+                    endpoint.handle(stream, peer, shutdown).await;
+                }
                 endpoint.metrics.mqtt_connections.dec();
                 endpoint.connections.fetch_sub(1, Ordering::Relaxed);
             });
@@ -157,7 +177,7 @@ impl Endpoint {
 
     async fn handle(
         self: &Arc<Self>,
-        stream: TcpStream,
+        stream: Box<dyn ClientStream>,
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
@@ -250,9 +270,14 @@ enum Closed {
 
 type PendingAck = Pin<Box<dyn Future<Output = Option<Outgoing>> + Send>>;
 
+/// A client's byte stream: plain TCP or TLS.
+trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientStream for T {}
+
 struct Connection {
     endpoint: Arc<Endpoint>,
-    stream: TcpStream,
+    stream: Box<dyn ClientStream>,
     peer: SocketAddr,
     id: u64,
     version: Version,
@@ -746,4 +771,57 @@ impl From<LogError> for AckReason {
     fn from(e: LogError) -> Self {
         AckReason::Unspecified(e.to_string())
     }
+}
+
+/// Builds the TLS acceptor of `[mqtt.tls]`; errors name the file and what is wrong with it.
+pub fn tls_acceptor(tls: &crate::config::MqttTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use pki_types::pem::PemObject;
+    use pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| anyhow::anyhow!("mqtt.tls.cert_file {}: {e}", tls.cert_file.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "mqtt.tls.cert_file {}: no certificate in it",
+            tls.cert_file.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(|e| anyhow::anyhow!("mqtt.tls.key_file {}: {e}", tls.key_file.display()))?;
+    // The provider is named, not taken from the process default, which is ambiguous when
+    // several TLS stacks are linked in.
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| anyhow::anyhow!("mqtt.tls: {e}"))?;
+    let builder = match &tls.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca_file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| {
+                anyhow::anyhow!("mqtt.tls.client_ca_file {}: {e}", ca_file.display())
+            })? {
+                let cert = cert.map_err(|e| {
+                    anyhow::anyhow!("mqtt.tls.client_ca_file {}: {e}", ca_file.display())
+                })?;
+                roots.add(cert).map_err(|e| {
+                    anyhow::anyhow!("mqtt.tls.client_ca_file {}: {e}", ca_file.display())
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            )
+            .build()
+            .map_err(|e| anyhow::anyhow!("mqtt.tls.client_ca_file {}: {e}", ca_file.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(certs, key).map_err(|e| {
+        anyhow::anyhow!("mqtt.tls: the certificate and key do not go together: {e}")
+    })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
