@@ -363,23 +363,9 @@ async fn read_log(State(state): State<HttpState>, Query(query): Query<LogQuery>)
     let limit = query.limit.unwrap_or(1000).min(100_000);
     let log = state.log.clone();
     let read = tokio::task::spawn_blocking(move || log.read_from(from, limit, usize::MAX)).await;
-    let epoch = state.log.epoch();
     match read {
         Ok(Ok(records)) => {
-            let events: Vec<Value> = records
-                .into_iter()
-                .map(|(seq, record)| {
-                    backhaul_events::StampedEvent {
-                        site: state.site.clone(),
-                        epoch,
-                        seq,
-                        received_at_ms: record.received_at_ms,
-                        event: record.event,
-                    }
-                    .to_json()
-                })
-                .collect();
-            axum::Json(json!({ "events": events })).into_response()
+            axum::Json(json!({ "events": stamped_json(&state, records) })).into_response()
         }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -394,13 +380,17 @@ struct TailQuery {
 
 /// The latest accepted events (durable), after a sequence number, for `backhaul-agent tail`.
 async fn tail(State(state): State<HttpState>, Query(query): Query<TailQuery>) -> Response {
+    let records = state.log.recent(
+        query.after.unwrap_or(0),
+        query.limit.unwrap_or(1000).min(1000),
+    );
+    axum::Json(json!({ "events": stamped_json(&state, records) })).into_response()
+}
+
+/// Logged events as the stamped JSON records the admin API answers with.
+fn stamped_json(state: &HttpState, records: Vec<(u64, crate::log::LoggedEvent)>) -> Vec<Value> {
     let epoch = state.log.epoch();
-    let events: Vec<Value> = state
-        .log
-        .recent(
-            query.after.unwrap_or(0),
-            query.limit.unwrap_or(1000).min(1000),
-        )
+    records
         .into_iter()
         .map(|(seq, record)| {
             backhaul_events::StampedEvent {
@@ -412,6 +402,5 @@ async fn tail(State(state): State<HttpState>, Query(query): Query<TailQuery>) ->
             }
             .to_json()
         })
-        .collect();
-    axum::Json(json!({ "events": events })).into_response()
+        .collect()
 }

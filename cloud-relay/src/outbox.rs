@@ -139,6 +139,21 @@ pub struct Head {
     pub event: StampedEvent,
 }
 
+/// Writes site records into the transaction's site table.
+fn write_sites<'a>(
+    txn: &WriteTransaction,
+    records: impl IntoIterator<Item = &'a SiteRecord>,
+) -> Result<(), OutboxError> {
+    let mut table = txn.open_table(SITES).map_err(storage)?;
+    for record in records {
+        let json = serde_json::to_vec(record).map_err(storage)?;
+        table
+            .insert(record.site.as_str(), json.as_slice())
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -243,17 +258,8 @@ impl Outbox {
             results.push(self.store_one(&txn, batch, &mut sites)?);
         }
         self.forget_old_ids(&txn)?;
-        {
-            let mut table = txn.open_table(SITES).map_err(storage)?;
-            for result in &results {
-                if let Some(record) = sites.get(&result.site) {
-                    let json = serde_json::to_vec(record).map_err(storage)?;
-                    table
-                        .insert(result.site.as_str(), json.as_slice())
-                        .map_err(storage)?;
-                }
-            }
-        }
+        let touched: Vec<&SiteRecord> = results.iter().filter_map(|r| sites.get(&r.site)).collect();
+        write_sites(&txn, touched)?;
         txn.commit().map_err(storage)?;
         *current = sites;
         Ok(results)
@@ -518,13 +524,7 @@ impl Outbox {
                 meta.insert(META_LEDGER_COMMITTED_LEN, len)
                     .map_err(storage)?;
             }
-            let mut table = txn.open_table(SITES).map_err(storage)?;
-            for record in sites.values() {
-                let json = serde_json::to_vec(record).map_err(storage)?;
-                table
-                    .insert(record.site.as_str(), json.as_slice())
-                    .map_err(storage)?;
-            }
+            write_sites(&txn, sites.values())?;
         }
         txn.commit().map_err(storage)?;
         *current = sites;
@@ -630,13 +630,7 @@ impl Outbox {
                 taken.push(id);
             }
             meta.insert(META_NEXT_OUTBOX_SEQ, next).map_err(storage)?;
-            let mut table = txn.open_table(SITES).map_err(storage)?;
-            for record in sites.values() {
-                let json = serde_json::to_vec(record).map_err(storage)?;
-                table
-                    .insert(record.site.as_str(), json.as_slice())
-                    .map_err(storage)?;
-            }
+            write_sites(&txn, sites.values())?;
         }
         txn.commit().map_err(storage)?;
         *current = sites;

@@ -890,4 +890,3 @@ fn to_json_is_canonical() {
     let event = Event { attrs, ..event };
     assert_eq!(event.to_json()["attrs"], json!({"shift": "B"}));
 }
-

@@ -217,6 +217,12 @@ impl Tryton {
     pub fn restart_from_seed(&mut self) {
         self.kill();
         let seed = seed_file();
+        // trytond runs SQLite in WAL mode: the old journal must not outlive the file it
+        // belongs to, or the copied seed reads as a malformed database.
+        for suffix in ["-wal", "-shm"] {
+            let _ =
+                std::fs::remove_file(self.dir.path().join(format!("{DATABASE}.sqlite{suffix}")));
+        }
         std::fs::copy(&seed, self.dir.path().join(format!("{DATABASE}.sqlite")))
             .unwrap_or_else(|e| panic!("cannot copy {}: {e}", seed.display()));
         if let Err(why) = self.spawn_and_login(&venv_dir()) {

@@ -51,6 +51,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A drain that makes no progress for this long is given up (and reported as incomplete).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(50);
+/// Seconds between the readings kept in the report's timeline.
+const TIMELINE_STEP: f64 = 0.25;
 /// Other processes using more than this (percent of one core) during a drain make the table
 /// carry a warning.
 const NOISY_OTHERS_PERCENT: f64 = 20.0;
@@ -89,6 +91,9 @@ struct Milestones {
     link_up: Option<f64>,
     outbox_all: Option<f64>,
     backlog_zero: Option<f64>,
+    /// The agent's first log compaction after its start-up (it compacts when the file is
+    /// mostly free space).
+    compaction: Option<f64>,
     ledger_all: Option<f64>,
 }
 
@@ -116,9 +121,22 @@ struct Row {
     delivered_final: u64,
     backlog_final: Option<u64>,
     batches_resent: Option<u64>,
+    /// Log compactions the agent counted: at its first answer, and at the end.
+    compactions: (Option<u64>, Option<u64>),
     ledger_lines: u64,
     ledger_distinct_ids: u64,
     errors: Vec<String>,
+    timeline: Vec<Sample>,
+}
+
+/// One reading of the drain's progress, for the JSON report.
+struct Sample {
+    t: f64,
+    stored: u64,
+    delivered: u64,
+    backlog: Option<u64>,
+    agent_rss_kib: Option<u64>,
+    relay_rss_kib: Option<u64>,
 }
 
 impl Row {
@@ -131,6 +149,22 @@ impl Row {
             (Some(all), Some(up)) => Some(self.events as f64 / (all - up).max(1e-9)),
             _ => None,
         }
+    }
+
+    /// Outbox rates over the first and the last quarter of the events (from the timeline):
+    /// whether the drain slows down as the relay's outbox fills.
+    fn quarter_rates(&self) -> Option<(f64, f64)> {
+        let start = self.at.link_up?;
+        let end = self.at.outbox_all?;
+        let quarter = self.events / 4;
+        let first = self.timeline.iter().find(|s| s.stored >= quarter)?;
+        let last = self
+            .timeline
+            .iter()
+            .find(|s| s.stored >= self.events - quarter)?;
+        let early = first.stored as f64 / (first.t - start).max(1e-9);
+        let late = (self.events - last.stored) as f64 / (end - last.t);
+        (end > last.t).then_some((early, late))
     }
 
     fn complete(&self) -> bool {
@@ -397,9 +431,11 @@ async fn drain_once(
     let mut delivered = 0u64;
     let mut backlog: Option<u64> = None;
     let mut batches_resent = None;
+    let mut compactions: (Option<u64>, Option<u64>) = (None, None);
     let mut progress = (0u64, 0u64, u64::MAX);
     let mut progressed_at = Instant::now();
     let mut errors = Vec::new();
+    let mut timeline: Vec<Sample> = Vec::new();
     // Agent CPU is read on every poll, so that the last reading before it stops counts.
     let mut cpu_agent = 0.0;
     let mut agent_threads_last = BTreeMap::new();
@@ -412,13 +448,15 @@ async fn drain_once(
         let now = t0.elapsed().as_secs_f64();
         let (agent_status, relay_sites) =
             tokio::join!(get_json(http, "/v1/status"), get_json(admin, "/v1/sites"));
-        if let Ok((rss, _)) = memory_kib(agent_pid) {
+        let agent_rss = memory_kib(agent_pid).ok().map(|(rss, _)| rss);
+        if let Some(rss) = agent_rss {
             agent_rss_max = agent_rss_max.max(rss);
             if agent_status.is_ok() && agent_rss_first.is_none() {
                 agent_rss_first = Some(rss);
             }
         }
-        if let Ok((rss, _)) = memory_kib(relay.pid()) {
+        let relay_rss = memory_kib(relay.pid()).ok().map(|(rss, _)| rss);
+        if let Some(rss) = relay_rss {
             relay_rss_max = relay_rss_max.max(rss);
         }
         if let Ok(cpu) = cpu_seconds(agent_pid, ticks) {
@@ -431,6 +469,13 @@ async fn drain_once(
             at.agent_http.get_or_insert(now);
             backlog = status["backlog"]["events"].as_u64();
             batches_resent = status["link"]["batches_resent"].as_u64();
+            if let Some(count) = status["log"]["compactions"].as_u64() {
+                let first = *compactions.0.get_or_insert(count);
+                if count > first {
+                    at.compaction.get_or_insert(now);
+                }
+                compactions.1 = Some(count);
+            }
             if status["link"]["state"].as_str() == Some("up") && at.link_up.is_none() {
                 // The agent stamps the change (Unix ms): finer than this poll.
                 let since = status["link"]["since_ms"]
@@ -448,6 +493,19 @@ async fn drain_once(
         {
             stored = site["events_stored"].as_u64().unwrap_or(0);
             delivered = site["events_delivered"].as_u64().unwrap_or(0);
+        }
+        if timeline
+            .last()
+            .is_none_or(|last: &Sample| now - last.t >= TIMELINE_STEP)
+        {
+            timeline.push(Sample {
+                t: now,
+                stored,
+                delivered,
+                backlog,
+                agent_rss_kib: agent_rss,
+                relay_rss_kib: relay_rss,
+            });
         }
         if stored >= events {
             at.outbox_all.get_or_insert(now);
@@ -534,9 +592,11 @@ async fn drain_once(
         delivered_final: delivered,
         backlog_final: backlog,
         batches_resent,
+        compactions,
         ledger_lines,
         ledger_distinct_ids,
         errors,
+        timeline,
     })
 }
 
@@ -1070,8 +1130,10 @@ fn render(rows: &[Row], uplink: &Uplink, fill_secs: f64, events: u64, elapsed: f
             "outbox all s",
             "outbox ev/s (from link up)",
             "outbox ev/s (from start)",
+            "first / last quarter ev/s",
             "agent backlog 0 s",
             "ledger all s",
+            "agent log compacted s",
         ]
         .map(String::from)
         .to_vec(),
@@ -1083,8 +1145,13 @@ fn render(rows: &[Row], uplink: &Uplink, fill_secs: f64, events: u64, elapsed: f
             secs(r.at.outbox_all),
             r.rate_from_link_up().map_or_else(|| "-".into(), fmt_rate),
             r.rate_from_start().map_or_else(|| "-".into(), fmt_rate),
+            r.quarter_rates().map_or_else(
+                || "-".into(),
+                |(early, late)| format!("{} / {}", fmt_rate(early), fmt_rate(late)),
+            ),
             secs(r.at.backlog_zero),
             secs(r.at.ledger_all),
+            secs(r.at.compaction),
         ]);
     }
     push_table(&mut out, &lines);
@@ -1100,6 +1167,7 @@ fn render(rows: &[Row], uplink: &Uplink, fill_secs: f64, events: u64, elapsed: f
             "relay CPU %",
             "broker CPU %",
             "others CPU %",
+            "agent / relay CPU µs per event",
         ]
         .map(String::from)
         .to_vec(),
@@ -1122,6 +1190,11 @@ fn render(rows: &[Row], uplink: &Uplink, fill_secs: f64, events: u64, elapsed: f
                 None => "(in relay)".into(),
             },
             pct(r.cpu_others),
+            format!(
+                "{:.1} / {:.1}",
+                1e6 * r.cpu_agent / r.events.max(1) as f64,
+                1e6 * r.cpu_relay / r.events.max(1) as f64
+            ),
         ]);
     }
     push_table(&mut out, &lines);
@@ -1208,10 +1281,12 @@ fn row_json(r: &Row) -> Value {
             "link_up": r.at.link_up,
             "outbox_all_stored": r.at.outbox_all,
             "agent_backlog_zero": r.at.backlog_zero,
+            "agent_log_compacted": r.at.compaction,
             "ledger_all": r.at.ledger_all,
         },
         "outbox_events_per_second_from_link_up": r.rate_from_link_up(),
         "outbox_events_per_second_from_agent_start": r.rate_from_start(),
+        "outbox_events_per_second_first_and_last_quarter": r.quarter_rates().map(|(a, b)| [a, b]),
         "ledger_events_per_second_from_link_up": match (r.at.ledger_all, r.at.link_up) {
             (Some(all), Some(up)) => Some(r.events as f64 / (all - up).max(1e-9)),
             _ => None,
@@ -1227,6 +1302,11 @@ fn row_json(r: &Row) -> Value {
             "mosquitto_vmhwm": r.mosquitto_hwm_kib,
         },
         "target_agent_rss_met": (r.agent_hwm_kib as f64 / 1024.0) < TARGET_AGENT_RSS_MIB,
+        "cpu_microseconds_per_event": {
+            "agent": 1e6 * r.cpu_agent / r.events.max(1) as f64,
+            "relay": 1e6 * r.cpu_relay / r.events.max(1) as f64,
+            "mosquitto": r.cpu_mosquitto.map(|cpu| 1e6 * cpu / r.events.max(1) as f64),
+        },
         "cpu_percent_of_one_core": {
             "agent": pct(r.cpu_agent),
             "relay": pct(r.cpu_relay),
@@ -1241,10 +1321,13 @@ fn row_json(r: &Row) -> Value {
             "ledger_events_delivered": r.delivered_final,
             "agent_backlog": r.backlog_final,
             "agent_batches_resent": r.batches_resent,
+            "agent_log_compactions_at_start_and_end": [r.compactions.0, r.compactions.1],
             "ledger_lines": r.ledger_lines,
             "ledger_distinct_ids": r.ledger_distinct_ids,
         },
         "errors": r.errors,
+        "timeline": r.timeline.iter().map(|s| json!([s.t, s.stored, s.delivered, s.backlog, s.agent_rss_kib, s.relay_rss_kib])).collect::<Vec<_>>(),
+        "timeline_columns": ["seconds", "outbox_stored", "ledger_delivered", "agent_backlog", "agent_rss_kib", "relay_rss_kib"],
         "complete": r.complete(),
     })
 }

@@ -129,6 +129,17 @@ impl TrytonServer {
             let _ = tokio::task::block_in_place(|| guard.terminate(Duration::from_secs(10)));
         }
         let database = self.dir.join(format!("{}.sqlite", tryton::DATABASE));
+        // trytond runs SQLite in WAL mode: a write-ahead log left by the last server would be
+        // applied to the fresh copy and corrupt it ("database disk image is malformed").
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let sidecar = self
+                .dir
+                .join(format!("{}.sqlite{suffix}", tryton::DATABASE));
+            if sidecar.exists() {
+                std::fs::remove_file(&sidecar)
+                    .with_context(|| format!("cannot remove {}", sidecar.display()))?;
+            }
+        }
         std::fs::copy(&self.seed, &database).with_context(|| {
             format!(
                 "cannot copy the seed {} to {}",
