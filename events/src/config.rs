@@ -308,5 +308,6 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.contains("/nonexistent/token"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
