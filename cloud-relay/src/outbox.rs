@@ -139,6 +139,60 @@ pub struct Head {
     pub event: StampedEvent,
 }
 
+/// Puts events into the outbox: the event, its place in its key's queue, and its id in the
+/// deduplication window. Intake and replay both go through here, so a replayed event is
+/// queued exactly like a new one.
+struct Enqueue<'txn> {
+    outbox: redb::Table<'txn, u64, &'static [u8]>,
+    by_key: redb::Table<'txn, &'static [u8], ()>,
+    seen: redb::Table<'txn, &'static [u8], u64>,
+    seen_order: redb::Table<'txn, u64, &'static [u8]>,
+    meta: redb::Table<'txn, &'static str, u64>,
+    next: u64,
+}
+
+impl<'txn> Enqueue<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Enqueue<'txn>, OutboxError> {
+        let meta = txn.open_table(META).map_err(storage)?;
+        let next = meta
+            .get(META_NEXT_OUTBOX_SEQ)
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        Ok(Enqueue {
+            outbox: txn.open_table(OUTBOX).map_err(storage)?,
+            by_key: txn.open_table(BY_KEY).map_err(storage)?,
+            seen: txn.open_table(SEEN_IDS).map_err(storage)?,
+            seen_order: txn.open_table(SEEN_ORDER).map_err(storage)?,
+            meta,
+            next,
+        })
+    }
+
+    fn push(&mut self, event: &StampedEvent) -> Result<(), OutboxError> {
+        let seq = self.next;
+        let bytes = postcard::to_stdvec(event).map_err(storage)?;
+        self.outbox.insert(seq, bytes.as_slice()).map_err(storage)?;
+        self.by_key
+            .insert(queue_key(event, seq).as_slice(), ())
+            .map_err(storage)?;
+        let id_key = site_key(&event.site, event.event.id.as_bytes());
+        self.seen.insert(id_key.as_slice(), seq).map_err(storage)?;
+        self.seen_order
+            .insert(seq, id_key.as_slice())
+            .map_err(storage)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), OutboxError> {
+        self.meta
+            .insert(META_NEXT_OUTBOX_SEQ, self.next)
+            .map_err(storage)
+            .map(|_| ())
+    }
+}
+
 /// Writes site records into the transaction's site table.
 fn write_sites<'a>(
     txn: &WriteTransaction,
@@ -305,23 +359,19 @@ impl Outbox {
             return Ok(result);
         }
         let highest = known.unwrap_or(0);
-        let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
-        let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
-        let mut seen = txn.open_table(SEEN_IDS).map_err(storage)?;
-        let mut seen_order = txn.open_table(SEEN_ORDER).map_err(storage)?;
-        let mut meta = txn.open_table(META).map_err(storage)?;
-        let mut next = meta
-            .get(META_NEXT_OUTBOX_SEQ)
-            .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(1);
+        let mut queue = Enqueue::open(txn)?;
         for stamped in batch.stamped() {
             if known.is_some() && stamped.seq <= highest {
                 result.duplicates += 1;
                 continue;
             }
             let id_key = site_key(&stamped.site, stamped.event.id.as_bytes());
-            if seen.get(id_key.as_slice()).map_err(storage)?.is_some() {
+            if queue
+                .seen
+                .get(id_key.as_slice())
+                .map_err(storage)?
+                .is_some()
+            {
                 result.duplicates += 1;
                 result.outcomes.push(EventOutcome {
                     seq: stamped.seq,
@@ -330,19 +380,10 @@ impl Outbox {
                 });
                 continue;
             }
-            let bytes = postcard::to_stdvec(&stamped).map_err(storage)?;
-            outbox.insert(next, bytes.as_slice()).map_err(storage)?;
-            by_key
-                .insert(queue_key(&stamped, next).as_slice(), ())
-                .map_err(storage)?;
-            seen.insert(id_key.as_slice(), next).map_err(storage)?;
-            seen_order
-                .insert(next, id_key.as_slice())
-                .map_err(storage)?;
-            next += 1;
+            queue.push(&stamped)?;
             result.stored += 1;
         }
-        meta.insert(META_NEXT_OUTBOX_SEQ, next).map_err(storage)?;
+        queue.finish()?;
         let through = highest.max(batch.last_seq);
         epochs
             .insert(epoch_key.as_slice(), through)
@@ -596,16 +637,7 @@ impl Outbox {
             };
             wanted.sort_unstable();
             wanted.dedup();
-            let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
-            let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
-            let mut seen = txn.open_table(SEEN_IDS).map_err(storage)?;
-            let mut seen_order = txn.open_table(SEEN_ORDER).map_err(storage)?;
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            let mut next = meta
-                .get(META_NEXT_OUTBOX_SEQ)
-                .map_err(storage)?
-                .map(|v| v.value())
-                .unwrap_or(1);
+            let mut queue = Enqueue::open(&txn)?;
             for id in wanted {
                 let letter: DeadLetter = match dlq.remove(id).map_err(storage)? {
                     Some(value) => serde_json::from_slice(value.value()).map_err(storage)?,
@@ -615,21 +647,11 @@ impl Outbox {
                     record.events_dead_lettered = record.events_dead_lettered.saturating_sub(1);
                 }
                 if requeue {
-                    let bytes = postcard::to_stdvec(&letter.event).map_err(storage)?;
-                    outbox.insert(next, bytes.as_slice()).map_err(storage)?;
-                    by_key
-                        .insert(queue_key(&letter.event, next).as_slice(), ())
-                        .map_err(storage)?;
-                    let id_key = site_key(&letter.event.site, letter.event.event.id.as_bytes());
-                    seen.insert(id_key.as_slice(), next).map_err(storage)?;
-                    seen_order
-                        .insert(next, id_key.as_slice())
-                        .map_err(storage)?;
-                    next += 1;
+                    queue.push(&letter.event)?;
                 }
                 taken.push(id);
             }
-            meta.insert(META_NEXT_OUTBOX_SEQ, next).map_err(storage)?;
+            queue.finish()?;
             write_sites(&txn, sites.values())?;
         }
         txn.commit().map_err(storage)?;
