@@ -31,6 +31,7 @@ pub enum Mode {
 /// One request as the stand-in saw it.
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// When the request arrived (a held request is listed where it arrived).
     pub at: Instant,
     pub key: String,
     pub body: Value,
@@ -133,6 +134,7 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        let arrived = Instant::now();
         let key = headers.get("idempotency-key").cloned().unwrap_or_default();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let mode = state.lock().unwrap().mode.clone().unwrap_or(Mode::Ok);
@@ -154,17 +156,17 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
             ),
             Mode::Hang(time) => {
                 std::thread::sleep(time);
-                record(&state, key, body, 0);
+                record(&state, arrived, key, body, 0);
                 return;
             }
             Mode::Slow(time) => {
                 std::thread::sleep(time);
-                effect(&state, &key, &body)
+                effect(&state, arrived, &key, &body)
             }
-            Mode::Ok => effect(&state, &key, &body),
+            Mode::Ok => effect(&state, arrived, &key, &body),
         };
         if status >= 400 {
-            record(&state, key, body, status);
+            record(&state, arrived, key, body, status);
         }
         let reason = match status {
             200 => "OK",
@@ -184,17 +186,25 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
     }
 }
 
-fn record(state: &Arc<Mutex<State>>, key: String, body: Value, status: u16) {
-    state.lock().unwrap().requests.push(Request {
-        at: Instant::now(),
+fn record(state: &Arc<Mutex<State>>, at: Instant, key: String, body: Value, status: u16) {
+    let mut s = state.lock().unwrap();
+    s.requests.push(Request {
+        at,
         key,
         body,
         status,
     });
+    // Listed in arrival order, however long a request was held.
+    s.requests.sort_by_key(|r| r.at);
 }
 
 /// Applies a POST: refuses unknown SKUs, dedups by key, records the effect.
-fn effect(state: &Arc<Mutex<State>>, key: &str, body: &Value) -> (u16, String, String) {
+fn effect(
+    state: &Arc<Mutex<State>>,
+    at: Instant,
+    key: &str,
+    body: &Value,
+) -> (u16, String, String) {
     let mut s = state.lock().unwrap();
     let sku = body["sku"].as_str().unwrap_or("");
     let (status, text) = if s.unknown_skus.iter().any(|u| u == sku) {
@@ -212,11 +222,12 @@ fn effect(state: &Arc<Mutex<State>>, key: &str, body: &Value) -> (u16, String, S
     };
     if status < 400 {
         s.requests.push(Request {
-            at: Instant::now(),
+            at,
             key: key.to_string(),
             body: body.clone(),
             status,
         });
+        s.requests.sort_by_key(|r| r.at);
     }
     (status, String::new(), text)
 }
