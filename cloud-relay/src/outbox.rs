@@ -3,13 +3,20 @@
 //!
 //! What it owns: per-site and per-epoch progress (the highest sequence number stored without a
 //! gap, which is what an acknowledgement promises), deduplication by event id within a site,
-//! the queue per ordering key, and the delivery position of the ledger.
+//! the queue per ordering key (kept only for connectors that deliver per key), and the delivery
+//! position of the ledger.
+//!
+//! Intake is the hot path: per event it writes two records with increasing keys (the event and
+//! its id in the deduplication window) and, for per-key connectors, one entry in the key's
+//! queue. Ids are looked up in an in-memory index of the window rather than a table keyed by
+//! id, because random keys spread every commit over the whole tree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use backhaul_events::{BatchFrame, EventOutcome, Outcome, StampedEvent};
+use backhaul_events::{BatchFrame, Epoch, Event, EventOutcome, Outcome, StampedEvent};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -20,10 +27,9 @@ use serde::{Deserialize, Serialize};
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// The queue of each ordering key: key bytes followed by the outbox sequence number.
 const BY_KEY: TableDefinition<&[u8], ()> = TableDefinition::new("by_ordering_key");
-/// Event ids seen per site: site, 0, id → outbox sequence number.
-const SEEN_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("seen_ids");
-/// The same ids by the outbox sequence number that recorded them, oldest first, so the
-/// deduplication window can be kept to a bounded number of ids.
+/// The deduplication window: site, 0, id by the outbox sequence number that recorded it,
+/// oldest first, so the window can be kept to a bounded number of ids. Looked up through
+/// [`SeenIds`], which is rebuilt from it at open.
 const SEEN_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("seen_order");
 /// Ids forgotten per transaction at most, so pruning never holds up an acknowledgement long.
 const PRUNE_PER_COMMIT: usize = 20_000;
@@ -36,6 +42,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DLQ: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
 const META_NEXT_OUTBOX_SEQ: &str = "next_outbox_seq";
+/// 1 while `BY_KEY` holds every waiting event (per-key connectors), 0 while it is not kept.
+const META_PER_KEY_QUEUES: &str = "per_key_queues";
 const META_LEDGER_COMMITTED_LEN: &str = "ledger_committed_len";
 
 #[derive(Debug, thiserror::Error)]
@@ -93,12 +101,55 @@ pub struct Stored {
     pub outcomes: Vec<EventOutcome>,
 }
 
+/// How the outbox is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxOptions {
+    /// redb's page cache, in bytes.
+    pub cache_size: usize,
+    /// How many event ids are remembered for deduplication (outbox.dedup_ids).
+    pub dedup_ids: u64,
+    /// Keep a queue per ordering key, for connectors that deliver per key. The ledger delivers
+    /// in arrival order and needs none. Switching it on rebuilds the queues from the outbox.
+    pub per_key_queues: bool,
+}
+
 pub struct Outbox {
     db: Database,
-    /// How many event ids are remembered for deduplication (outbox.dedup_ids).
-    dedup_ids: u64,
+    options: OutboxOptions,
     path: PathBuf,
-    sites: Mutex<BTreeMap<String, SiteRecord>>,
+    /// Held by every writer for its whole transaction: the site table is read, changed and
+    /// written back, and the id index must change only with what was committed.
+    state: Mutex<WriterState>,
+}
+
+struct WriterState {
+    sites: BTreeMap<String, SiteRecord>,
+    seen: SeenIds,
+}
+
+/// The deduplication window in memory: a 64-bit hash of site and id → the outbox sequence
+/// number under which `SEEN_ORDER` recorded it. A hit is confirmed against `SEEN_ORDER`, so a
+/// hash collision can never drop an event as a duplicate (at worst it forgets an older id).
+struct SeenIds {
+    hasher: RandomState,
+    by_hash: HashMap<u64, u64>,
+}
+
+impl SeenIds {
+    fn hash(&self, id_key: &[u8]) -> u64 {
+        self.hasher.hash_one(id_key)
+    }
+
+    /// Applies what a committed transaction recorded and forgot.
+    fn apply(&mut self, recorded: HashMap<u64, u64>, forgotten: Vec<(u64, u64)>) {
+        self.by_hash.extend(recorded);
+        for (hash, seq) in forgotten {
+            // A replayed event was recorded again under a newer number: keep that one.
+            if self.by_hash.get(&hash) == Some(&seq) {
+                self.by_hash.remove(&hash);
+            }
+        }
+    }
 }
 
 fn site_key(site: &str, tail: &[u8]) -> Vec<u8> {
@@ -112,13 +163,40 @@ fn site_key(site: &str, tail: &[u8]) -> Vec<u8> {
 /// The queue an event waits in: its site and ordering key. Prefix-free, so the entries of one
 /// queue are exactly the keys that start with it followed by 8 bytes of outbox sequence.
 pub fn queue_of(event: &StampedEvent) -> Vec<u8> {
-    site_key(&event.site, &event.ordering_key().to_bytes())
+    queue_bytes(&event.site, &event.event)
 }
 
-fn queue_key(event: &StampedEvent, outbox_seq: u64) -> Vec<u8> {
-    let mut key = queue_of(event);
+fn queue_bytes(site: &str, event: &Event) -> Vec<u8> {
+    site_key(site, &backhaul_events::OrderingKey::of(event).to_bytes())
+}
+
+fn queue_key(site: &str, event: &Event, outbox_seq: u64) -> Vec<u8> {
+    let mut key = queue_bytes(site, event);
     key.extend_from_slice(&outbox_seq.to_be_bytes());
     key
+}
+
+/// A stamped event by reference, serialised exactly like [`StampedEvent`], so intake stores
+/// the events of a batch without copying them first.
+#[derive(Serialize)]
+struct StampedRef<'a> {
+    site: &'a str,
+    epoch: Epoch,
+    seq: u64,
+    received_at_ms: i64,
+    event: &'a Event,
+}
+
+impl<'a> StampedRef<'a> {
+    fn of(event: &'a StampedEvent) -> StampedRef<'a> {
+        StampedRef {
+            site: &event.site,
+            epoch: event.epoch,
+            seq: event.seq,
+            received_at_ms: event.received_at_ms,
+            event: &event.event,
+        }
+    }
 }
 
 /// A dead letter: the event, the ERP's reason, and when it happened.
@@ -142,54 +220,91 @@ pub struct Head {
 /// Puts events into the outbox: the event, its place in its key's queue, and its id in the
 /// deduplication window. Intake and replay both go through here, so a replayed event is
 /// queued exactly like a new one.
-struct Enqueue<'txn> {
+struct Enqueue<'txn, 's> {
     outbox: redb::Table<'txn, u64, &'static [u8]>,
-    by_key: redb::Table<'txn, &'static [u8], ()>,
-    seen: redb::Table<'txn, &'static [u8], u64>,
+    by_key: Option<redb::Table<'txn, &'static [u8], ()>>,
     seen_order: redb::Table<'txn, u64, &'static [u8]>,
     meta: redb::Table<'txn, &'static str, u64>,
     next: u64,
+    /// The committed window.
+    seen: &'s SeenIds,
+    /// Ids recorded by this transaction, applied to `seen` once it commits.
+    recorded: HashMap<u64, u64>,
+    encoded: Vec<u8>,
 }
 
-impl<'txn> Enqueue<'txn> {
-    fn open(txn: &'txn WriteTransaction) -> Result<Enqueue<'txn>, OutboxError> {
+impl<'txn, 's> Enqueue<'txn, 's> {
+    fn open(
+        txn: &'txn WriteTransaction,
+        seen: &'s SeenIds,
+        per_key_queues: bool,
+    ) -> Result<Enqueue<'txn, 's>, OutboxError> {
         let meta = txn.open_table(META).map_err(storage)?;
         let next = meta
             .get(META_NEXT_OUTBOX_SEQ)
             .map_err(storage)?
             .map(|v| v.value())
             .unwrap_or(1);
+        let by_key = if per_key_queues {
+            Some(txn.open_table(BY_KEY).map_err(storage)?)
+        } else {
+            None
+        };
         Ok(Enqueue {
             outbox: txn.open_table(OUTBOX).map_err(storage)?,
-            by_key: txn.open_table(BY_KEY).map_err(storage)?,
-            seen: txn.open_table(SEEN_IDS).map_err(storage)?,
+            by_key,
             seen_order: txn.open_table(SEEN_ORDER).map_err(storage)?,
             meta,
             next,
+            seen,
+            recorded: HashMap::new(),
+            encoded: Vec::new(),
         })
     }
 
-    fn push(&mut self, event: &StampedEvent) -> Result<(), OutboxError> {
+    /// Whether the id (site, 0, id) is in the window, committed or recorded by this
+    /// transaction.
+    fn is_seen(&self, id_key: &[u8]) -> Result<bool, OutboxError> {
+        let hash = self.seen.hash(id_key);
+        let Some(seq) = self
+            .recorded
+            .get(&hash)
+            .or_else(|| self.seen.by_hash.get(&hash))
+        else {
+            return Ok(false);
+        };
+        Ok(self
+            .seen_order
+            .get(*seq)
+            .map_err(storage)?
+            .is_some_and(|recorded| recorded.value() == id_key))
+    }
+
+    fn push(&mut self, event: &StampedRef<'_>, id_key: &[u8]) -> Result<(), OutboxError> {
         let seq = self.next;
-        let bytes = postcard::to_stdvec(event).map_err(storage)?;
-        self.outbox.insert(seq, bytes.as_slice()).map_err(storage)?;
-        self.by_key
-            .insert(queue_key(event, seq).as_slice(), ())
+        self.encoded.clear();
+        self.encoded =
+            postcard::to_extend(event, std::mem::take(&mut self.encoded)).map_err(storage)?;
+        self.outbox
+            .insert(seq, self.encoded.as_slice())
             .map_err(storage)?;
-        let id_key = site_key(&event.site, event.event.id.as_bytes());
-        self.seen.insert(id_key.as_slice(), seq).map_err(storage)?;
-        self.seen_order
-            .insert(seq, id_key.as_slice())
-            .map_err(storage)?;
+        if let Some(by_key) = &mut self.by_key {
+            by_key
+                .insert(queue_key(event.site, event.event, seq).as_slice(), ())
+                .map_err(storage)?;
+        }
+        self.seen_order.insert(seq, id_key).map_err(storage)?;
+        self.recorded.insert(self.seen.hash(id_key), seq);
         self.next += 1;
         Ok(())
     }
 
-    fn finish(mut self) -> Result<(), OutboxError> {
+    /// Ends the enqueueing; returns the ids recorded, to apply to the window after the commit.
+    fn finish(mut self) -> Result<HashMap<u64, u64>, OutboxError> {
         self.meta
             .insert(META_NEXT_OUTBOX_SEQ, self.next)
-            .map_err(storage)
-            .map(|_| ())
+            .map_err(storage)?;
+        Ok(self.recorded)
     }
 }
 
@@ -216,7 +331,7 @@ pub fn now_ms() -> i64 {
 }
 
 impl Outbox {
-    pub fn open(dir: &Path, cache_size: usize, dedup_ids: u64) -> Result<Arc<Outbox>, OutboxError> {
+    pub fn open(dir: &Path, options: OutboxOptions) -> Result<Arc<Outbox>, OutboxError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             OutboxError::Storage(format!(
                 "cannot create the state directory {}: {e}",
@@ -225,7 +340,7 @@ impl Outbox {
         })?;
         let path = dir.join("outbox.redb");
         let mut builder = Database::builder();
-        builder.set_cache_size(cache_size);
+        builder.set_cache_size(options.cache_size);
         builder.set_check_integrity_on_open(true);
         let opened = if path.exists() {
             builder.open(&path)
@@ -246,18 +361,15 @@ impl Outbox {
         };
         // Give space freed by earlier deliveries back to the file system.
         let _ = db.compact();
-        let txn = db.begin_write().map_err(storage)?;
         let mut sites = BTreeMap::new();
+        let mut seen = SeenIds {
+            hasher: RandomState::new(),
+            by_hash: HashMap::new(),
+        };
+        let txn = db.begin_write().map_err(storage)?;
         {
-            {
-                let table = OUTBOX;
-                txn.open_table(table).map_err(storage)?;
-            }
-            txn.open_table(BY_KEY).map_err(storage)?;
-            txn.open_table(SEEN_IDS).map_err(storage)?;
-            txn.open_table(SEEN_ORDER).map_err(storage)?;
+            txn.open_table(OUTBOX).map_err(storage)?;
             txn.open_table(EPOCHS).map_err(storage)?;
-            txn.open_table(META).map_err(storage)?;
             txn.open_table(DLQ).map_err(storage)?;
             let table = txn.open_table(SITES).map_err(storage)?;
             for entry in table.iter().map_err(storage)? {
@@ -266,14 +378,62 @@ impl Outbox {
                     sites.insert(key.value().to_string(), record);
                 }
             }
+            let order = txn.open_table(SEEN_ORDER).map_err(storage)?;
+            seen.by_hash.reserve(order.len().map_err(storage)? as usize);
+            for entry in order.iter().map_err(storage)? {
+                let (seq, id_key) = entry.map_err(storage)?;
+                seen.by_hash.insert(seen.hash(id_key.value()), seq.value());
+            }
+            Self::keep_queues(&txn, options.per_key_queues)?;
         }
         txn.commit().map_err(storage)?;
         Ok(Arc::new(Outbox {
-            dedup_ids,
             db,
+            options,
             path,
-            sites: Mutex::new(sites),
+            state: Mutex::new(WriterState { sites, seen }),
         }))
+    }
+
+    /// Builds the per-key queues from the waiting events when they are wanted and not kept,
+    /// and drops them when they are kept and not wanted.
+    fn keep_queues(txn: &WriteTransaction, wanted: bool) -> Result<(), OutboxError> {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let kept = meta
+            .get(META_PER_KEY_QUEUES)
+            .map_err(storage)?
+            .is_some_and(|v| v.value() == 1);
+        if kept == wanted {
+            txn.open_table(BY_KEY).map_err(storage)?;
+            return Ok(());
+        }
+        txn.delete_table(BY_KEY).map_err(storage)?;
+        let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
+        if wanted {
+            let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+            let mut rebuilt = 0u64;
+            for entry in outbox.iter().map_err(storage)? {
+                let (seq, value) = entry.map_err(storage)?;
+                let event: StampedEvent = decode_record(seq.value(), value.value())?;
+                by_key
+                    .insert(
+                        queue_key(&event.site, &event.event, seq.value()).as_slice(),
+                        (),
+                    )
+                    .map_err(storage)?;
+                rebuilt += 1;
+            }
+            tracing::info!(events = rebuilt, "per-key queues built from the outbox");
+        }
+        meta.insert(META_PER_KEY_QUEUES, u64::from(wanted))
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    fn lock_state(&self) -> Result<MutexGuard<'_, WriterState>, OutboxError> {
+        self.state
+            .lock()
+            .map_err(|_| OutboxError::Storage("the outbox state lock is poisoned".into()))
     }
 
     pub fn path(&self) -> &Path {
@@ -281,9 +441,9 @@ impl Outbox {
     }
 
     pub fn sites(&self) -> Vec<SiteRecord> {
-        self.sites
+        self.state
             .lock()
-            .map(|s| s.values().cloned().collect())
+            .map(|s| s.sites.values().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -298,101 +458,26 @@ impl Outbox {
 
     /// Stores batches in one durable transaction; one result per batch, in order.
     pub fn store(&self, batches: &[BatchFrame]) -> Result<Vec<Stored>, OutboxError> {
-        // The site table is read, changed and written back by every writer: hold it for the
-        // whole transaction so no writer works from a copy another one is about to replace.
-        let mut current = self
-            .sites
-            .lock()
-            .map_err(|_| OutboxError::Storage("the site table lock is poisoned".into()))?;
+        let mut state = self.lock_state()?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = current.clone();
+        let mut sites = state.sites.clone();
         let mut results = Vec::with_capacity(batches.len());
-        for batch in batches {
-            results.push(self.store_one(&txn, batch, &mut sites)?);
-        }
-        self.forget_old_ids(&txn)?;
+        let (recorded, forgotten) = {
+            let mut queue = Enqueue::open(&txn, &state.seen, self.options.per_key_queues)?;
+            let mut epochs = txn.open_table(EPOCHS).map_err(storage)?;
+            for batch in batches {
+                results.push(store_batch(&mut queue, &mut epochs, batch, &mut sites)?);
+            }
+            let recorded = queue.finish()?;
+            (recorded, self.forget_old_ids(&txn, &state.seen)?)
+        };
         let touched: Vec<&SiteRecord> = results.iter().filter_map(|r| sites.get(&r.site)).collect();
         write_sites(&txn, touched)?;
         txn.commit().map_err(storage)?;
-        *current = sites;
+        state.sites = sites;
+        state.seen.apply(recorded, forgotten);
         Ok(results)
-    }
-
-    fn store_one(
-        &self,
-        txn: &WriteTransaction,
-        batch: &BatchFrame,
-        sites: &mut BTreeMap<String, SiteRecord>,
-    ) -> Result<Stored, OutboxError> {
-        let mut epochs = txn.open_table(EPOCHS).map_err(storage)?;
-        let epoch_key = site_key(&batch.site, &batch.epoch.0.to_be_bytes());
-        let known = epochs
-            .get(epoch_key.as_slice())
-            .map_err(storage)?
-            .map(|v| v.value());
-        let record = sites
-            .entry(batch.site.clone())
-            .or_insert_with(|| SiteRecord {
-                site: batch.site.clone(),
-                ..SiteRecord::default()
-            });
-        record.last_seen_ms = now_ms();
-        record.epoch = batch.epoch.to_string();
-        let mut result = Stored {
-            site: batch.site.clone(),
-            epoch: batch.epoch,
-            acked_through: known.unwrap_or(0),
-            stored: 0,
-            duplicates: 0,
-            gap: false,
-            outcomes: Vec::new(),
-        };
-        // An epoch seen before must continue without a gap: an acknowledgement promises
-        // everything up to its number. A new epoch starts wherever its first batch starts,
-        // because what came before was acknowledged by an earlier outbox or never existed.
-        if let Some(highest) = known
-            && batch.first_seq > highest + 1
-        {
-            result.gap = true;
-            record.highest_seq = highest;
-            return Ok(result);
-        }
-        let highest = known.unwrap_or(0);
-        let mut queue = Enqueue::open(txn)?;
-        for stamped in batch.stamped() {
-            if known.is_some() && stamped.seq <= highest {
-                result.duplicates += 1;
-                continue;
-            }
-            let id_key = site_key(&stamped.site, stamped.event.id.as_bytes());
-            if queue
-                .seen
-                .get(id_key.as_slice())
-                .map_err(storage)?
-                .is_some()
-            {
-                result.duplicates += 1;
-                result.outcomes.push(EventOutcome {
-                    seq: stamped.seq,
-                    id: stamped.event.id.clone(),
-                    outcome: Outcome::Duplicate,
-                });
-                continue;
-            }
-            queue.push(&stamped)?;
-            result.stored += 1;
-        }
-        queue.finish()?;
-        let through = highest.max(batch.last_seq);
-        epochs
-            .insert(epoch_key.as_slice(), through)
-            .map_err(storage)?;
-        result.acked_through = through;
-        record.highest_seq = through;
-        record.events_stored += result.stored;
-        record.events_duplicate += result.duplicates;
-        Ok(result)
     }
 
     /// The oldest undelivered events, in arrival order, with their outbox sequence numbers.
@@ -402,13 +487,7 @@ impl Outbox {
         let mut out = Vec::new();
         for entry in table.iter().map_err(storage)?.take(limit) {
             let (key, value) = entry.map_err(storage)?;
-            let event: StampedEvent = postcard::from_bytes(value.value()).map_err(|e| {
-                OutboxError::Storage(format!(
-                    "outbox record {} cannot be decoded: {e}",
-                    key.value()
-                ))
-            })?;
-            out.push((key.value(), event));
+            out.push((key.value(), decode_record(key.value(), value.value())?));
         }
         Ok(out)
     }
@@ -429,26 +508,120 @@ impl Outbox {
         site: &str,
         id: &str,
     ) -> Result<Option<(u64, StampedEvent)>, OutboxError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let seen = txn.open_table(SEEN_IDS).map_err(storage)?;
-        let Some(outbox_seq) = seen
-            .get(site_key(site, id.as_bytes()).as_slice())
-            .map_err(storage)?
-            .map(|v| v.value())
-        else {
-            return Ok(None);
+        let id_key = site_key(site, id.as_bytes());
+        let outbox_seq = {
+            let state = self.lock_state()?;
+            match state.seen.by_hash.get(&state.seen.hash(&id_key)) {
+                Some(seq) => *seq,
+                None => return Ok(None),
+            }
         };
+        let txn = self.db.begin_read().map_err(storage)?;
+        let order = txn.open_table(SEEN_ORDER).map_err(storage)?;
+        if order
+            .get(outbox_seq)
+            .map_err(storage)?
+            .is_none_or(|recorded| recorded.value() != id_key.as_slice())
+        {
+            return Ok(None);
+        }
         let outbox = txn.open_table(OUTBOX).map_err(storage)?;
         match outbox.get(outbox_seq).map_err(storage)? {
-            Some(value) => {
-                let event = postcard::from_bytes(value.value()).map_err(storage)?;
-                Ok(Some((outbox_seq, event)))
-            }
+            Some(value) => Ok(Some((
+                outbox_seq,
+                decode_record(outbox_seq, value.value())?,
+            ))),
             None => Ok(None),
         }
     }
 }
 
+fn decode_record(outbox_seq: u64, bytes: &[u8]) -> Result<StampedEvent, OutboxError> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        OutboxError::Storage(format!("outbox record {outbox_seq} cannot be decoded: {e}"))
+    })
+}
+
+/// Stores one batch: checks it continues its epoch without a gap, drops what is already
+/// there, and queues the rest.
+fn store_batch(
+    queue: &mut Enqueue<'_, '_>,
+    epochs: &mut redb::Table<'_, &'static [u8], u64>,
+    batch: &BatchFrame,
+    sites: &mut BTreeMap<String, SiteRecord>,
+) -> Result<Stored, OutboxError> {
+    let epoch_key = site_key(&batch.site, &batch.epoch.0.to_be_bytes());
+    let known = epochs
+        .get(epoch_key.as_slice())
+        .map_err(storage)?
+        .map(|v| v.value());
+    let record = sites
+        .entry(batch.site.clone())
+        .or_insert_with(|| SiteRecord {
+            site: batch.site.clone(),
+            ..SiteRecord::default()
+        });
+    record.last_seen_ms = now_ms();
+    record.epoch = batch.epoch.to_string();
+    let mut result = Stored {
+        site: batch.site.clone(),
+        epoch: batch.epoch,
+        acked_through: known.unwrap_or(0),
+        stored: 0,
+        duplicates: 0,
+        gap: false,
+        outcomes: Vec::new(),
+    };
+    // An epoch seen before must continue without a gap: an acknowledgement promises
+    // everything up to its number. A new epoch starts wherever its first batch starts,
+    // because what came before was acknowledged by an earlier outbox or never existed.
+    if let Some(highest) = known
+        && batch.first_seq > highest + 1
+    {
+        result.gap = true;
+        record.highest_seq = highest;
+        return Ok(result);
+    }
+    let highest = known.unwrap_or(0);
+    let mut id_key = Vec::new();
+    for entry in &batch.events {
+        if known.is_some() && entry.seq <= highest {
+            result.duplicates += 1;
+            continue;
+        }
+        id_key.clear();
+        id_key.extend_from_slice(batch.site.as_bytes());
+        id_key.push(0);
+        id_key.extend_from_slice(entry.event.id.as_bytes());
+        if queue.is_seen(&id_key)? {
+            result.duplicates += 1;
+            result.outcomes.push(EventOutcome {
+                seq: entry.seq,
+                id: entry.event.id.clone(),
+                outcome: Outcome::Duplicate,
+            });
+            continue;
+        }
+        let stamped = StampedRef {
+            site: &batch.site,
+            epoch: batch.epoch,
+            seq: entry.seq,
+            received_at_ms: entry.received_at_ms,
+            event: &entry.event,
+        };
+        queue.push(&stamped, &id_key)?;
+        result.stored += 1;
+    }
+    let through = highest.max(batch.last_seq);
+    epochs
+        .insert(epoch_key.as_slice(), through)
+        .map_err(storage)?;
+    result.acked_through = through;
+    record.highest_seq = through;
+    record.events_stored += result.stored;
+    record.events_duplicate += result.duplicates;
+    Ok(result)
+}
 impl Outbox {
     /// The first waiting event of up to `limit` queues, skipping the queues `skip` says no to
     /// (in flight, or waiting to retry). Seeks from queue to queue, so the cost grows with the
@@ -458,6 +631,13 @@ impl Outbox {
         limit: usize,
         skip: impl Fn(&[u8]) -> bool,
     ) -> Result<Vec<Head>, OutboxError> {
+        if !self.options.per_key_queues {
+            return Err(OutboxError::Storage(
+                "the outbox keeps no per-key queues: it was opened for a connector that \
+                 delivers in arrival order"
+                    .into(),
+            ));
+        }
         let txn = self.db.begin_read().map_err(storage)?;
         let by_key = txn.open_table(BY_KEY).map_err(storage)?;
         let outbox = txn.open_table(OUTBOX).map_err(storage)?;
@@ -499,7 +679,7 @@ impl Outbox {
             let Some(value) = outbox.get(outbox_seq).map_err(storage)? else {
                 continue;
             };
-            let event: StampedEvent = postcard::from_bytes(value.value()).map_err(storage)?;
+            let event = decode_record(outbox_seq, value.value())?;
             heads.push(Head {
                 queue: queue.to_vec(),
                 outbox_seq,
@@ -518,34 +698,38 @@ impl Outbox {
         dead: &[(u64, StampedEvent, String, u32)],
         ledger_len: Option<u64>,
     ) -> Result<(), OutboxError> {
-        // The site table is read, changed and written back by every writer: hold it for the
-        // whole transaction so no writer works from a copy another one is about to replace.
-        let mut current = self
-            .sites
-            .lock()
-            .map_err(|_| OutboxError::Storage("the site table lock is poisoned".into()))?;
+        let mut state = self.lock_state()?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = current.clone();
+        let mut sites = state.sites.clone();
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
-            let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
+            let mut by_key = if self.options.per_key_queues {
+                Some(txn.open_table(BY_KEY).map_err(storage)?)
+            } else {
+                None
+            };
             let mut dlq = txn.open_table(DLQ).map_err(storage)?;
-            for (outbox_seq, event) in posted {
-                if outbox.remove(*outbox_seq).map_err(storage)?.is_some() {
+            let mut leave = |outbox_seq: u64, event: &StampedEvent| -> Result<bool, OutboxError> {
+                if outbox.remove(outbox_seq).map_err(storage)?.is_none() {
+                    return Ok(false);
+                }
+                if let Some(by_key) = &mut by_key {
                     by_key
-                        .remove(queue_key(event, *outbox_seq).as_slice())
+                        .remove(queue_key(&event.site, &event.event, outbox_seq).as_slice())
                         .map_err(storage)?;
-                    if let Some(record) = sites.get_mut(&event.site) {
-                        record.events_delivered += 1;
-                    }
+                }
+                Ok(true)
+            };
+            for (outbox_seq, event) in posted {
+                if leave(*outbox_seq, event)?
+                    && let Some(record) = sites.get_mut(&event.site)
+                {
+                    record.events_delivered += 1;
                 }
             }
             for (outbox_seq, event, reason, attempts) in dead {
-                if outbox.remove(*outbox_seq).map_err(storage)?.is_some() {
-                    by_key
-                        .remove(queue_key(event, *outbox_seq).as_slice())
-                        .map_err(storage)?;
+                if leave(*outbox_seq, event)? {
                     let letter = DeadLetter {
                         id: *outbox_seq,
                         reason: reason.clone(),
@@ -568,7 +752,7 @@ impl Outbox {
             write_sites(&txn, sites.values())?;
         }
         txn.commit().map_err(storage)?;
-        *current = sites;
+        state.sites = sites;
         Ok(())
     }
 
@@ -613,17 +797,12 @@ impl Outbox {
         ids: Option<&[u64]>,
         requeue: bool,
     ) -> Result<Vec<u64>, OutboxError> {
-        // The site table is read, changed and written back by every writer: hold it for the
-        // whole transaction so no writer works from a copy another one is about to replace.
-        let mut current = self
-            .sites
-            .lock()
-            .map_err(|_| OutboxError::Storage("the site table lock is poisoned".into()))?;
+        let mut state = self.lock_state()?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = current.clone();
+        let mut sites = state.sites.clone();
         let mut taken = Vec::new();
-        {
+        let recorded = {
             let mut dlq = txn.open_table(DLQ).map_err(storage)?;
             let mut wanted: Vec<u64> = match ids {
                 Some(ids) => ids.to_vec(),
@@ -637,7 +816,7 @@ impl Outbox {
             };
             wanted.sort_unstable();
             wanted.dedup();
-            let mut queue = Enqueue::open(&txn)?;
+            let mut queue = Enqueue::open(&txn, &state.seen, self.options.per_key_queues)?;
             for id in wanted {
                 let letter: DeadLetter = match dlq.remove(id).map_err(storage)? {
                     Some(value) => serde_json::from_slice(value.value()).map_err(storage)?,
@@ -647,15 +826,18 @@ impl Outbox {
                     record.events_dead_lettered = record.events_dead_lettered.saturating_sub(1);
                 }
                 if requeue {
-                    queue.push(&letter.event)?;
+                    let id_key = site_key(&letter.event.site, letter.event.event.id.as_bytes());
+                    queue.push(&StampedRef::of(&letter.event), &id_key)?;
                 }
                 taken.push(id);
             }
-            queue.finish()?;
+            let recorded = queue.finish()?;
             write_sites(&txn, sites.values())?;
-        }
+            recorded
+        };
         txn.commit().map_err(storage)?;
-        *current = sites;
+        state.sites = sites;
+        state.seen.apply(recorded, Vec::new());
         Ok(taken)
     }
 }
@@ -665,27 +847,52 @@ impl Outbox {
     /// re-sent later is still recognised by its sequence numbers; only an event re-sent under
     /// a new sequence number after that many newer ones would be stored again, and connectors
     /// write idempotently by event id.
-    fn forget_old_ids(&self, txn: &WriteTransaction) -> Result<(), OutboxError> {
+    /// Returns the (hash, sequence) pairs forgotten, to take out of the in-memory window once
+    /// the transaction commits.
+    fn forget_old_ids(
+        &self,
+        txn: &WriteTransaction,
+        seen: &SeenIds,
+    ) -> Result<Vec<(u64, u64)>, OutboxError> {
         let mut order = txn.open_table(SEEN_ORDER).map_err(storage)?;
-        let mut seen = txn.open_table(SEEN_IDS).map_err(storage)?;
-        let excess = order.len().map_err(storage)?.saturating_sub(self.dedup_ids);
+        let excess = order
+            .len()
+            .map_err(storage)?
+            .saturating_sub(self.options.dedup_ids);
+        let mut forgotten = Vec::new();
         for _ in 0..excess.min(PRUNE_PER_COMMIT as u64) {
-            let Some((seq, key)) = order
+            let Some((seq, hash)) = order
                 .pop_first()
                 .map_err(storage)?
-                .map(|(s, k)| (s.value(), k.value().to_vec()))
+                .map(|(s, k)| (s.value(), seen.hash(k.value())))
             else {
                 break;
             };
-            // A replayed event was recorded again under a newer number: keep that one.
-            let current = seen
-                .get(key.as_slice())
-                .map_err(storage)?
-                .map(|v| v.value());
-            if current == Some(seq) {
-                seen.remove(key.as_slice()).map_err(storage)?;
-            }
+            forgotten.push((hash, seq));
         }
-        Ok(())
+        Ok(forgotten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stamped_reference_encodes_like_the_stamped_event() {
+        let event = backhaul_events::event::parse_event(
+            br#"{"v":1,"id":"e1","type":"count","ts":"2026-11-22T10:15:00Z","sku":"S","qty":1,"location":"L"}"#,
+        )
+        .unwrap();
+        let stamped = StampedEvent {
+            site: "wh".into(),
+            epoch: Epoch(7),
+            seq: 42,
+            received_at_ms: 1_700_000_000_000,
+            event,
+        };
+        let by_ref = postcard::to_stdvec(&StampedRef::of(&stamped)).unwrap();
+        assert_eq!(by_ref, postcard::to_stdvec(&stamped).unwrap());
+        assert_eq!(decode_record(1, &by_ref).unwrap(), stamped);
     }
 }

@@ -16,7 +16,7 @@ use crate::engine::Engine;
 use crate::intake::Intake;
 use crate::ledger::Ledger;
 use crate::metrics::RelayMetrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, OutboxOptions};
 
 pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let config = loaded.config.clone();
@@ -31,10 +31,13 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || crate::broker::start(listen, max)).await??;
     }
     let state_dir = config.state_dir.clone();
-    let cache = config.outbox.cache_size.0 as usize;
-    let dedup_ids = config.outbox.dedup_ids;
-    let outbox =
-        tokio::task::spawn_blocking(move || Outbox::open(&state_dir, cache, dedup_ids)).await??;
+    let options = OutboxOptions {
+        cache_size: config.outbox.cache_size.0 as usize,
+        dedup_ids: config.outbox.dedup_ids,
+        // The ledger delivers in arrival order; every other connector per ordering key.
+        per_key_queues: config.sink.ledger.is_none(),
+    };
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&state_dir, options)).await??;
     tracing::info!(path = %outbox.path().display(), depth = outbox.depth(), "outbox open");
     let metrics = RelayMetrics::new();
     let stop = CancellationToken::new();

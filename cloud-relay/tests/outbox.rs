@@ -3,7 +3,15 @@
 
 use backhaul_events::event::parse_event;
 use backhaul_events::{BatchEntry, BatchFrame, Epoch};
-use backhaul_relay::outbox::Outbox;
+use backhaul_relay::outbox::{Outbox, OutboxOptions};
+
+fn options(dedup_ids: u64) -> OutboxOptions {
+    OutboxOptions {
+        cache_size: 1 << 20,
+        dedup_ids,
+        per_key_queues: true,
+    }
+}
 
 fn batch(epoch: u128, first_seq: u64, ids: &[&str]) -> BatchFrame {
     let events: Vec<BatchEntry> = ids
@@ -32,7 +40,7 @@ fn batch(epoch: u128, first_seq: u64, ids: &[&str]) -> BatchFrame {
 #[test]
 fn repeats_are_stored_once_and_gaps_are_not_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path(), 1 << 20, 1000).unwrap();
+    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
     let first = outbox.store(&[batch(1, 1, &["a", "b", "c"])]).unwrap();
     assert_eq!((first[0].stored, first[0].acked_through), (3, 3));
     // The same batch again (a re-send after a lost ack): nothing new, same acknowledgement.
@@ -54,7 +62,7 @@ fn repeats_are_stored_once_and_gaps_are_not_acknowledged() {
 #[test]
 fn the_deduplication_window_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path(), 1 << 20, 5).unwrap();
+    let outbox = Outbox::open(dir.path(), options(5)).unwrap();
     let ids: Vec<String> = (0..20).map(|i| format!("e{i}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     outbox.store(&[batch(1, 1, &refs)]).unwrap();
@@ -62,4 +70,50 @@ fn the_deduplication_window_is_bounded() {
     // oldest (under a new epoch, so not recognised by sequence) is stored again.
     let repeat = outbox.store(&[batch(2, 1, &["e19", "e0"])]).unwrap();
     assert_eq!((repeat[0].duplicates, repeat[0].stored), (1, 1));
+}
+
+#[test]
+fn ids_are_remembered_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+        outbox.store(&[batch(1, 1, &["a", "b"])]).unwrap();
+    }
+    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+    // A rebuilt agent log (new epoch) repeating both ids: nothing stored twice.
+    let repeat = outbox.store(&[batch(2, 1, &["b", "a", "c"])]).unwrap();
+    assert_eq!((repeat[0].stored, repeat[0].duplicates), (1, 2));
+    assert_eq!(outbox.depth(), 3);
+    let (seq, found) = outbox.find_pending("wh", "c").unwrap().unwrap();
+    assert_eq!((seq, found.event.id.as_str()), (3, "c"));
+    assert!(outbox.find_pending("wh", "zz").unwrap().is_none());
+}
+
+#[test]
+fn per_key_queues_are_built_when_a_per_key_connector_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let in_arrival_order = OutboxOptions {
+            per_key_queues: false,
+            ..options(1000)
+        };
+        let outbox = Outbox::open(dir.path(), in_arrival_order).unwrap();
+        outbox.store(&[batch(1, 1, &["a", "b", "c"])]).unwrap();
+        assert!(outbox.heads(10, |_| false).is_err());
+        let pending = outbox.pending(10).unwrap();
+        let ids: Vec<&str> = pending.iter().map(|(_, e)| e.event.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+    // Every event has its own location, so each is the head of its own queue.
+    let heads = outbox.heads(10, |_| false).unwrap();
+    let mut ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["a", "b", "c"]);
+    // Delivered events leave their queue.
+    let first = &heads[0];
+    outbox
+        .complete(&[(first.outbox_seq, first.event.clone())], &[], None)
+        .unwrap();
+    assert_eq!(outbox.heads(10, |_| false).unwrap().len(), 2);
 }
