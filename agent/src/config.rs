@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use backhaul_events::config::{ByteSize, ConfigError, Secret, SecretSource, load_toml_file};
 use backhaul_events::topics::check_site_id;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +29,9 @@ pub struct AgentConfig {
 pub struct UplinkConfig {
     pub host: String,
     pub port: u16,
+    /// The MQTT version spoken to the broker.
+    #[serde(default)]
+    pub protocol: UplinkProtocol,
     /// Unique per agent; defaults to `backhaul-agent-{site}`.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -60,6 +63,34 @@ pub struct UplinkConfig {
     pub reconnect_min_ms: u64,
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max_ms: u64,
+}
+
+/// The MQTT version of the uplink: `"3.1.1"` (the default) or `"5"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UplinkProtocol {
+    #[default]
+    V311,
+    V5,
+}
+
+impl UplinkProtocol {
+    const EXPECTED: &str = "expected \"3.1.1\" or \"5\" (the MQTT version spoken to the broker)";
+}
+
+impl<'de> Deserialize<'de> for UplinkProtocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A string only: `protocol = 5` would read as a number and 3.1.1 cannot be one.
+        let text = String::deserialize(d)
+            .map_err(|_| serde::de::Error::custom(UplinkProtocol::EXPECTED))?;
+        match text.as_str() {
+            "3.1.1" => Ok(UplinkProtocol::V311),
+            "5" => Ok(UplinkProtocol::V5),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown MQTT version {other:?}: {}",
+                UplinkProtocol::EXPECTED
+            ))),
+        }
+    }
 }
 
 fn default_keep_alive() -> u16 {

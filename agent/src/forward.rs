@@ -1,5 +1,6 @@
-//! The forwarder: drains the log to the relay in batches over MQTT, and deletes events from the
-//! log only when the relay acknowledges them as durable in its outbox.
+//! The forwarder: drains the log to the relay in batches over MQTT (3.1.1 or 5, as configured),
+//! and deletes events from the log only when the relay acknowledges them as durable in its
+//! outbox.
 //!
 //! The log is the single source of truth for what is in flight. Broker PUBACKs are not taken as
 //! delivery and the MQTT client's own retry queue is not relied on: after a reconnect or an ack
@@ -15,18 +16,22 @@ use backhaul_events::config::Secret;
 use backhaul_events::frame::Outcome;
 use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame};
 use backhaul_events::topics::{acks_topic, batches_topic, outcomes_topic};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
+use bytes::Bytes;
+use rumqttc::{Outgoing, Transport, v5};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::UplinkConfig;
+use crate::config::{UplinkConfig, UplinkProtocol};
 use crate::log::{EventLog, now_ms};
 use crate::metrics::AgentMetrics;
 
 /// Largest frame the agent sends or accepts; batches are far smaller, acks tiny.
 const MAX_FRAME_BYTES: usize = 8 << 20;
+
+/// Requests (publishes, subscribes) the MQTT client queues for its event loop.
+const REQUEST_QUEUE: usize = 64;
 
 /// What the status page says about the link to the broker and the relay.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -115,46 +120,94 @@ impl Forwarder {
         )
     }
 
-    fn mqtt_options(&self) -> anyhow::Result<MqttOptions> {
+    /// The MQTT client and event loop of the configured protocol version, with the same
+    /// session, size, window, credential and TLS settings for both.
+    fn uplink(&self) -> anyhow::Result<(UplinkClient, UplinkEventLoop)> {
         let client_id = self
             .config
             .client_id
             .clone()
             .unwrap_or_else(|| format!("backhaul-agent-{}", self.site));
-        let mut options = MqttOptions::new(client_id, self.config.host.clone(), self.config.port);
-        options.set_keep_alive(Duration::from_secs(u64::from(
-            self.config.keep_alive_secs.max(5),
-        )));
-        // A clean session on purpose: what the broker kept would only be replayed out of
-        // order; unacknowledged batches are re-sent from the log instead.
-        options.set_clean_session(true);
-        options.set_max_packet_size(MAX_FRAME_BYTES, MAX_FRAME_BYTES);
-        options.set_inflight(self.config.window.clamp(1, 1000) as u16 + 1);
-        if let Some(user) = &self.config.username {
+        let (host, port) = (self.config.host.clone(), self.config.port);
+        let keep_alive = Duration::from_secs(u64::from(self.config.keep_alive_secs.max(5)));
+        let inflight = self.config.window.clamp(1, 1000) as u16 + 1;
+        let credentials = self.config.username.as_ref().map(|user| {
             let password = self
                 .password
                 .as_ref()
                 .map(|p| p.expose().to_string())
                 .unwrap_or_default();
-            options.set_credentials(user.clone(), password);
-        }
-        if let Some(tls) = &self.config.tls {
-            let read = |path: &std::path::Path, what: &str| {
-                std::fs::read(path).map_err(|e| {
-                    anyhow::anyhow!("cannot read uplink.tls.{what} {}: {e}", path.display())
-                })
-            };
-            let ca = read(&tls.ca_file, "ca_file")?;
-            let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
-                (Some(cert), Some(key)) => Some((
-                    read(cert, "client_cert_file")?,
-                    read(key, "client_key_file")?,
-                )),
-                _ => None,
-            };
-            options.set_transport(Transport::tls(ca, client_auth, None));
-        }
-        Ok(options)
+            (user.clone(), password)
+        });
+        let transport = self.transport()?;
+        Ok(match self.config.protocol {
+            UplinkProtocol::V311 => {
+                let mut options = rumqttc::MqttOptions::new(client_id, host, port);
+                options.set_keep_alive(keep_alive);
+                // A clean session on purpose: what the broker kept would only be replayed out
+                // of order; unacknowledged batches are re-sent from the log instead.
+                options.set_clean_session(true);
+                options.set_max_packet_size(MAX_FRAME_BYTES, MAX_FRAME_BYTES);
+                options.set_inflight(inflight);
+                if let Some((user, password)) = credentials {
+                    options.set_credentials(user, password);
+                }
+                if let Some(transport) = transport {
+                    options.set_transport(transport);
+                }
+                let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
+                (
+                    UplinkClient::V4(client),
+                    UplinkEventLoop::V4(Box::new(eventloop)),
+                )
+            }
+            UplinkProtocol::V5 => {
+                let mut options = v5::MqttOptions::new(client_id, host, port);
+                options.set_keep_alive(keep_alive);
+                // Clean start and no session expiry: a 3.1.1 clean session, for the same
+                // reason.
+                options.set_clean_start(true);
+                // Goes out as CONNECT's Maximum Packet Size, so the broker sends nothing
+                // larger, and bounds what the client reads. What the agent may send is the
+                // broker's to say in its CONNACK; rumqttc fails the connection rather than
+                // send more.
+                options.set_max_packet_size(Some(MAX_FRAME_BYTES as u32));
+                // The broker's Receive Maximum lowers this when it is smaller.
+                options.set_outgoing_inflight_upper_limit(inflight);
+                if let Some((user, password)) = credentials {
+                    options.set_credentials(user, password);
+                }
+                if let Some(transport) = transport {
+                    options.set_transport(transport);
+                }
+                let (client, eventloop) = v5::AsyncClient::new(options, REQUEST_QUEUE);
+                (
+                    UplinkClient::V5(client),
+                    UplinkEventLoop::V5(Box::new(eventloop)),
+                )
+            }
+        })
+    }
+
+    /// TLS to the broker when `uplink.tls` is set; plain TCP otherwise.
+    fn transport(&self) -> anyhow::Result<Option<Transport>> {
+        let Some(tls) = &self.config.tls else {
+            return Ok(None);
+        };
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("cannot read uplink.tls.{what} {}: {e}", path.display())
+            })
+        };
+        let ca = read(&tls.ca_file, "ca_file")?;
+        let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
+            (Some(cert), Some(key)) => Some((
+                read(cert, "client_cert_file")?,
+                read(key, "client_key_file")?,
+            )),
+            _ => None,
+        };
+        Ok(Some(Transport::tls(ca, client_auth, None)))
     }
 
     fn set_status(&self, update: impl FnOnce(&mut LinkStatus)) {
@@ -189,8 +242,7 @@ impl Forwarder {
 
     /// Runs until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
-        let options = self.mqtt_options()?;
-        let (client, eventloop) = AsyncClient::new(options, 64);
+        let (client, eventloop) = self.uplink()?;
         let (link_tx, mut link_rx) = mpsc::channel(1024);
         let link_task = tokio::spawn(drive_link(
             eventloop,
@@ -268,8 +320,7 @@ impl Forwarder {
                     signature: None,
                 };
                 let payload = frame.encode()?;
-                if let Err(e) = client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload)
-                {
+                if let Err(e) = client.try_publish(&topic, payload) {
                     // The client's queue is full or closed: the link is going down; the batch
                     // goes again after the reconnect.
                     tracing::debug!(error = %e, "batch not queued");
@@ -393,7 +444,7 @@ impl Forwarder {
                 }
             }
         }
-        let _ = client.try_disconnect();
+        client.try_disconnect();
         link_task.abort();
         Ok(())
     }
@@ -406,17 +457,233 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Polls the MQTT event loop: reports the link going up (after the acks subscription is
-/// confirmed) and down, passes acknowledgements on, and backs off between reconnects.
+/// The MQTT client of the uplink in the configured protocol version: what the forwarder asks of
+/// it is the same for both.
+#[derive(Clone)]
+enum UplinkClient {
+    V4(rumqttc::AsyncClient),
+    V5(v5::AsyncClient),
+}
+
+impl UplinkClient {
+    /// Queues a QoS 1 publish without waiting; fails when the client's queue is full or closed.
+    fn try_publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            UplinkClient::V4(client) => client
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            UplinkClient::V5(client) => client
+                .try_publish(topic, v5::mqttbytes::QoS::AtLeastOnce, false, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Queues one SUBSCRIBE (QoS 1) for all the topics.
+    fn try_subscribe(&self, topics: &[&str]) -> Result<(), String> {
+        match self {
+            UplinkClient::V4(client) => client
+                .try_subscribe_many(topics.iter().map(|t| {
+                    rumqttc::SubscribeFilter::new(t.to_string(), rumqttc::QoS::AtLeastOnce)
+                }))
+                .map_err(|e| e.to_string()),
+            UplinkClient::V5(client) => {
+                client
+                    .try_subscribe_many(topics.iter().map(|t| {
+                        v5::mqttbytes::v5::Filter::new(*t, v5::mqttbytes::QoS::AtLeastOnce)
+                    }))
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Queues a DISCONNECT, if the client still takes requests.
+    fn try_disconnect(&self) {
+        // A full or closed queue means the connection is going anyway.
+        match self {
+            UplinkClient::V4(client) => {
+                let _ = client.try_disconnect();
+            }
+            UplinkClient::V5(client) => {
+                let _ = client.try_disconnect();
+            }
+        }
+    }
+}
+
+/// The event loop that goes with an [`UplinkClient`] (boxed: both are large).
+enum UplinkEventLoop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<v5::EventLoop>),
+}
+
+impl UplinkEventLoop {
+    /// The next event of the connection; a failure is reported once, and the poll after it
+    /// reconnects at once.
+    async fn poll(&mut self) -> Polled {
+        match self {
+            UplinkEventLoop::V4(eventloop) => polled_v4(eventloop.poll().await),
+            UplinkEventLoop::V5(eventloop) => polled_v5(eventloop.poll().await),
+        }
+    }
+}
+
+/// An event of either protocol's event loop, reduced to what the link needs to know.
+enum Polled {
+    /// The broker accepted the connection (CONNACK with success).
+    Connected,
+    /// A SUBSCRIBE went out with this packet id.
+    Subscribing(u16),
+    /// A SUBACK: whether the broker refused any filter, and why when it said.
+    Subscribed {
+        pkid: u16,
+        refused: bool,
+        reason: Option<String>,
+    },
+    /// A message on a subscribed topic.
+    Message { topic: Bytes, payload: Bytes },
+    /// Anything else: pings, PUBACKs, outgoing packets.
+    Other,
+    /// The connection failed, was refused or closed.
+    Failed(String),
+}
+
+fn polled_v4(event: Result<rumqttc::Event, rumqttc::ConnectionError>) -> Polled {
+    use rumqttc::{Event, Packet, SubscribeReasonCode};
+    match event {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => Polled::Connected,
+        Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => Polled::Subscribing(pkid),
+        Ok(Event::Incoming(Packet::SubAck(ack))) => Polled::Subscribed {
+            pkid: ack.pkid,
+            refused: ack
+                .return_codes
+                .iter()
+                .any(|c| matches!(c, SubscribeReasonCode::Failure)),
+            reason: None,
+        },
+        Ok(Event::Incoming(Packet::Publish(publish))) => Polled::Message {
+            topic: Bytes::from(publish.topic),
+            payload: publish.payload,
+        },
+        Ok(_) => Polled::Other,
+        Err(e) => Polled::Failed(e.to_string()),
+    }
+}
+
+fn polled_v5(event: Result<v5::Event, v5::ConnectionError>) -> Polled {
+    use v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
+    match event {
+        Ok(v5::Event::Incoming(Packet::ConnAck(_))) => Polled::Connected,
+        Ok(v5::Event::Outgoing(Outgoing::Subscribe(pkid))) => Polled::Subscribing(pkid),
+        Ok(v5::Event::Incoming(Packet::SubAck(ack))) => {
+            let failures: Vec<String> = ack
+                .return_codes
+                .iter()
+                .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                .map(|c| format!("{c:?}"))
+                .collect();
+            let reason_string = ack.properties.and_then(|p| p.reason_string);
+            Polled::Subscribed {
+                pkid: ack.pkid,
+                refused: !failures.is_empty(),
+                reason: (!failures.is_empty()).then(|| {
+                    let codes = failures.join(", ");
+                    match reason_string {
+                        Some(reason) => format!("{reason} ({codes})"),
+                        None => codes,
+                    }
+                }),
+            }
+        }
+        Ok(v5::Event::Incoming(Packet::Publish(publish))) => Polled::Message {
+            topic: publish.topic,
+            payload: publish.payload,
+        },
+        Ok(v5::Event::Incoming(Packet::PubAck(ack)))
+            if !matches!(
+                ack.reason,
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+            ) =>
+        {
+            // The batch is not re-sent at once: the relay's acknowledgement does not come, and
+            // the ack timeout sends it again from the log.
+            let reason = ack.properties.and_then(|p| p.reason_string);
+            tracing::warn!(pkid = ack.pkid, code = ?ack.reason, reason = reason.as_deref().unwrap_or(""), "the broker refused a batch");
+            Polled::Other
+        }
+        Ok(_) => Polled::Other,
+        Err(e) => Polled::Failed(v5_error_text(&e)),
+    }
+}
+
+/// A v5 connection error in words: a refused CONNECT and a DISCONNECT from the broker name the
+/// reason code the broker gave.
+fn v5_error_text(error: &v5::ConnectionError) -> String {
+    use v5::{ConnectionError, StateError};
+    match error {
+        ConnectionError::ConnectionRefused(code)
+        | ConnectionError::MqttState(StateError::ConnFail { reason: code }) => {
+            format!(
+                "the broker refused the connection: {}",
+                connect_reason_text(*code)
+            )
+        }
+        ConnectionError::MqttState(StateError::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => match reason_string {
+            Some(reason) => {
+                format!("the broker closed the connection: {reason} ({reason_code:?})")
+            }
+            None => format!("the broker closed the connection: {reason_code:?}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The MQTT 5 name of a CONNACK reason code, with its number.
+fn connect_reason_text(code: v5::mqttbytes::v5::ConnectReturnCode) -> &'static str {
+    use v5::mqttbytes::v5::ConnectReturnCode as Code;
+    match code {
+        Code::Success => "success (0x00)",
+        Code::RefusedProtocolVersion => "unacceptable protocol version (0x01)",
+        Code::BadClientId => "identifier rejected (0x02)",
+        Code::ServiceUnavailable => "server unavailable (0x03)",
+        Code::UnspecifiedError => "unspecified error (0x80)",
+        Code::MalformedPacket => "malformed packet (0x81)",
+        Code::ProtocolError => "protocol error (0x82)",
+        Code::ImplementationSpecificError => "implementation specific error (0x83)",
+        Code::UnsupportedProtocolVersion => "unsupported protocol version (0x84)",
+        Code::ClientIdentifierNotValid => "client identifier not valid (0x85)",
+        Code::BadUserNamePassword => "bad user name or password (0x86)",
+        Code::NotAuthorized => "not authorized (0x87)",
+        Code::ServerUnavailable => "server unavailable (0x88)",
+        Code::ServerBusy => "server busy (0x89)",
+        Code::Banned => "banned (0x8A)",
+        Code::BadAuthenticationMethod => "bad authentication method (0x8C)",
+        Code::TopicNameInvalid => "topic name invalid (0x90)",
+        Code::PacketTooLarge => "packet too large (0x95)",
+        Code::QuotaExceeded => "quota exceeded (0x97)",
+        Code::PayloadFormatInvalid => "payload format invalid (0x99)",
+        Code::RetainNotSupported => "retain not supported (0x9A)",
+        Code::QoSNotSupported => "QoS not supported (0x9B)",
+        Code::UseAnotherServer => "use another server (0x9C)",
+        Code::ServerMoved => "server moved (0x9D)",
+        Code::ConnectionRateExceeded => "connection rate exceeded (0x9F)",
+    }
+}
+
 /// The topics the agent subscribes to: the relay's acknowledgements and outcome reports.
 struct LinkTopics {
     acks: String,
     outcomes: String,
 }
 
+/// Polls the MQTT event loop of either protocol version: reports the link going up (after the
+/// acks subscription is confirmed) and down, passes acknowledgements and outcome reports on,
+/// and backs off between reconnects.
 async fn drive_link(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
+    mut eventloop: UplinkEventLoop,
+    client: UplinkClient,
     topics: LinkTopics,
     link: mpsc::Sender<LinkEvent>,
     backoff_min_ms: u64,
@@ -435,12 +702,10 @@ async fn drive_link(
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Polled::Connected => {
                 backoff = backoff_min_ms;
                 subscribe_pkid = None;
-                let topics = [&acks_topic, &outcomes_topic]
-                    .map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
-                if let Err(e) = client.try_subscribe_many(topics) {
+                if let Err(e) = client.try_subscribe(&[&acks_topic, &outcomes_topic]) {
                     let _ = link
                         .send(LinkEvent::Down(format!(
                             "cannot subscribe to {acks_topic}: {e}"
@@ -448,17 +713,20 @@ async fn drive_link(
                         .await;
                 }
             }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => subscribe_pkid = Some(pkid),
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if subscribe_pkid.is_none_or(|p| p == ack.pkid) {
-                    let refused = ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+            Polled::Subscribing(pkid) => subscribe_pkid = Some(pkid),
+            Polled::Subscribed {
+                pkid,
+                refused,
+                reason,
+            } => {
+                if subscribe_pkid.is_none_or(|p| p == pkid) {
                     let event = if refused {
-                        LinkEvent::Down(format!(
-                            "the broker refused the subscription to {acks_topic}"
-                        ))
+                        let mut error =
+                            format!("the broker refused the subscription to {acks_topic}");
+                        if let Some(reason) = reason {
+                            error = format!("{error}: {reason}");
+                        }
+                        LinkEvent::Down(error)
                     } else {
                         LinkEvent::Ready
                     };
@@ -467,28 +735,21 @@ async fn drive_link(
                     }
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == outcomes_topic => {
-                if link
-                    .send(LinkEvent::Outcomes(publish.payload.to_vec()))
-                    .await
-                    .is_err()
-                {
+            Polled::Message { topic, payload } => {
+                let event = if topic == outcomes_topic.as_bytes() {
+                    LinkEvent::Outcomes(payload.to_vec())
+                } else if topic == acks_topic.as_bytes() {
+                    LinkEvent::Ack(payload.to_vec())
+                } else {
+                    continue;
+                };
+                if link.send(event).await.is_err() {
                     return;
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if publish.topic == acks_topic
-                    && link
-                        .send(LinkEvent::Ack(publish.payload.to_vec()))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if link.send(LinkEvent::Down(e.to_string())).await.is_err() {
+            Polled::Other => {}
+            Polled::Failed(error) => {
+                if link.send(LinkEvent::Down(error)).await.is_err() {
                     return;
                 }
                 // rumqttc reconnects on the next poll at once; the back-off is ours to keep.

@@ -63,6 +63,27 @@ fn a_bad_value_says_what_was_expected() {
 }
 
 #[test]
+fn an_unknown_uplink_protocol_names_the_key_and_the_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    let example = std::fs::read_to_string(example_config("agent.toml")).unwrap();
+    assert!(example.contains("protocol = \"3.1.1\""));
+    for wrong in ["\"4\"", "\"v5\"", "5"] {
+        let text = example.replace("protocol = \"3.1.1\"", &format!("protocol = {wrong}"));
+        std::fs::write(&file, text).unwrap();
+        let (ok, _, stderr) = check_config("backhaul-agent", &file);
+        assert!(!ok, "protocol = {wrong} accepted");
+        assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+        assert!(stderr.contains("key `uplink.protocol`"), "{stderr}");
+        assert!(stderr.contains("expected \"3.1.1\" or \"5\""), "{stderr}");
+    }
+    let text = example.replace("protocol = \"3.1.1\"", "protocol = \"5\"");
+    std::fs::write(&file, text).unwrap();
+    let (ok, _, stderr) = check_config("backhaul-agent", &file);
+    assert!(ok, "protocol = \"5\" refused: {stderr}");
+}
+
+#[test]
 fn secrets_are_read_but_never_printed() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("token");

@@ -39,11 +39,18 @@ struct Pipeline {
 }
 
 fn pipeline(site: &str) -> Pipeline {
+    pipeline_over(site, "3.1.1")
+}
+
+/// The pipeline with the agent's uplink on MQTT `protocol` ("3.1.1" or "5"); the relay speaks
+/// 3.1.1 to the same broker either way.
+fn pipeline_over(site: &str, protocol: &str) -> Pipeline {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start();
     let proxy = TcpProxy::start(broker.addr());
     let relay = RelayProcess::start(&dir.path().join("relay"), broker.port(), false);
-    let agent = AgentProcess::start(agent_options(site, proxy.port()));
+    let agent =
+        AgentProcess::start(agent_options(site, proxy.port()).set("uplink.protocol", protocol));
     Pipeline {
         broker,
         proxy,
@@ -171,8 +178,19 @@ fn site_map(site: &'static str) -> HashMap<&'static str, &'static str> {
 
 #[test]
 fn wan_cut_and_stall_lose_nothing() {
-    let p = pipeline("cut");
-    let s = scanners(&p.agent, "cut", 2);
+    wan_cut_and_stall("cut", "3.1.1");
+}
+
+#[test]
+fn wan_cut_and_stall_over_mqtt5_lose_nothing() {
+    wan_cut_and_stall("cut5", "5");
+}
+
+/// Scanners publish steadily while the link between agent and broker is cut, restored, stalled
+/// and restored again, with the agent's uplink on MQTT `protocol`.
+fn wan_cut_and_stall(site: &'static str, protocol: &str) {
+    let p = pipeline_over(site, protocol);
+    let s = scanners(&p.agent, site, 2);
     wait_for_acks(&s, 200);
     p.proxy.cut();
     // Scanners keep getting PUBACKs while the link is down: the log holds the events.
@@ -192,8 +210,37 @@ fn wan_cut_and_stall_lose_nothing() {
     p.proxy.restore();
     wait_for_acks(&s, 200);
     let acked = stop_all(s);
-    assert_exactly_once_in_order(&p.relay, &acked, &site_map("cut"));
+    assert_exactly_once_in_order(&p.relay, &acked, &site_map(site));
     assert_agent_drained(&p.agent);
+    // Mosquitto logs each client's protocol: p2 is 3.1.1, p5 is 5.
+    let level = if protocol == "5" { "p5" } else { "p2" };
+    let connected = format!("as agent-{site}-{} ({level},", p.proxy.port());
+    let log = p.broker.log();
+    assert!(
+        log.contains(&connected),
+        "the agent did not connect over MQTT {protocol} (no `{connected}`):\n{log}"
+    );
+}
+
+#[test]
+fn a_refused_mqtt5_connection_shows_the_reason() {
+    // Without a password file and with anonymous access off, Mosquitto refuses every client.
+    let broker = Mosquitto::start_with_config("allow_anonymous false");
+    let agent =
+        AgentProcess::start(agent_options("refused5", broker.port()).set("uplink.protocol", "5"));
+    let refused = poll_until(Duration::from_secs(20), || {
+        let status = agent.status();
+        let error = status["link"]["last_error"].as_str().unwrap_or_default();
+        (status["link"]["state"] == "down" && error.contains("refused the connection"))
+            .then(|| error.to_string())
+    });
+    let Some(error) = refused else {
+        panic!("no refusal in the status: {}", agent.status());
+    };
+    assert_eq!(
+        error,
+        "the broker refused the connection: not authorized (0x87)"
+    );
 }
 
 #[test]
