@@ -21,6 +21,8 @@ use crate::outbox::Outbox;
 
 /// Batches stored in one commit at most.
 const MAX_BATCHES_PER_COMMIT: usize = 64;
+/// Decoded frames waiting for the outbox writer at most.
+const DECODED_AHEAD: usize = 64;
 
 struct Received {
     topic: String,
@@ -71,7 +73,7 @@ impl Intake {
 
     pub async fn run(mut self, stop: CancellationToken) {
         let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
-        let (tx, mut rx) = mpsc::channel::<Received>(1024);
+        let (tx, mut rx) = mpsc::channel::<Received>(DECODED_AHEAD);
         let filter = self.filter();
         let metrics = self.metrics.clone();
         let poll_client = client.clone();
@@ -130,11 +132,23 @@ impl Intake {
             }
         });
 
+        // Frames are decoded while the previous ones are being stored.
         let max_frame = self.broker.max_frame_size.0 as usize;
+        let (decoded_tx, mut decoded_rx) = mpsc::channel::<(BatchFrame, Instant)>(DECODED_AHEAD);
+        let decode_metrics = self.metrics.clone();
+        let decoder = tokio::spawn(async move {
+            while let Some(received) = rx.recv().await {
+                if let Some(batch) = check(&decode_metrics, &received, max_frame)
+                    && decoded_tx.send((batch, received.at)).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
         loop {
             let first = tokio::select! {
                 _ = stop.cancelled() => break,
-                received = rx.recv() => match received {
+                received = decoded_rx.recv() => match received {
                     Some(r) => r,
                     None => break,
                 },
@@ -145,23 +159,15 @@ impl Intake {
                     continue;
                 }
             };
-            let mut received = vec![first];
-            while received.len() < MAX_BATCHES_PER_COMMIT {
-                match rx.try_recv() {
-                    Ok(r) => received.push(r),
+            let (mut batches, mut arrivals) = (vec![first.0], vec![first.1]);
+            while batches.len() < MAX_BATCHES_PER_COMMIT {
+                match decoded_rx.try_recv() {
+                    Ok((batch, at)) => {
+                        batches.push(batch);
+                        arrivals.push(at);
+                    }
                     Err(_) => break,
                 }
-            }
-            let mut batches = Vec::with_capacity(received.len());
-            let mut arrivals = Vec::with_capacity(received.len());
-            for r in received {
-                if let Some(batch) = self.check(&r, max_frame) {
-                    batches.push(batch);
-                    arrivals.push(r.at);
-                }
-            }
-            if batches.is_empty() {
-                continue;
             }
             let outbox = self.outbox.clone();
             let stored = tokio::task::spawn_blocking(move || {
@@ -224,6 +230,7 @@ impl Intake {
         }
         let _ = client.try_disconnect();
         poller.abort();
+        decoder.abort();
     }
 
     fn publish_outcomes(
@@ -248,40 +255,40 @@ impl Intake {
             Err(e) => tracing::error!(error = %e, "outcomes could not be encoded"),
         }
     }
+}
 
-    /// Decodes and checks a frame; refused frames are counted, logged and never acknowledged.
-    fn check(&self, received: &Received, max_frame: usize) -> Option<BatchFrame> {
-        let Some(topic_site) = site_of_batches_topic(&received.topic) else {
-            tracing::warn!(topic = %received.topic, "message on a topic that is not a site's batches topic ignored");
-            return None;
-        };
-        self.metrics.batches_received.inc();
-        let batch = match BatchFrame::decode(&received.payload, max_frame) {
-            Ok(batch) => batch,
-            Err(e) => {
-                self.metrics
-                    .batches_refused
-                    .get_or_create(&ReasonLabel {
-                        reason: "undecodable",
-                    })
-                    .inc();
-                tracing::warn!(site = topic_site, bytes = received.payload.len(), error = %e, "batch frame refused");
-                return None;
-            }
-        };
-        self.metrics
-            .events_received
-            .inc_by(batch.events.len() as u64);
-        if batch.site != topic_site {
-            self.metrics
+/// Decodes and checks a frame; refused frames are counted, logged and never acknowledged.
+fn check(metrics: &RelayMetrics, received: &Received, max_frame: usize) -> Option<BatchFrame> {
+    let Some(topic_site) = site_of_batches_topic(&received.topic) else {
+        tracing::warn!(topic = %received.topic, "message on a topic that is not a site's batches topic ignored");
+        return None;
+    };
+    metrics.batches_received.inc();
+    let batch = match BatchFrame::decode(&received.payload, max_frame) {
+        Ok(batch) => batch,
+        Err(e) => {
+            metrics
                 .batches_refused
                 .get_or_create(&ReasonLabel {
-                    reason: "site_mismatch",
+                    reason: "undecodable",
                 })
                 .inc();
-            tracing::warn!(topic_site, frame_site = %batch.site, "batch frame refused: its site does not match its topic");
+            tracing::warn!(site = topic_site, bytes = received.payload.len(), error = %e, "batch frame refused");
             return None;
         }
-        Some(batch)
+    };
+    metrics
+        .events_received
+        .inc_by(batch.events.len() as u64);
+    if batch.site != topic_site {
+        metrics
+            .batches_refused
+            .get_or_create(&ReasonLabel {
+                reason: "site_mismatch",
+            })
+            .inc();
+        tracing::warn!(topic_site, frame_site = %batch.site, "batch frame refused: its site does not match its topic");
+        return None;
     }
+    Some(batch)
 }
