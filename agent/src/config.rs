@@ -55,7 +55,8 @@ pub struct UplinkConfig {
     /// Batches sent and not yet acknowledged by the relay.
     #[serde(default = "default_window")]
     pub window: usize,
-    /// A batch not acknowledged within this time is sent again (with every later one).
+    /// When no acknowledgement has come for this long while batches are in flight, every
+    /// unacknowledged batch is sent again.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_secs: u64,
     /// Reconnect back-off: the first wait, doubled with jitter up to the cap.

@@ -269,6 +269,7 @@ impl Forwarder {
         let linger = Duration::from_millis(self.config.linger_ms);
         let ack_timeout = Duration::from_secs(self.config.ack_timeout_secs);
         let mut linger_until: Option<Instant> = None;
+        let mut last_progress = Instant::now();
         self.set_status(|s| s.acked_through = acked_through);
 
         loop {
@@ -349,7 +350,11 @@ impl Forwarder {
                 });
             }
 
-            let ack_deadline = in_flight.front().map(|b| b.sent_at + ack_timeout);
+            // A slow link acknowledges late but steadily: only a wait without any progress
+            // sends everything again.
+            let ack_deadline = in_flight
+                .front()
+                .map(|b| b.sent_at.max(last_progress) + ack_timeout);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 event = link_rx.recv() => match event {
@@ -412,13 +417,22 @@ impl Forwarder {
                         if through <= acked_through {
                             continue;
                         }
-                        match self.log.ack_through(through).await {
+                        match self.log.request_ack_through(through) {
                             Ok(deleted) => {
                                 acked_through = through;
+                                last_progress = Instant::now();
                                 while in_flight.front().is_some_and(|b| b.last <= through) {
                                     in_flight.pop_front();
                                 }
-                                self.metrics.events_acked.inc_by(deleted);
+                                let metrics = self.metrics.clone();
+                                tokio::spawn(async move {
+                                    match deleted.await {
+                                        Ok(deleted) => {
+                                            metrics.events_acked.inc_by(deleted);
+                                        }
+                                        Err(e) => tracing::error!(error = %e, "acknowledged events could not be deleted; they are re-sent after a restart"),
+                                    }
+                                });
                                 self.metrics.last_ack_ms.set(now_ms());
                                 let in_flight_events: u64 = in_flight.iter().map(|b| b.events).sum();
                                 self.set_status(|s| {
@@ -428,7 +442,7 @@ impl Forwarder {
                                     s.events_in_flight = in_flight_events;
                                 });
                             }
-                            Err(e) => tracing::error!(error = %e, "acknowledged events could not be deleted"),
+                            Err(e) => tracing::error!(error = %e, "acknowledged events could not be queued for deletion"),
                         }
                     }
                 },

@@ -321,11 +321,22 @@ impl EventLog {
 
     /// Deletes every event up to and including `seq`; returns how many were deleted.
     pub async fn ack_through(&self, seq: u64) -> Result<u64, LogError> {
+        self.request_ack_through(seq)?.await
+    }
+
+    /// Queues the deletion at once, behind every earlier request, and returns what resolves
+    /// to the number of events deleted once it is committed. The forwarder does not wait for
+    /// it: an acknowledgement is already durable at the relay, and events a crash leaves
+    /// behind are re-sent and dropped there as repeats.
+    pub fn request_ack_through(
+        &self,
+        seq: u64,
+    ) -> Result<impl Future<Output = Result<u64, LogError>> + use<>, LogError> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request::AckThrough { seq, reply })
             .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+        Ok(async move { answer.await.map_err(|_| LogError::Closed)? })
     }
 
     /// Reads events in sequence order from `from_seq`, at most `max_events` of them and

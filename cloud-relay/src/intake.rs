@@ -277,9 +277,7 @@ fn check(metrics: &RelayMetrics, received: &Received, max_frame: usize) -> Optio
             return None;
         }
     };
-    metrics
-        .events_received
-        .inc_by(batch.events.len() as u64);
+    metrics.events_received.inc_by(batch.events.len() as u64);
     if batch.site != topic_site {
         metrics
             .batches_refused
