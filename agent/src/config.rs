@@ -153,7 +153,7 @@ impl Default for LogConfig {
             max_bytes: ByteSize(10 << 30),
             group_commit_delay_ms: 2,
             group_commit_max_events: 4096,
-            cache_size: ByteSize(32 << 20),
+            cache_size: ByteSize(16 << 20),
             max_rejects: 10_000,
         }
     }

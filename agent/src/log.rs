@@ -168,6 +168,11 @@ struct Shared {
     recent: Mutex<VecDeque<(u64, LoggedEvent)>>,
 }
 
+/// How often the writer considers compacting, busy or idle.
+const COMPACTION_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// The writer compacts the file only when at most this much of it is live.
+const COMPACT_AT_MOST_LIVE_BYTES: u64 = 4 << 20;
+
 /// How many of the latest events `tail` can see.
 const RECENT_EVENTS: usize = 1000;
 
@@ -537,7 +542,7 @@ impl Writer {
 
     fn run(mut self, receiver: mpsc::Receiver<Request>) {
         loop {
-            let first = match receiver.recv_timeout(Duration::from_secs(5)) {
+            let first = match receiver.recv_timeout(COMPACTION_CHECK_EVERY) {
                 Ok(request) => request,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.maybe_compact();
@@ -820,14 +825,21 @@ impl Writer {
 
     /// Shrinks the file once most of it is free space, so an acknowledged backlog really gives
     /// its disk back. Checked at most every few seconds, and only when nothing is waiting.
+    ///
+    /// Compaction moves the live events to the front of the file and holds them in memory
+    /// while it does, so it waits until what is left is small: a draining backlog is compacted
+    /// once it has nearly drained, not midway. Until then redb reuses the freed pages, and the
+    /// quota still bounds the file.
     fn maybe_compact(&mut self) {
-        if self.last_compaction_check.elapsed() < Duration::from_secs(2) {
+        if self.last_compaction_check.elapsed() < COMPACTION_CHECK_EVERY {
             return;
         }
         self.last_compaction_check = Instant::now();
         let stats = self.stats();
         let file = file_len(&self.shared.path);
-        let worth_it = file > 16 << 20 && file > 4 * stats.backlog_bytes.max(1);
+        let worth_it = file > 16 << 20
+            && file > 4 * stats.backlog_bytes.max(1)
+            && stats.backlog_bytes <= COMPACT_AT_MOST_LIVE_BYTES;
         if worth_it {
             let started = Instant::now();
             match compact(&self.shared) {
