@@ -28,6 +28,7 @@ pub struct BenchOptions {
     pub window: Option<usize>,
     pub batch_events: Option<usize>,
     pub drain_events: u64,
+    pub protocol: Option<String>,
     pub erp_events: usize,
 }
 

@@ -76,6 +76,7 @@ impl BrokerKind {
 /// The agent's uplink settings a drain ran with.
 #[derive(Debug, Clone)]
 struct Uplink {
+    protocol: String,
     window: usize,
     batch_max_events: usize,
     batch_max_bytes: String,
@@ -190,10 +191,12 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
     let uplink = uplink_settings(&shipped, options)?;
     let mut overrides = vec![("window", uplink.window.to_string())];
     overrides.push(("batch_max_events", uplink.batch_max_events.to_string()));
+    overrides.push(("protocol", quote(&uplink.protocol)));
     let agent_bin = binary(release, "backhaul-agent")?;
     let relay_bin = binary(release, "backhaul-relay")?;
     eprintln!(
-        "xtask: bench drain: {events} events of {EVENT_BYTES} bytes, uplink window {} × batch_max_events {} (batch_max_bytes {}, linger_ms {}{})",
+        "xtask: bench drain: {events} events of {EVENT_BYTES} bytes, uplink MQTT {}, window {} × batch_max_events {} (batch_max_bytes {}, linger_ms {}{})",
+        uplink.protocol,
         uplink.window,
         uplink.batch_max_events,
         uplink.batch_max_bytes,
@@ -250,7 +253,15 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
     };
 
     let mut rows = Vec::new();
-    for broker in [BrokerKind::Mosquitto, BrokerKind::Embedded] {
+    let brokers: &[BrokerKind] = if uplink.protocol == "5" {
+        eprintln!(
+            "xtask: bench drain: MQTT 5 drains through Mosquitto only: the relay's embedded broker speaks 3.1.1"
+        );
+        &[BrokerKind::Mosquitto]
+    } else {
+        &[BrokerKind::Mosquitto, BrokerKind::Embedded]
+    };
+    for &broker in brokers {
         let row = drain_once(
             broker, events, &dir, &filled, &shipped, &overrides, &agent_bin, &relay_bin,
         )
@@ -271,6 +282,7 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
             "events": events,
             "event_bytes": EVENT_BYTES,
             "uplink": {
+                "protocol": uplink.protocol,
                 "window": uplink.window,
                 "batch_max_events": uplink.batch_max_events,
                 "batch_max_bytes": uplink.batch_max_bytes,
@@ -327,7 +339,15 @@ fn uplink_settings(shipped: &str, options: &BenchOptions) -> anyhow::Result<Upli
         }
         None => number("batch_max_events")?,
     };
+    let protocol = match &options.protocol {
+        Some(p) => {
+            overridden.push("protocol");
+            p.clone()
+        }
+        None => read("protocol")?.trim_matches('"').to_string(),
+    };
     Ok(Uplink {
+        protocol,
         window,
         batch_max_events,
         batch_max_bytes: read("batch_max_bytes")?.trim_matches('"').to_string(),
@@ -1120,8 +1140,12 @@ fn render(rows: &[Row], uplink: &Uplink, fill_secs: f64, events: u64, elapsed: f
     let _ = writeln!(
         out,
         "\ndrain: {events} events of {EVENT_BYTES} bytes logged by an offline agent, then its link restored: agent → broker → relay outbox → ledger\n\
-         uplink window {} × batch_max_events {} (batch_max_bytes {}, linger_ms {}); times are seconds since the agent was started again (link up: the agent's own stamp; the rest: first seen in 50 ms polls)\n",
-        uplink.window, uplink.batch_max_events, uplink.batch_max_bytes, uplink.linger_ms
+         uplink MQTT {}, window {} × batch_max_events {} (batch_max_bytes {}, linger_ms {}); times are seconds since the agent was started again (link up: the agent's own stamp; the rest: first seen in 50 ms polls)\n",
+        uplink.protocol,
+        uplink.window,
+        uplink.batch_max_events,
+        uplink.batch_max_bytes,
+        uplink.linger_ms
     );
     let mut lines = vec![
         [

@@ -69,6 +69,10 @@ enum Task {
         /// drain: events the offline agent holds before its link is restored.
         #[arg(long, default_value_t = 1_000_000)]
         drain_events: u64,
+        /// drain: the agent's uplink.protocol, "3.1.1" or "5" (default: config/agent.toml).
+        /// The relay's embedded broker speaks 3.1.1 only, so "5" drains through Mosquitto alone.
+        #[arg(long, value_parser = ["3.1.1", "5"])]
+        protocol: Option<String>,
         /// erp: stock adjustments posted to Tryton by each client.
         #[arg(long, default_value_t = 1500)]
         erp_events: usize,
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
             window,
             batch_events,
             drain_events,
+            protocol,
             erp_events,
         } => seconds_arg("--warmup", warmup).and_then(|warmup| {
             bench::bench(bench::BenchOptions {
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
                 window,
                 batch_events,
                 drain_events,
+                protocol,
                 erp_events,
             })
         }),
