@@ -27,6 +27,9 @@ use crate::config::{UplinkConfig, UplinkProtocol};
 use crate::log::{EventLog, now_ms};
 use crate::metrics::AgentMetrics;
 
+/// How long after the relay refuses a batch as a gap everything unacknowledged is re-sent.
+const GAP_RESEND_DELAY: Duration = Duration::from_secs(1);
+
 /// Largest frame the agent sends or accepts; batches are far smaller, acks tiny.
 const MAX_FRAME_BYTES: usize = 8 << 20;
 
@@ -270,6 +273,7 @@ impl Forwarder {
         let ack_timeout = Duration::from_secs(self.config.ack_timeout_secs);
         let mut linger_until: Option<Instant> = None;
         let mut last_progress = Instant::now();
+        let mut gap_resend_at: Option<Instant> = None;
         self.set_status(|s| s.acked_through = acked_through);
 
         loop {
@@ -308,6 +312,7 @@ impl Forwarder {
                 let frame = BatchFrame {
                     site: self.site.clone(),
                     epoch,
+                    acked_through,
                     first_seq: first,
                     last_seq: last,
                     events: records
@@ -361,6 +366,7 @@ impl Forwarder {
                     None => break,
                     Some(LinkEvent::Ready) => {
                         ready = true;
+                        gap_resend_at = None;
                         // Everything not acknowledged goes again, from the log.
                         if !in_flight.is_empty() {
                             self.metrics.batch_resends.inc_by(in_flight.len() as u64);
@@ -410,6 +416,12 @@ impl Forwarder {
                             tracing::debug!(site = %ack.site, epoch = %ack.epoch, "acknowledgement for another log ignored");
                             continue;
                         }
+                        if ack.gap {
+                            // The relay holds less than the batch builds on: batches sent
+                            // while it was away never reached it. Acknowledgements of earlier
+                            // batches may still be on their way, so wait a moment first.
+                            gap_resend_at.get_or_insert_with(|| Instant::now() + GAP_RESEND_DELAY);
+                        }
                         if ack.acked_through <= acked_through {
                             continue;
                         }
@@ -446,6 +458,13 @@ impl Forwarder {
                         }
                     }
                 },
+                _ = sleep_until_opt(gap_resend_at), if gap_resend_at.is_some() && ready => {
+                    gap_resend_at = None;
+                    tracing::info!(from = acked_through + 1, "the relay is missing earlier batches: re-sending from the log");
+                    self.metrics.batch_resends.inc_by(in_flight.len() as u64);
+                    in_flight.clear();
+                    next_to_send = acked_through + 1;
+                }
                 _ = appends.changed() => {}
                 _ = sleep_until_opt(linger_until), if linger_until.is_some() => {}
                 _ = sleep_until_opt(ack_deadline), if ack_deadline.is_some() && ready => {

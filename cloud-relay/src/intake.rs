@@ -204,6 +204,7 @@ impl Intake {
                     site: result.site.clone(),
                     epoch: result.epoch,
                     acked_through: result.acked_through,
+                    gap: result.gap,
                     outcomes: result.outcomes,
                 };
                 let payload = match ack.encode() {

@@ -572,20 +572,25 @@ fn store_batch(
         gap: false,
         outcomes: Vec::new(),
     };
-    // An epoch seen before must continue without a gap: an acknowledgement promises
-    // everything up to its number. A new epoch starts wherever its first batch starts,
-    // because what came before was acknowledged by an earlier outbox or never existed.
-    if let Some(highest) = known
-        && batch.first_seq > highest + 1
-    {
+    // A batch must continue without a gap from what is durable: an acknowledgement promises
+    // everything up to its number. Durable is what this outbox holds, or what the agent says
+    // was acknowledged (by an outbox since moved aside or restored from a backup, or by
+    // another relay): the agent has deleted that, so nothing can come before it. A batch that
+    // starts further on follows batches that never arrived here, and waits for the re-send.
+    let from = known.unwrap_or(0).max(batch.acked_through);
+    if batch.first_seq > from + 1 {
         result.gap = true;
-        record.highest_seq = highest;
+        record.highest_seq = known.unwrap_or(0);
         return Ok(result);
     }
-    let highest = known.unwrap_or(0);
+    if let Some(highest) = known
+        && batch.acked_through > highest
+    {
+        tracing::info!(site = %batch.site, epoch = %batch.epoch, held_through = highest, agent_acked_through = batch.acked_through, "the agent's events up to its acknowledged number were acknowledged by another outbox; continuing from there");
+    }
     let mut id_key = Vec::new();
     for entry in &batch.events {
-        if known.is_some() && entry.seq <= highest {
+        if known.is_some_and(|highest| entry.seq <= highest) {
             result.duplicates += 1;
             continue;
         }
@@ -612,7 +617,7 @@ fn store_batch(
         queue.push(&stamped, &id_key)?;
         result.stored += 1;
     }
-    let through = highest.max(batch.last_seq);
+    let through = from.max(batch.last_seq);
     epochs
         .insert(epoch_key.as_slice(), through)
         .map_err(storage)?;

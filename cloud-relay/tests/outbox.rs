@@ -14,6 +14,11 @@ fn options(dedup_ids: u64) -> OutboxOptions {
 }
 
 fn batch(epoch: u128, first_seq: u64, ids: &[&str]) -> BatchFrame {
+    batch_after(epoch, first_seq - 1, first_seq, ids)
+}
+
+/// A batch sent when the agent had everything up to `acked_through` acknowledged.
+fn batch_after(epoch: u128, acked_through: u64, first_seq: u64, ids: &[&str]) -> BatchFrame {
     let events: Vec<BatchEntry> = ids
         .iter()
         .enumerate()
@@ -30,6 +35,7 @@ fn batch(epoch: u128, first_seq: u64, ids: &[&str]) -> BatchFrame {
     BatchFrame {
         site: "wh".into(),
         epoch: Epoch(epoch),
+        acked_through,
         first_seq,
         last_seq: first_seq + ids.len() as u64 - 1,
         events,
@@ -50,7 +56,7 @@ fn repeats_are_stored_once_and_gaps_are_not_acknowledged() {
         (0, 3, 3)
     );
     // A batch past a gap is not stored, and the acknowledgement does not move past the gap.
-    let gap = outbox.store(&[batch(1, 10, &["x"])]).unwrap();
+    let gap = outbox.store(&[batch_after(1, 3, 10, &["x"])]).unwrap();
     assert!(gap[0].gap);
     assert_eq!((gap[0].stored, gap[0].acked_through), (0, 3));
     // A new epoch (a rebuilt agent log) repeating an id: stored once.
@@ -116,4 +122,42 @@ fn per_key_queues_are_built_when_a_per_key_connector_takes_over() {
         .complete(&[(first.outbox_seq, first.event.clone())], &[], None)
         .unwrap();
     assert_eq!(outbox.heads(10, |_| false).unwrap().len(), 2);
+}
+
+#[test]
+fn an_empty_outbox_continues_only_from_what_the_agent_had_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+    // The agent had 1-3 acknowledged by an outbox since moved aside; batches 4-7 were sent
+    // while this relay was away and never reached it. Batch 8 must not be taken as the start.
+    let late = outbox.store(&[batch_after(5, 3, 8, &["h"])]).unwrap();
+    assert!(late[0].gap);
+    assert_eq!((late[0].stored, late[0].acked_through), (0, 0));
+    // The re-send from the agent's first unacknowledged event is stored, and so is what follows.
+    let resent = outbox
+        .store(&[
+            batch_after(5, 3, 4, &["d", "e", "f", "g"]),
+            batch_after(5, 3, 8, &["h"]),
+        ])
+        .unwrap();
+    assert_eq!((resent[0].stored, resent[0].acked_through), (4, 7));
+    assert_eq!((resent[1].stored, resent[1].acked_through), (1, 8));
+    let ids: Vec<String> = outbox
+        .pending(10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.event.id)
+        .collect();
+    assert_eq!(ids, ["d", "e", "f", "g", "h"]);
+}
+
+#[test]
+fn an_outbox_behind_the_agent_continues_from_the_agents_acknowledged_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+    outbox.store(&[batch(1, 1, &["a", "b", "c"])]).unwrap();
+    // Restored from a backup taken at 3; another outbox had acknowledged up to 10 since.
+    let next = outbox.store(&[batch_after(1, 10, 11, &["k"])]).unwrap();
+    assert!(!next[0].gap);
+    assert_eq!((next[0].stored, next[0].acked_through), (1, 11));
 }

@@ -44,6 +44,11 @@ pub struct BatchEntry {
 pub struct BatchFrame {
     pub site: String,
     pub epoch: Epoch,
+    /// Everything of this epoch up to here had been acknowledged to the agent when it sent the
+    /// batch, by this relay's outbox or another one, and is gone from the agent's log. A relay
+    /// that holds less (an outbox moved aside or restored from a backup) continues from here,
+    /// and refuses a batch that starts further on: what lies between was never stored.
+    pub acked_through: u64,
     pub first_seq: u64,
     pub last_seq: u64,
     pub events: Vec<BatchEntry>,
@@ -78,6 +83,9 @@ pub struct AckFrame {
     pub site: String,
     pub epoch: Epoch,
     pub acked_through: u64,
+    /// The batch was refused because it starts past what the outbox holds: the agent re-sends
+    /// from its first unacknowledged event.
+    pub gap: bool,
     pub outcomes: Vec<EventOutcome>,
 }
 
@@ -145,6 +153,12 @@ impl BatchFrame {
     fn check(&self) -> Result<(), FrameError> {
         check_site_id(&self.site)
             .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
+        if self.first_seq <= self.acked_through {
+            return Err(FrameError::Inconsistent(format!(
+                "first_seq {} is not after acked_through {}",
+                self.first_seq, self.acked_through
+            )));
+        }
         if self.first_seq > self.last_seq {
             return Err(FrameError::Inconsistent(format!(
                 "first_seq {} is after last_seq {}",

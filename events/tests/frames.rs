@@ -166,6 +166,7 @@ fn batch() -> impl Strategy<Value = BatchFrame> {
         option::of(vec(any::<u8>(), 0..64)),
     )
         .prop_map(|(site, epoch, start, entries, signature)| {
+            let acked_through = start;
             let mut seq = start;
             let events: Vec<BatchEntry> = entries
                 .into_iter()
@@ -181,6 +182,7 @@ fn batch() -> impl Strategy<Value = BatchFrame> {
             BatchFrame {
                 site,
                 epoch: Epoch(epoch),
+                acked_through,
                 first_seq: events[0].seq,
                 last_seq: seq,
                 events,
@@ -203,6 +205,7 @@ fn ack() -> impl Strategy<Value = AckFrame> {
         site(),
         any::<u128>(),
         any::<u64>(),
+        any::<bool>(),
         vec(
             (any::<u64>(), id(), outcome()).prop_map(|(seq, id, outcome)| EventOutcome {
                 seq,
@@ -212,10 +215,11 @@ fn ack() -> impl Strategy<Value = AckFrame> {
             0..8,
         ),
     )
-        .prop_map(|(site, epoch, acked_through, outcomes)| AckFrame {
+        .prop_map(|(site, epoch, acked_through, gap, outcomes)| AckFrame {
             site,
             epoch: Epoch(epoch),
             acked_through,
+            gap,
             outcomes,
         })
 }
@@ -538,6 +542,7 @@ fn sample_batch() -> BatchFrame {
     BatchFrame {
         site: "wh-east".into(),
         epoch: Epoch(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+        acked_through: 8,
         first_seq: 10,
         last_seq: 12,
         events: vec![entry(10), entry(11), entry(12)],
@@ -550,6 +555,7 @@ fn sample_ack() -> AckFrame {
         site: "wh-east".into(),
         epoch: Epoch(7),
         acked_through: 12,
+        gap: false,
         outcomes: vec![EventOutcome {
             seq: 12,
             id: "evt-1".into(),
@@ -650,6 +656,14 @@ fn first_seq_after_last_seq_is_inconsistent() {
     frame.first_seq = 13;
     let why = assert_inconsistent(&frame);
     assert_eq!(why, "first_seq 13 is after last_seq 12");
+}
+
+#[test]
+fn a_batch_must_start_after_what_was_acknowledged() {
+    let mut frame = sample_batch();
+    frame.acked_through = 10;
+    let why = assert_inconsistent(&frame);
+    assert_eq!(why, "first_seq 10 is not after acked_through 10");
 }
 
 #[test]

@@ -313,3 +313,74 @@ fn two_sites_through_the_embedded_broker_never_cross() {
     assert_eq!(names, vec!["east", "west"], "{listed}");
     let _: Vec<Value> = relay.ledger();
 }
+
+/// The ids in a ledger, checking that none is there twice and that each epoch's sequence
+/// numbers rise.
+fn ledger_ids_once_in_order(relay: &RelayProcess) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
+    for line in relay.ledger() {
+        let id = line["id"]
+            .as_str()
+            .expect("ledger line has an id")
+            .to_string();
+        let epoch = line["epoch"].as_str().unwrap_or_default().to_string();
+        let seq = line["seq"].as_u64().expect("ledger line has a seq");
+        if let Some(previous) = last_seq.insert(epoch, seq) {
+            assert!(seq > previous, "seq {seq} after {previous} in the ledger");
+        }
+        assert!(ids.insert(id.clone()), "{id} is in the ledger twice");
+    }
+    ids
+}
+
+#[test]
+fn a_relay_on_an_empty_outbox_gets_everything_not_yet_acknowledged() {
+    // The operator moves a damaged outbox aside and starts the relay empty. Batches the agent
+    // sent while the relay was away went nowhere (the relay's session is clean); the first
+    // batch the new outbox sees is a later one, which must not be taken as the start.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let mut first = RelayProcess::start(&dir.path().join("first"), broker.port(), false);
+    let agent = AgentProcess::start(
+        agent_options("aside", broker.port())
+            .set("uplink.batch_max_events", 20)
+            .set("uplink.window", 1000)
+            // Far beyond the test: only the relay's gap answer can bring the lost batches back.
+            .set("uplink.ack_timeout_secs", 600),
+    );
+    let s = scanners(&agent, "aside", 2);
+    wait_for_acks(&s, 300);
+    first.kill9();
+    wait_for_acks(&s, 300);
+    let second = RelayProcess::start(&dir.path().join("second"), broker.port(), false);
+    wait_for_acks(&s, 600);
+    let acked = stop_all(s);
+    assert_agent_drained(&agent);
+    // What the first outbox had acknowledged but not yet written to its ledger when it was
+    // killed is still in it: let it finish (the agent has nothing left to send).
+    first.restart();
+    let everything = poll_until(Duration::from_secs(60), || {
+        let mut have = ledger_ids_once_in_order(&first);
+        have.extend(ledger_ids_once_in_order(&second));
+        acked.iter().all(|id| have.contains(id)).then_some(())
+    });
+    if everything.is_none() {
+        let mut have = ledger_ids_once_in_order(&first);
+        have.extend(ledger_ids_once_in_order(&second));
+        let missing: Vec<&String> = acked.iter().filter(|id| !have.contains(*id)).collect();
+        panic!(
+            "{} of {} acknowledged events are in neither ledger, e.g. {:?}\nagent: {}",
+            missing.len(),
+            acked.len(),
+            &missing[..missing.len().min(10)],
+            agent.status()
+        );
+    }
+    println!(
+        "{} acknowledged events: {} in the first ledger, {} in the second, 0 lost",
+        acked.len(),
+        first.ledger().len(),
+        second.ledger().len()
+    );
+}
