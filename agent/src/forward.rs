@@ -39,6 +39,8 @@ const REQUEST_QUEUE: usize = 64;
 /// What the status page says about the link to the broker and the relay.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LinkStatus {
+    /// "connecting", "up", "down", or "stalled": connected, but nothing acknowledged within the
+    /// ack timeout.
     pub state: &'static str,
     /// Since when the link is in its current state (ms since the Unix epoch).
     pub since_ms: i64,
@@ -448,6 +450,10 @@ impl Forwarder {
                                 self.metrics.last_ack_ms.set(now_ms());
                                 let in_flight_events: u64 = in_flight.iter().map(|b| b.events).sum();
                                 self.set_status(|s| {
+                                    if s.state == "stalled" {
+                                        s.state = "up";
+                                        s.since_ms = now_ms();
+                                    }
                                     s.acked_through = through;
                                     s.last_ack_ms = Some(now_ms());
                                     s.batches_in_flight = in_flight.len();
@@ -471,6 +477,17 @@ impl Forwarder {
                     if let Some(front) = in_flight.front() {
                         tracing::warn!(first = front.first, last = front.last, "no acknowledgement in {:?}: re-sending from the log", ack_timeout);
                     }
+                    // Connected is not forwarding: say so until an acknowledgement comes.
+                    self.set_status(|s| {
+                        if s.state != "stalled" {
+                            s.state = "stalled";
+                            s.since_ms = now_ms();
+                        }
+                        s.last_error = Some(format!(
+                            "connected, but the relay has acknowledged nothing for {} s: batches are re-sent; check that the relay runs and subscribes to this broker",
+                            ack_timeout.as_secs()
+                        ));
+                    });
                     self.metrics.batch_resends.inc_by(in_flight.len() as u64);
                     in_flight.clear();
                     next_to_send = acked_through + 1;

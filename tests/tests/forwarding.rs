@@ -384,3 +384,33 @@ fn a_relay_on_an_empty_outbox_gets_everything_not_yet_acknowledged() {
         second.ledger().len()
     );
 }
+
+#[test]
+fn connected_without_a_relay_is_shown_as_stalled_not_up() {
+    let broker = Mosquitto::start();
+    let agent = AgentProcess::start(agent_options("norelay", broker.port()));
+    let scan = pick_event("norelay-wms-1", 1);
+    let posted = agent.post_events_raw(scan.into_bytes(), None);
+    assert!(posted.status().is_success(), "{:?}", posted.text());
+    // Connected to the broker, but nobody acknowledges: after the ack timeout (3 s here) the
+    // status must not say "up".
+    let stalled = poll_until(Duration::from_secs(20), || {
+        let status = agent.status();
+        (status["link"]["state"] == "stalled").then_some(status)
+    });
+    let Some(status) = stalled else {
+        panic!("the link never showed as stalled: {}", agent.status());
+    };
+    assert_eq!(
+        status["link"]["last_error"],
+        "connected, but the relay has acknowledged nothing for 3 s: batches are re-sent; check that the relay runs and subscribes to this broker"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(dir.path(), broker.port(), false);
+    let up = poll_until(Duration::from_secs(20), || {
+        let status = agent.status();
+        (status["link"]["state"] == "up" && status["backlog"]["events"] == 0).then_some(())
+    });
+    assert!(up.is_some(), "the link did not recover: {}", agent.status());
+    assert_eq!(relay.ledger().len(), 1);
+}
