@@ -146,11 +146,9 @@ pub fn rejects(base: &str, as_json: bool, follow: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
-    let mut seen: Vec<i64> = Vec::new();
     let list = answer["rejects"].as_array().cloned().unwrap_or_default();
     println!("rejected at the edge ({} shown, newest last):", list.len());
     for r in list.iter().rev() {
-        seen.push(r["at_ms"].as_i64().unwrap_or(0));
         print_reject(r);
     }
     let refusals = answer["erp_refusals"]
@@ -169,25 +167,21 @@ pub fn rejects(base: &str, as_json: bool, follow: bool) -> anyhow::Result<()> {
     if !follow {
         return Ok(());
     }
-    let mut newest = seen.iter().copied().max().unwrap_or(0);
+    // Follow by id, so a flood of more than a page a second shows every reject.
+    let mut newest = list.first().and_then(|r| r["id"].as_u64()).unwrap_or(0);
     loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let answer = client.get("/v1/rejects?limit=100")?;
-        let mut fresh: Vec<Value> = answer["rejects"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|r| r["at_ms"].as_i64().unwrap_or(0) > newest)
-            .cloned()
-            .collect();
-        fresh.reverse();
+        let answer = client.get(&format!("/v1/rejects?after={newest}&limit=1000"))?;
+        let fresh = answer["rejects"].as_array().cloned().unwrap_or_default();
         for r in &fresh {
-            newest = newest.max(r["at_ms"].as_i64().unwrap_or(0));
+            newest = newest.max(r["id"].as_u64().unwrap_or(newest));
             if as_json {
                 println!("{r}");
             } else {
                 print_reject(r);
             }
+        }
+        if fresh.len() < 1000 {
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::log::{Appended, EventLog, RejectRecord, now_ms};
+use crate::log::{Appended, EventLog, LogError, RejectRecord, RejectsPage, now_ms};
 use crate::metrics::{AgentMetrics, HTTP, MQTT, TransportLabel};
 use crate::mqtt::Endpoint;
 
@@ -327,15 +327,49 @@ async fn status(State(state): State<HttpState>) -> Response {
 }
 
 #[derive(Deserialize)]
-struct LimitQuery {
+struct RejectsQuery {
     limit: Option<usize>,
+    /// Older than this id, newest first (the next page of a listing).
+    before: Option<u64>,
+    /// Newer than this id, oldest first (following new rejects).
+    after: Option<u64>,
 }
 
-async fn rejects(State(state): State<HttpState>, Query(query): Query<LimitQuery>) -> Response {
+async fn rejects(State(state): State<HttpState>, Query(query): Query<RejectsQuery>) -> Response {
     // Rejects keep up to 16 KiB of payload each: a bounded page keeps the answer small.
-    let limit = query.limit.unwrap_or(100).min(1000);
-    match state.log.recent_rejects(limit) {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let page = match (query.before, query.after) {
+        (Some(_), Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "before and after cannot be combined: page back with before, follow with after",
+            );
+        }
+        (_, Some(after)) => RejectsPage::After(after),
+        (before, None) => RejectsPage::Before(before.unwrap_or(u64::MAX)),
+    };
+    let state_for_read = state.clone();
+    let read = tokio::task::spawn_blocking(move || state_for_read.log.rejects_page(page, limit))
+        .await
+        .map_err(|e| LogError::Storage(e.to_string()))
+        .and_then(|r| r);
+    match read {
         Ok(list) => {
+            // The next page of a listing: older than the oldest shown, when the page was full.
+            let next_before = match page {
+                RejectsPage::Before(_) if list.len() == limit => list.last().map(|(id, _)| *id),
+                _ => None,
+            };
+            let rejects: Vec<Value> = list
+                .into_iter()
+                .map(|(id, record)| {
+                    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
+                    if let Value::Object(map) = &mut value {
+                        map.insert("id".into(), id.into());
+                    }
+                    value
+                })
+                .collect();
             let refusals: Vec<_> = state
                 .link
                 .as_ref()
@@ -345,7 +379,12 @@ async fn rejects(State(state): State<HttpState>, Query(query): Query<LimitQuery>
                         .map(|l| l.erp_refusals.iter().rev().take(limit).cloned().collect())
                 })
                 .unwrap_or_default();
-            axum::Json(json!({ "rejects": list, "erp_refusals": refusals })).into_response()
+            axum::Json(json!({
+                "rejects": rejects,
+                "next_before": next_before,
+                "erp_refusals": refusals,
+            }))
+            .into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -118,6 +118,15 @@ impl RejectRecord {
     }
 }
 
+/// Which stored rejects to read.
+#[derive(Debug, Clone, Copy)]
+pub enum RejectsPage {
+    /// Those with a smaller id, newest first.
+    Before(u64),
+    /// Those with a larger id, oldest first.
+    After(u64),
+}
+
 /// A snapshot of the log's state for status, metrics and the quota check.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LogStats {
@@ -378,6 +387,20 @@ impl EventLog {
 
     /// The most recent rejects, newest first.
     pub fn recent_rejects(&self, limit: usize) -> Result<Vec<RejectRecord>, LogError> {
+        Ok(self
+            .rejects_page(RejectsPage::Before(u64::MAX), limit)?
+            .into_iter()
+            .map(|(_, record)| record)
+            .collect())
+    }
+
+    /// A page of stored rejects with their ids: newest first below an id, or oldest first
+    /// above one (to follow new ones).
+    pub fn rejects_page(
+        &self,
+        page: RejectsPage,
+        limit: usize,
+    ) -> Result<Vec<(u64, RejectRecord)>, LogError> {
         let db = self.shared.db.read().map_err(|_| LogError::Closed)?;
         let txn = db.begin_read().map_err(storage)?;
         let table = match txn.open_table(REJECTS) {
@@ -385,11 +408,17 @@ impl EventLog {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(storage(e)),
         };
+        let entries: Box<dyn Iterator<Item = _>> = match page {
+            RejectsPage::Before(id) => Box::new(table.range(..id).map_err(storage)?.rev()),
+            RejectsPage::After(id) => {
+                Box::new(table.range(id.saturating_add(1)..).map_err(storage)?)
+            }
+        };
         let mut out = Vec::new();
-        for entry in table.iter().map_err(storage)?.rev().take(limit) {
-            let (_, value) = entry.map_err(storage)?;
+        for entry in entries.take(limit) {
+            let (key, value) = entry.map_err(storage)?;
             if let Ok(record) = serde_json::from_slice(value.value()) {
-                out.push(record);
+                out.push((key.value(), record));
             }
         }
         Ok(out)

@@ -212,6 +212,40 @@ fn every_broken_rule_is_listed_with_its_field() {
     })
     .expect("every refused event in /v1/rejects");
     assert!(rejects.iter().all(|r| r["transport"] == "http"));
+
+    // Paging back through them, newest first, meets each once; following after an id gives
+    // what is newer, oldest first.
+    let newest: Vec<u64> = rejects.iter().filter_map(|r| r["id"].as_u64()).collect();
+    let mut paged = Vec::new();
+    let mut path = "/v1/rejects?limit=2".to_string();
+    loop {
+        let page = agent.get_json(&path);
+        paged.extend(
+            page["rejects"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_u64().unwrap()),
+        );
+        match page["next_before"].as_u64() {
+            Some(before) => path = format!("/v1/rejects?limit=2&before={before}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, newest);
+    let oldest = *newest.last().unwrap();
+    let after = agent.get_json(&format!("/v1/rejects?after={oldest}&limit=1000"));
+    let followed: Vec<u64> = after["rejects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    let mut expected: Vec<u64> = newest[..newest.len() - 1].to_vec();
+    expected.reverse();
+    assert_eq!(followed, expected);
+    let both = agent.get(&format!("/v1/rejects?after=1&before={oldest}"));
+    assert_eq!(both.status(), 400);
 }
 
 #[test]
