@@ -3,15 +3,16 @@
 //!
 //! What it owns: per-site and per-epoch progress (the highest sequence number stored without a
 //! gap, which is what an acknowledgement promises), deduplication by event id within a site,
-//! the queue per ordering key (kept only for connectors that deliver per key), and the delivery
-//! position of the ledger.
+//! the queue per ordering key, and the delivery position of the ledger.
 //!
-//! Intake is the hot path: per event it writes two records with increasing keys (the event and
-//! its id in the deduplication window) and, for per-key connectors, one entry in the key's
-//! queue. Ids are looked up in an in-memory index of the window rather than a table keyed by
-//! id, because random keys spread every commit over the whole tree.
+//! Intake is the hot path: per event it writes two records with increasing keys, the event and
+//! its id in the deduplication window. Nothing on disk is keyed by event id or ordering key,
+//! because with thousands of orders and SKUs such keys spread every commit over the whole tree
+//! and the cost per event grows with the outbox. Ids are looked up in an in-memory index of
+//! the window; the queues per key are kept in memory for the oldest waiting events only (the
+//! [`Frontier`]), loaded from the outbox in arrival order as delivery moves on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,8 +26,6 @@ use serde::{Deserialize, Serialize};
 
 /// Events waiting for delivery, by outbox sequence number (arrival order).
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-/// The queue of each ordering key: key bytes followed by the outbox sequence number.
-const BY_KEY: TableDefinition<&[u8], ()> = TableDefinition::new("by_ordering_key");
 /// The deduplication window: site, 0, id by the outbox sequence number that recorded it,
 /// oldest first, so the window can be kept to a bounded number of ids. Looked up through
 /// [`SeenIds`], which is rebuilt from it at open.
@@ -42,8 +41,6 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DLQ: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
 const META_NEXT_OUTBOX_SEQ: &str = "next_outbox_seq";
-/// 1 while `BY_KEY` holds every waiting event (per-key connectors), 0 while it is not kept.
-const META_PER_KEY_QUEUES: &str = "per_key_queues";
 const META_LEDGER_COMMITTED_LEN: &str = "ledger_committed_len";
 
 #[derive(Debug, thiserror::Error)]
@@ -108,9 +105,8 @@ pub struct OutboxOptions {
     pub cache_size: usize,
     /// How many event ids are remembered for deduplication (outbox.dedup_ids).
     pub dedup_ids: u64,
-    /// Keep a queue per ordering key, for connectors that deliver per key. The ledger delivers
-    /// in arrival order and needs none. Switching it on rebuilds the queues from the outbox.
-    pub per_key_queues: bool,
+    /// How many of the oldest waiting events the per-key queues hold in memory.
+    pub frontier_events: usize,
 }
 
 pub struct Outbox {
@@ -120,6 +116,7 @@ pub struct Outbox {
     /// Held by every writer for its whole transaction: the site table is read, changed and
     /// written back, and the id index must change only with what was committed.
     state: Mutex<WriterState>,
+    frontier: Mutex<Frontier>,
 }
 
 struct WriterState {
@@ -160,8 +157,7 @@ fn site_key(site: &str, tail: &[u8]) -> Vec<u8> {
     key
 }
 
-/// The queue an event waits in: its site and ordering key. Prefix-free, so the entries of one
-/// queue are exactly the keys that start with it followed by 8 bytes of outbox sequence.
+/// The queue an event waits in: its site and ordering key.
 pub fn queue_of(event: &StampedEvent) -> Vec<u8> {
     queue_bytes(&event.site, &event.event)
 }
@@ -170,10 +166,65 @@ fn queue_bytes(site: &str, event: &Event) -> Vec<u8> {
     site_key(site, &backhaul_events::OrderingKey::of(event).to_bytes())
 }
 
-fn queue_key(site: &str, event: &Event, outbox_seq: u64) -> Vec<u8> {
-    let mut key = queue_bytes(site, event);
-    key.extend_from_slice(&outbox_seq.to_be_bytes());
-    key
+/// The per-key queues of the oldest waiting events: at most `capacity` of them, loaded from
+/// the outbox in arrival order. The first event of each queue here is the head of that queue,
+/// because every older event of the outbox is here or delivered. A queue whose events all lie
+/// beyond the frontier waits until delivery moves it on; memory stays bounded however large
+/// the outbox grows.
+struct Frontier {
+    capacity: usize,
+    /// Every event up to here is in the frontier or has left the outbox.
+    loaded_through: u64,
+    queues: HashMap<Vec<u8>, VecDeque<u64>>,
+    /// Each queue by the outbox sequence number of its head, oldest first.
+    by_head: BTreeMap<u64, Vec<u8>>,
+    events: usize,
+}
+
+impl Frontier {
+    fn new(capacity: usize) -> Frontier {
+        Frontier {
+            capacity: capacity.max(1),
+            loaded_through: 0,
+            queues: HashMap::new(),
+            by_head: BTreeMap::new(),
+            events: 0,
+        }
+    }
+
+    fn push(&mut self, queue: Vec<u8>, outbox_seq: u64) {
+        self.loaded_through = self.loaded_through.max(outbox_seq);
+        self.events += 1;
+        match self.queues.get_mut(&queue) {
+            Some(seqs) => seqs.push_back(outbox_seq),
+            None => {
+                self.by_head.insert(outbox_seq, queue.clone());
+                self.queues.insert(queue, VecDeque::from([outbox_seq]));
+            }
+        }
+    }
+
+    fn remove(&mut self, queue: &[u8], outbox_seq: u64) {
+        let Some(seqs) = self.queues.get_mut(queue) else {
+            return;
+        };
+        let Some(at) = seqs.iter().position(|s| *s == outbox_seq) else {
+            return;
+        };
+        seqs.remove(at);
+        self.events -= 1;
+        if at == 0 {
+            self.by_head.remove(&outbox_seq);
+            match seqs.front() {
+                Some(next) => {
+                    self.by_head.insert(*next, queue.to_vec());
+                }
+                None => {
+                    self.queues.remove(queue);
+                }
+            }
+        }
+    }
 }
 
 /// A stamped event by reference, serialised exactly like [`StampedEvent`], so intake stores
@@ -222,7 +273,6 @@ pub struct Head {
 /// queued exactly like a new one.
 struct Enqueue<'txn, 's> {
     outbox: redb::Table<'txn, u64, &'static [u8]>,
-    by_key: Option<redb::Table<'txn, &'static [u8], ()>>,
     seen_order: redb::Table<'txn, u64, &'static [u8]>,
     meta: redb::Table<'txn, &'static str, u64>,
     next: u64,
@@ -237,7 +287,6 @@ impl<'txn, 's> Enqueue<'txn, 's> {
     fn open(
         txn: &'txn WriteTransaction,
         seen: &'s SeenIds,
-        per_key_queues: bool,
     ) -> Result<Enqueue<'txn, 's>, OutboxError> {
         let meta = txn.open_table(META).map_err(storage)?;
         let next = meta
@@ -245,14 +294,8 @@ impl<'txn, 's> Enqueue<'txn, 's> {
             .map_err(storage)?
             .map(|v| v.value())
             .unwrap_or(1);
-        let by_key = if per_key_queues {
-            Some(txn.open_table(BY_KEY).map_err(storage)?)
-        } else {
-            None
-        };
         Ok(Enqueue {
             outbox: txn.open_table(OUTBOX).map_err(storage)?,
-            by_key,
             seen_order: txn.open_table(SEEN_ORDER).map_err(storage)?,
             meta,
             next,
@@ -288,11 +331,6 @@ impl<'txn, 's> Enqueue<'txn, 's> {
         self.outbox
             .insert(seq, self.encoded.as_slice())
             .map_err(storage)?;
-        if let Some(by_key) = &mut self.by_key {
-            by_key
-                .insert(queue_key(event.site, event.event, seq).as_slice(), ())
-                .map_err(storage)?;
-        }
         self.seen_order.insert(seq, id_key).map_err(storage)?;
         self.recorded.insert(self.seen.hash(id_key), seq);
         self.next += 1;
@@ -368,7 +406,9 @@ impl Outbox {
         };
         let txn = db.begin_write().map_err(storage)?;
         {
+            // Readers need every table to exist.
             txn.open_table(OUTBOX).map_err(storage)?;
+            txn.open_table(META).map_err(storage)?;
             txn.open_table(EPOCHS).map_err(storage)?;
             txn.open_table(DLQ).map_err(storage)?;
             let table = txn.open_table(SITES).map_err(storage)?;
@@ -384,7 +424,6 @@ impl Outbox {
                 let (seq, id_key) = entry.map_err(storage)?;
                 seen.by_hash.insert(seen.hash(id_key.value()), seq.value());
             }
-            Self::keep_queues(&txn, options.per_key_queues)?;
         }
         txn.commit().map_err(storage)?;
         Ok(Arc::new(Outbox {
@@ -392,42 +431,8 @@ impl Outbox {
             options,
             path,
             state: Mutex::new(WriterState { sites, seen }),
+            frontier: Mutex::new(Frontier::new(options.frontier_events)),
         }))
-    }
-
-    /// Builds the per-key queues from the waiting events when they are wanted and not kept,
-    /// and drops them when they are kept and not wanted.
-    fn keep_queues(txn: &WriteTransaction, wanted: bool) -> Result<(), OutboxError> {
-        let mut meta = txn.open_table(META).map_err(storage)?;
-        let kept = meta
-            .get(META_PER_KEY_QUEUES)
-            .map_err(storage)?
-            .is_some_and(|v| v.value() == 1);
-        if kept == wanted {
-            txn.open_table(BY_KEY).map_err(storage)?;
-            return Ok(());
-        }
-        txn.delete_table(BY_KEY).map_err(storage)?;
-        let mut by_key = txn.open_table(BY_KEY).map_err(storage)?;
-        if wanted {
-            let outbox = txn.open_table(OUTBOX).map_err(storage)?;
-            let mut rebuilt = 0u64;
-            for entry in outbox.iter().map_err(storage)? {
-                let (seq, value) = entry.map_err(storage)?;
-                let event: StampedEvent = decode_record(seq.value(), value.value())?;
-                by_key
-                    .insert(
-                        queue_key(&event.site, &event.event, seq.value()).as_slice(),
-                        (),
-                    )
-                    .map_err(storage)?;
-                rebuilt += 1;
-            }
-            tracing::info!(events = rebuilt, "per-key queues built from the outbox");
-        }
-        meta.insert(META_PER_KEY_QUEUES, u64::from(wanted))
-            .map_err(storage)?;
-        Ok(())
     }
 
     fn lock_state(&self) -> Result<MutexGuard<'_, WriterState>, OutboxError> {
@@ -464,7 +469,7 @@ impl Outbox {
         let mut sites = state.sites.clone();
         let mut results = Vec::with_capacity(batches.len());
         let (recorded, forgotten) = {
-            let mut queue = Enqueue::open(&txn, &state.seen, self.options.per_key_queues)?;
+            let mut queue = Enqueue::open(&txn, &state.seen)?;
             let mut epochs = txn.open_table(EPOCHS).map_err(storage)?;
             for batch in batches {
                 results.push(store_batch(&mut queue, &mut epochs, batch, &mut sites)?);
@@ -628,68 +633,50 @@ fn store_batch(
     Ok(result)
 }
 impl Outbox {
-    /// The first waiting event of up to `limit` queues, skipping the queues `skip` says no to
-    /// (in flight, or waiting to retry). Seeks from queue to queue, so the cost grows with the
-    /// number of queues visited, not with the number of events waiting.
+    /// The first waiting event of up to `limit` queues, oldest first, skipping the queues
+    /// `skip` says no to (in flight, or waiting to retry). Looks only at the frontier, so the
+    /// cost grows with the number of queues visited, not with the number of events waiting.
     pub fn heads(
         &self,
         limit: usize,
         skip: impl Fn(&[u8]) -> bool,
     ) -> Result<Vec<Head>, OutboxError> {
-        if !self.options.per_key_queues {
-            return Err(OutboxError::Storage(
-                "the outbox keeps no per-key queues: it was opened for a connector that \
-                 delivers in arrival order"
-                    .into(),
-            ));
-        }
         let txn = self.db.begin_read().map_err(storage)?;
-        let by_key = txn.open_table(BY_KEY).map_err(storage)?;
         let outbox = txn.open_table(OUTBOX).map_err(storage)?;
-        let mut heads = Vec::new();
-        let mut start: Option<Vec<u8>> = None;
-        while heads.len() < limit {
-            let next = match &start {
-                None => by_key
-                    .first()
-                    .map_err(storage)?
-                    .map(|(k, _)| k.value().to_vec()),
-                Some(after) => by_key
-                    .range::<&[u8]>((
-                        std::ops::Bound::Excluded(after.as_slice()),
-                        std::ops::Bound::Unbounded,
-                    ))
-                    .map_err(storage)?
-                    .next()
-                    .transpose()
-                    .map_err(storage)?
-                    .map(|(k, _)| k.value().to_vec()),
-            };
-            let Some(entry) = next else { break };
-            if entry.len() < 8 {
-                return Err(OutboxError::Storage(
-                    "a queue entry is shorter than its sequence number".into(),
-                ));
+        let mut frontier = self
+            .frontier
+            .lock()
+            .map_err(|_| OutboxError::Storage("the frontier lock is poisoned".into()))?;
+        let room = frontier.capacity.saturating_sub(frontier.events);
+        if room > 0 {
+            let from = frontier.loaded_through + 1;
+            for entry in outbox.range(from..).map_err(storage)?.take(room) {
+                let (seq, value) = entry.map_err(storage)?;
+                let event = decode_record(seq.value(), value.value())?;
+                frontier.push(queue_bytes(&event.site, &event.event), seq.value());
             }
-            let (queue, seq_bytes) = entry.split_at(entry.len() - 8);
-            let mut last_of_queue = queue.to_vec();
-            last_of_queue.extend_from_slice(&[0xff; 8]);
-            start = Some(last_of_queue);
+        }
+        let mut heads = Vec::new();
+        let mut vanished = Vec::new();
+        for (&outbox_seq, queue) in &frontier.by_head {
+            if heads.len() >= limit {
+                break;
+            }
             if skip(queue) {
                 continue;
             }
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(seq_bytes);
-            let outbox_seq = u64::from_be_bytes(seq);
-            let Some(value) = outbox.get(outbox_seq).map_err(storage)? else {
-                continue;
-            };
-            let event = decode_record(outbox_seq, value.value())?;
-            heads.push(Head {
-                queue: queue.to_vec(),
-                outbox_seq,
-                event,
-            });
+            match outbox.get(outbox_seq).map_err(storage)? {
+                Some(value) => heads.push(Head {
+                    queue: queue.clone(),
+                    outbox_seq,
+                    event: decode_record(outbox_seq, value.value())?,
+                }),
+                None => vanished.push((queue.clone(), outbox_seq)),
+            }
+        }
+        // Left the outbox some other way (the ledger's recovery after a crash).
+        for (queue, outbox_seq) in vanished {
+            frontier.remove(&queue, outbox_seq);
         }
         Ok(heads)
     }
@@ -709,32 +696,16 @@ impl Outbox {
         let mut sites = state.sites.clone();
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
-            let mut by_key = if self.options.per_key_queues {
-                Some(txn.open_table(BY_KEY).map_err(storage)?)
-            } else {
-                None
-            };
             let mut dlq = txn.open_table(DLQ).map_err(storage)?;
-            let mut leave = |outbox_seq: u64, event: &StampedEvent| -> Result<bool, OutboxError> {
-                if outbox.remove(outbox_seq).map_err(storage)?.is_none() {
-                    return Ok(false);
-                }
-                if let Some(by_key) = &mut by_key {
-                    by_key
-                        .remove(queue_key(&event.site, &event.event, outbox_seq).as_slice())
-                        .map_err(storage)?;
-                }
-                Ok(true)
-            };
             for (outbox_seq, event) in posted {
-                if leave(*outbox_seq, event)?
+                if outbox.remove(*outbox_seq).map_err(storage)?.is_some()
                     && let Some(record) = sites.get_mut(&event.site)
                 {
                     record.events_delivered += 1;
                 }
             }
             for (outbox_seq, event, reason, attempts) in dead {
-                if leave(*outbox_seq, event)? {
+                if outbox.remove(*outbox_seq).map_err(storage)?.is_some() {
                     let letter = DeadLetter {
                         id: *outbox_seq,
                         reason: reason.clone(),
@@ -758,6 +729,20 @@ impl Outbox {
         }
         txn.commit().map_err(storage)?;
         state.sites = sites;
+        drop(state);
+        let mut frontier = self
+            .frontier
+            .lock()
+            .map_err(|_| OutboxError::Storage("the frontier lock is poisoned".into()))?;
+        if frontier.events > 0 {
+            let done = posted
+                .iter()
+                .map(|(seq, event)| (*seq, event))
+                .chain(dead.iter().map(|(seq, event, _, _)| (*seq, event)));
+            for (outbox_seq, event) in done {
+                frontier.remove(&queue_of(event), outbox_seq);
+            }
+        }
         Ok(())
     }
 
@@ -821,7 +806,7 @@ impl Outbox {
             };
             wanted.sort_unstable();
             wanted.dedup();
-            let mut queue = Enqueue::open(&txn, &state.seen, self.options.per_key_queues)?;
+            let mut queue = Enqueue::open(&txn, &state.seen)?;
             for id in wanted {
                 let letter: DeadLetter = match dlq.remove(id).map_err(storage)? {
                     Some(value) => serde_json::from_slice(value.value()).map_err(storage)?,

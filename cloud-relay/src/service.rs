@@ -18,6 +18,10 @@ use crate::ledger::Ledger;
 use crate::metrics::RelayMetrics;
 use crate::outbox::{Outbox, OutboxOptions};
 
+/// How many of the oldest waiting events the delivery engine sees, grouped by ordering key.
+/// Enough that keys held back by retries leave plenty to deliver; about 100 bytes each.
+const FRONTIER_EVENTS: usize = 100_000;
+
 pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let config = loaded.config.clone();
     tracing::info!(config = %loaded.file.display(), "relay starting");
@@ -34,8 +38,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let options = OutboxOptions {
         cache_size: config.outbox.cache_size.0 as usize,
         dedup_ids: config.outbox.dedup_ids,
-        // The ledger delivers in arrival order; every other connector per ordering key.
-        per_key_queues: config.sink.ledger.is_none(),
+        frontier_events: FRONTIER_EVENTS,
     };
     let outbox = tokio::task::spawn_blocking(move || Outbox::open(&state_dir, options)).await??;
     tracing::info!(path = %outbox.path().display(), depth = outbox.depth(), "outbox open");

@@ -9,7 +9,7 @@ fn options(dedup_ids: u64) -> OutboxOptions {
     OutboxOptions {
         cache_size: 1 << 20,
         dedup_ids,
-        per_key_queues: true,
+        frontier_events: 1000,
     }
 }
 
@@ -95,33 +95,80 @@ fn ids_are_remembered_across_a_restart() {
     assert!(outbox.find_pending("wh", "zz").unwrap().is_none());
 }
 
-#[test]
-fn per_key_queues_are_built_when_a_per_key_connector_takes_over() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let in_arrival_order = OutboxOptions {
-            per_key_queues: false,
-            ..options(1000)
-        };
-        let outbox = Outbox::open(dir.path(), in_arrival_order).unwrap();
-        outbox.store(&[batch(1, 1, &["a", "b", "c"])]).unwrap();
-        assert!(outbox.heads(10, |_| false).is_err());
-        let pending = outbox.pending(10).unwrap();
-        let ids: Vec<&str> = pending.iter().map(|(_, e)| e.event.id.as_str()).collect();
-        assert_eq!(ids, ["a", "b", "c"]);
-    }
-    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
-    // Every event has its own location, so each is the head of its own queue.
-    let heads = outbox.heads(10, |_| false).unwrap();
-    let mut ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
-    ids.sort_unstable();
-    assert_eq!(ids, ["a", "b", "c"]);
-    // Delivered events leave their queue.
-    let first = &heads[0];
-    outbox
-        .complete(&[(first.outbox_seq, first.event.clone())], &[], None)
+/// A batch whose events all share one order (one ordering key), `order`.
+fn order_batch(first_seq: u64, order: &str, ids: &[&str]) -> BatchFrame {
+    let mut frame = batch(1, first_seq, ids);
+    for (entry, id) in frame.events.iter_mut().zip(ids) {
+        entry.event = parse_event(
+            format!(r#"{{"v":1,"id":"{id}","type":"pick","ts":"2026-11-22T10:15:00Z","sku":"S","qty":1,"order":"{order}"}}"#)
+                .as_bytes(),
+        )
         .unwrap();
-    assert_eq!(outbox.heads(10, |_| false).unwrap().len(), 2);
+    }
+    frame
+}
+
+#[test]
+fn queues_per_key_deliver_in_order_through_a_frontier_smaller_than_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = OutboxOptions {
+        frontier_events: 3,
+        ..options(1000)
+    };
+    let outbox = Outbox::open(dir.path(), small).unwrap();
+    outbox
+        .store(&[
+            order_batch(1, "SO-1", &["a1", "a2", "a3"]),
+            order_batch(4, "SO-2", &["b1"]),
+            order_batch(5, "SO-1", &["a4"]),
+            order_batch(6, "SO-3", &["c1", "c2"]),
+        ])
+        .unwrap();
+    // The frontier holds a1-a3: one head, SO-1's, though three orders wait.
+    let heads = outbox.heads(10, |_| false).unwrap();
+    let ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
+    assert_eq!(ids, ["a1"]);
+    // Deliver heads until the outbox is empty, one per key at a time, as the engine does.
+    let mut delivered = Vec::new();
+    for _ in 0..20 {
+        let heads = outbox.heads(10, |_| false).unwrap();
+        if heads.is_empty() {
+            break;
+        }
+        let done: Vec<(u64, _)> = heads
+            .iter()
+            .map(|h| (h.outbox_seq, h.event.clone()))
+            .collect();
+        delivered.extend(heads.iter().map(|h| h.event.event.id.clone()));
+        outbox.complete(&done, &[], None).unwrap();
+    }
+    assert_eq!(outbox.depth(), 0);
+    let order_of = |prefix: char| -> Vec<&str> {
+        delivered
+            .iter()
+            .map(String::as_str)
+            .filter(|id| id.starts_with(prefix))
+            .collect()
+    };
+    assert_eq!(order_of('a'), ["a1", "a2", "a3", "a4"]);
+    assert_eq!(order_of('b'), ["b1"]);
+    assert_eq!(order_of('c'), ["c1", "c2"]);
+    // A held-back key leaves the others to go on.
+    outbox
+        .store(&[
+            order_batch(8, "SO-4", &["d1", "d2"]),
+            order_batch(10, "SO-5", &["e1"]),
+        ])
+        .unwrap();
+    let heads = outbox.heads(10, |queue| queue.ends_with(b"SO-4")).unwrap();
+    let ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
+    assert_eq!(ids, ["e1"]);
+    // After a restart the frontier is loaded again from the outbox.
+    drop(outbox);
+    let outbox = Outbox::open(dir.path(), small).unwrap();
+    let heads = outbox.heads(10, |_| false).unwrap();
+    let ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
+    assert_eq!(ids, ["d1", "e1"]);
 }
 
 #[test]
