@@ -7,6 +7,8 @@ use backhaul_events::config::{ByteSize, ConfigError, Secret, SecretSource, load_
 use backhaul_events::topics::check_site_id;
 use serde::{Deserialize, Deserializer};
 
+use crate::passwd::MqttUsers;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -172,8 +174,11 @@ pub struct MqttConfig {
     pub max_keep_alive_secs: u16,
     /// When true, a client may only publish to the topic of its own client id.
     pub own_device_topic_only: bool,
-    /// Usernames and passwords of scanners; when empty, anonymous clients are accepted.
+    /// Usernames and passwords of scanners; with neither these nor `password_file`, anonymous
+    /// clients are accepted.
     pub users: Vec<MqttUser>,
+    /// A Mosquitto password file (made with `mosquitto_passwd`) with more users.
+    pub password_file: Option<PathBuf>,
     /// TLS for scanners (PEM files); without it the endpoint speaks plain MQTT.
     pub tls: Option<MqttTls>,
 }
@@ -200,6 +205,7 @@ impl Default for MqttConfig {
             max_keep_alive_secs: 300,
             own_device_topic_only: false,
             users: Vec::new(),
+            password_file: None,
             tls: None,
         }
     }
@@ -236,7 +242,7 @@ pub struct LoadedAgentConfig {
     pub file: PathBuf,
     pub config: AgentConfig,
     pub http_token: Option<Secret>,
-    pub mqtt_users: Vec<(String, Secret)>,
+    pub mqtt_users: MqttUsers,
     pub uplink_password: Option<Secret>,
 }
 
@@ -251,7 +257,7 @@ impl AgentConfig {
             })?),
             None => None,
         };
-        let mut mqtt_users = Vec::new();
+        let mut mqtt_users = MqttUsers::default();
         for (i, user) in config.mqtt.users.iter().enumerate() {
             let secret = user.password.resolve().map_err(|e| {
                 ConfigError::invalid(
@@ -260,7 +266,29 @@ impl AgentConfig {
                     format!("a readable secret: {e}"),
                 )
             })?;
-            mqtt_users.push((user.username.clone(), secret));
+            mqtt_users.add_secret(&user.username, secret).map_err(|e| {
+                ConfigError::invalid(
+                    file,
+                    &format!("mqtt.users[{i}].username"),
+                    format!("each username once: {e}"),
+                )
+            })?;
+        }
+        if let Some(path) = &config.mqtt.password_file {
+            let hashes = crate::passwd::load(path).map_err(|e| {
+                ConfigError::invalid(
+                    file,
+                    "mqtt.password_file",
+                    format!("a Mosquitto password file: {}: {e}", path.display()),
+                )
+            })?;
+            mqtt_users.add_hashes(hashes).map_err(|e| {
+                ConfigError::invalid(
+                    file,
+                    "mqtt.password_file",
+                    format!("users not also in mqtt.users: {}: {e}", path.display()),
+                )
+            })?;
         }
         let uplink_password = match config.uplink.as_ref().and_then(|u| u.password.as_ref()) {
             Some(source) => Some(source.resolve().map_err(|e| {

@@ -8,4 +8,5 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod mqtt;
+pub mod passwd;
 pub mod service;

@@ -23,9 +23,15 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// A program of the `mosquitto` package (the broker, `mosquitto_passwd`); panics with how to
+/// install it when it is missing.
+pub fn broker_program(name: &str) -> PathBuf {
+    find_program(name).unwrap_or_else(|| panic!("{name} not found: {INSTALL_HINT}"))
+}
+
 /// The `mosquitto` broker binary; panics with how to install it when it is missing.
 pub fn mosquitto_binary() -> PathBuf {
-    find_program("mosquitto").unwrap_or_else(|| panic!("mosquitto not found: {INSTALL_HINT}"))
+    broker_program("mosquitto")
 }
 
 /// A Mosquitto client program (`mosquitto_pub`, `mosquitto_sub`); panics with how to install

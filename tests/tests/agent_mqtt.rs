@@ -649,6 +649,58 @@ fn only_configured_users_get_in() {
 }
 
 #[test]
+fn users_from_a_mosquitto_password_file_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("scanners.passwd");
+    let passwd = backhaul_tests::mosquitto::broker_program("mosquitto_passwd");
+    for (user, password) in [("scanner-11", "blue forklift"), ("scanner-12", "pallet-42")] {
+        let mut command = Command::new(&passwd);
+        command.arg("-b");
+        if !file.exists() {
+            command.arg("-c");
+        }
+        let made = command.arg(&file).args([user, password]).output().unwrap();
+        assert!(made.status.success(), "{made:?}");
+    }
+    let agent = AgentProcess::start(
+        AgentOptions::default()
+            .user("scanner-07", "correct horse battery staple")
+            .set("mqtt.password_file", file.display().to_string()),
+    );
+    let addr = agent.mqtt_addr();
+    let mut options = v4_options(addr, "scanner-11");
+    options.set_credentials("scanner-11", "pallet-42");
+    assert!(matches!(
+        V4Client::connect(options),
+        Err(rumqttc::ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::BadUserNamePassword
+        ))
+    ));
+    let mut options = v4_options(addr, "scanner-11");
+    options.set_credentials("scanner-11", "blue forklift");
+    let (mut client, _) = V4Client::connect(options).unwrap();
+    let first = pick(&unique_id("passwd"), "SO-1");
+    client
+        .publish("scans/scanner-11", 1, to_bytes(&first))
+        .unwrap();
+    let mut options = v5_options(addr, "scanner-12");
+    options.set_credentials("scanner-12", "pallet-42");
+    let (mut client, _) = V5Client::connect(options).unwrap();
+    let second = pick(&unique_id("passwd"), "SO-2");
+    assert!(
+        client
+            .publish("scans/scanner-12", 1, to_bytes(&second))
+            .unwrap()
+            .is_success()
+    );
+    // Users of the config file still get in next to those of the password file.
+    let mut options = v4_options(addr, "scanner-07");
+    options.set_credentials("scanner-07", "correct horse battery staple");
+    assert!(V4Client::connect(options).is_ok());
+    assert_eq!(agent.log_events().len(), 2);
+}
+
+#[test]
 fn connections_and_packets_over_the_limits_are_refused() {
     let agent = AgentProcess::start(
         AgentOptions::default()

@@ -161,3 +161,37 @@ fn text_listen_addr(file: &std::path::Path) -> String {
         .unwrap();
     line.split('"').nth(1).unwrap().to_string()
 }
+
+#[test]
+fn a_broken_password_file_names_the_line_and_what_was_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("scanners.passwd");
+    std::fs::write(
+        &passwd,
+        "# scanners\nscanner-01:$7$101$MDEyMzQ1Njc4OWFi$AAAA\nscanner-02:hunter2\n",
+    )
+    .unwrap();
+    let file = dir.path().join("agent.toml");
+    let text = std::fs::read_to_string(example_config("agent.toml"))
+        .unwrap()
+        .replacen(
+            "[mqtt]\n",
+            &format!(
+                "[mqtt]\npassword_file = {:?}\n",
+                passwd.display().to_string()
+            ),
+            1,
+        );
+    std::fs::write(&file, text).unwrap();
+    let (ok, _, stderr) = check_config("backhaul-agent", &file);
+    assert!(!ok);
+    assert!(stderr.contains("key `mqtt.password_file`"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "expected a Mosquitto password file: {}: line 3: user \"scanner-02\": expected a hash as mosquitto_passwd writes it: $7$ROUNDS$SALT$HASH or $6$SALT$HASH",
+            passwd.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backhaul_events::config::Secret;
 use backhaul_events::event::parse_event;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::log::{Appended, EventLog, LogError, RejectRecord};
 use crate::metrics::{AgentMetrics, MQTT};
+use crate::passwd::MqttUsers;
 use codec::{AckReason, ConnectRefusal, DisconnectReason, Incoming, Outgoing, Version};
 
 /// How many publishes of one connection may wait for their flush before the connection is not
@@ -46,7 +46,7 @@ pub struct MqttSettings {
     pub max_packet_size: usize,
     pub max_keep_alive_secs: u16,
     pub own_device_topic_only: bool,
-    pub users: Vec<(String, Secret)>,
+    pub users: MqttUsers,
 }
 
 /// Session state that outlives one connection of a client id.
@@ -424,11 +424,9 @@ impl Connection {
             max_packet_size,
         };
         if !settings.users.is_empty() {
-            let ok = login.as_ref().is_some_and(|(user, password)| {
-                settings.users.iter().any(|(u, p)| {
-                    u == user && constant_time_eq(p.expose().as_bytes(), password.as_bytes())
-                })
-            });
+            let ok = login
+                .as_ref()
+                .is_some_and(|(user, password)| settings.users.check(user, password.as_bytes()));
             if !ok {
                 self.queue(refuse(ConnectRefusal::BadCredentials));
                 self.flush().await?;
@@ -758,13 +756,6 @@ fn event_id_hint(payload: &[u8]) -> Option<String> {
         serde_json::Value::String(s) => Some(s.chars().take(64).collect()),
         _ => None,
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl From<LogError> for AckReason {
