@@ -8,8 +8,8 @@
 //! found (a lookup that found nothing is not cached, so a product added in Tryton is found by
 //! the next delivery), and the company's currency, the warehouse and the parties for the
 //! connector's life (a party found missing is looked up again after 30 s; other changes to
-//! them need a relay restart). Tryton's date is read again for each delivery it would clamp,
-//! and at least every minute (see Dates).
+//! them need a relay restart). Tryton's date and its closed stock periods are read again for
+//! each delivery they would clamp or refuse, and at least every minute (see Dates).
 //!
 //! # What each event becomes
 //!
@@ -107,7 +107,18 @@
 //!   way to replay the event right. Tryton itself only warns about future dates, and a done
 //!   move dated tomorrow is missing from today's stock, while an inventory dated in the future
 //!   would count against planned moves.
-//! - When Tryton's date cannot be read, the events wait (transient).
+//! - A date on or before the end of Tryton's latest closed stock period (`stock.period`) is
+//!   refused, permanently, naming the date and the period's end: such an event needs the
+//!   period reopened (then a replay) or a booking by hand. Nothing is created for it. Tryton
+//!   refuses moves dated in a closed period only when they carry that date before the change
+//!   (a shipment's moves get theirs when done), and books the others where its period stock
+//!   no longer counts them. So the connector checks first, and where it can it puts the date
+//!   on the moves ahead of the transitions (the planned dates of the documents it makes, the
+//!   inventory moves a pick books) so that Tryton refuses too when a period was closed after
+//!   the connector last read them. A document already done is still posted when its event is
+//!   delivered again.
+//! - The connector user needs read access to `stock.period` (the stock group has it); when
+//!   the date or the periods cannot be read, the events wait (transient).
 //!
 //! # Batching
 //!
@@ -244,8 +255,8 @@ const MAX_REASON_CHARS: usize = 2000;
 const MAX_WARNINGS_PER_CALL: usize = 8;
 /// Transition rounds before a document that does not settle is reported as transient.
 const MAX_ROUNDS: usize = 12;
-/// How long Tryton's date, once read, serves the deliveries it gives nothing to do (no date to
-/// clamp).
+/// How long Tryton's date and closed stock periods, once read, serve the deliveries that they
+/// give nothing to do (no date to clamp, none in a closed period).
 const CALENDAR_TTL: Duration = Duration::from_secs(60);
 
 /// Boxed: the relay keeps its connector in an enum whose other variants are small.
@@ -260,17 +271,21 @@ struct Inner {
     calendar: StdMutex<Option<Calendar>>,
 }
 
-/// Tryton's today (in the company's time zone).
+/// Tryton's today (in the company's time zone) and the end of its latest closed stock period.
 #[derive(Debug, Clone, Copy)]
 struct Calendar {
     today: Date,
+    closed_until: Option<Date>,
     read_at: Instant,
 }
 
 impl Calendar {
-    /// Whether these dates need nothing of the calendar: none after today.
+    /// Whether these dates need nothing of the calendar: none after today, none in a closed
+    /// period.
     fn quiet(&self, dates: &[Date]) -> bool {
-        dates.iter().all(|d| *d <= self.today)
+        dates
+            .iter()
+            .all(|d| *d <= self.today && self.closed_until.is_none_or(|c| *d > c))
     }
 }
 
@@ -311,6 +326,8 @@ struct Prepared<'a> {
     location: i64,
     /// The date its document is booked on: the event's day, or Tryton's today when later.
     date: Date,
+    /// Why nothing may be booked on that date (a closed stock period), if so.
+    closed: Option<Delivery>,
 }
 
 impl TrytonConnector {
@@ -645,8 +662,9 @@ impl Inner {
         })
     }
 
-    /// Tryton's today, read again unless a recent reading has nothing to say about these
-    /// dates: a date after today (to be clamped) is always judged on a fresh reading.
+    /// Tryton's today and its closed stock periods, read again unless a recent reading has
+    /// nothing to say about these dates: a date after today (to be clamped) or in a closed
+    /// period (to be refused) is always judged on a fresh reading.
     async fn calendar(&self, dates: &[Date]) -> Result<Calendar, Delivery> {
         if let Some(calendar) = *lock(&self.calendar)
             && calendar.read_at.elapsed() < CALENDAR_TTL
@@ -654,27 +672,52 @@ impl Inner {
         {
             return Ok(calendar);
         }
-        let what = "reading Tryton's date";
+        let what = "reading Tryton's date and closed stock periods";
         let failure = |e: RpcError| match e {
             RpcError::Transient { .. } => e.delivery(what),
+            // Most likely the user lacks the stock group: a setup problem, not the events'.
             other => Delivery::Transient {
                 reason: format!("{what}: {}", other.message()),
                 retry_after: Some(SETUP_RETRY),
             },
         };
-        let today = self
-            .rpc
-            .call("model.ir.date.today", Vec::new())
-            .await
-            .map_err(failure)?;
+        let periods = json!([
+            ["state", "=", "closed"],
+            ["company", "=", self.config.company]
+        ]);
+        let (today, closed) = tokio::join!(
+            self.rpc.call("model.ir.date.today", Vec::new()),
+            self.rpc.call(
+                "model.stock.period.search_read",
+                vec![
+                    periods,
+                    json!(0),
+                    json!(1),
+                    json!([["date", "DESC"]]),
+                    json!(["date"]),
+                ],
+            ),
+        );
+        let today = today.map_err(failure)?;
+        let closed = closed.map_err(failure)?;
         let today = tryton_date(&today).ok_or_else(|| {
             failure(RpcError::Request(format!(
                 "ir.date.today answered {}",
                 truncate(&today.to_string())
             )))
         })?;
+        let closed_until = match records(&closed).first() {
+            None => None,
+            Some(period) => Some(period.get("date").and_then(tryton_date).ok_or_else(|| {
+                failure(RpcError::Request(format!(
+                    "a closed stock.period came back without a date: {}",
+                    truncate(&closed.to_string())
+                )))
+            })?),
+        };
         let calendar = Calendar {
             today,
+            closed_until,
             read_at: Instant::now(),
         };
         *lock(&self.calendar) = Some(calendar);
@@ -853,12 +896,25 @@ impl Inner {
                 "event dated after Tryton's today is booked on Tryton's today"
             );
         }
+        let closed = calendar
+            .closed_until
+            .filter(|until| date <= *until)
+            .map(|until| Delivery::Permanent {
+                reason: format!(
+                    "the event is dated {date} (ts {:?}), in a closed stock period: Tryton's \
+                     stock periods are closed up to {until}, and it takes no stock moves dated \
+                     on or before then; reopen the period in Tryton and replay the event, or \
+                     book the movement by hand",
+                    event.ts
+                ),
+            });
         Ok(Prepared {
             idx,
             event,
             product,
             location,
             date,
+            closed,
         })
     }
 
@@ -876,6 +932,10 @@ impl Inner {
         for item in &items {
             if let Some((id, state)) = existing.get(&item.event.id) {
                 jobs.push(Job::found(item, *id, state.clone(), ""));
+                continue;
+            }
+            if let Some(closed) = &item.closed {
+                out.push((item.idx, closed.clone()));
                 continue;
             }
             let (from, to) = if item.event.qty.is_sign_negative() {
@@ -962,6 +1022,8 @@ impl Inner {
                         ),
                     },
                 ));
+            } else if let Some(closed) = &item.closed {
+                out.push((item.idx, closed.clone()));
             } else {
                 to_create.push(Create::new(
                     Flow::Count,
@@ -998,6 +1060,10 @@ impl Inner {
         for item in &items {
             if let Some((id, state)) = existing.get(&item.event.id) {
                 jobs.push(Job::found(item, *id, state.clone(), ""));
+                continue;
+            }
+            if let Some(closed) = &item.closed {
+                out.push((item.idx, closed.clone()));
                 continue;
             }
             let supplier = match &setup.supplier {
@@ -1097,6 +1163,10 @@ impl Inner {
                     shipment.state.clone(),
                     &label,
                 ));
+                continue;
+            }
+            if let Some(closed) = &item.closed {
+                out.push((item.idx, closed.clone()));
                 continue;
             }
             let line = json!({
@@ -1417,10 +1487,14 @@ impl Inner {
                     continue;
                 }
                 let outcome = match flow.next_step(&job.state, job.tried_assign) {
-                    Step::Call(method) => {
-                        calls.entry(method).or_default().push(j);
-                        continue;
-                    }
+                    // A document that still needs a transition would book moves on its date.
+                    Step::Call(method) => match job.closed.take() {
+                        Some(refusal) => refusal,
+                        None => {
+                            calls.entry(method).or_default().push(j);
+                            continue;
+                        }
+                    },
                     Step::Reached => Delivery::Posted {
                         erp_ref: format!("{model}/{}", job.id),
                     },
@@ -1773,6 +1847,8 @@ struct Job {
     /// Whether the document already has its date fields (it was made or extended by this
     /// delivery); otherwise they are written before its first transition.
     dated: bool,
+    /// The refusal of a date in a closed stock period, given if a transition is needed.
+    closed: Option<Delivery>,
 }
 
 impl Job {
@@ -1787,10 +1863,12 @@ impl Job {
             outcome: None,
             date: item.date,
             dated: false,
+            closed: item.closed.clone(),
         }
     }
 
-    /// A job on a document this delivery created or extended with its date fields.
+    /// A job on a document this delivery created or extended with its date fields, after
+    /// checking the date against the closed periods.
     fn dated(idx: usize, date: Date, id: i64, state: String, label: &str) -> Job {
         Job {
             idx,
@@ -1801,6 +1879,7 @@ impl Job {
             outcome: None,
             date,
             dated: true,
+            closed: None,
         }
     }
 
@@ -1847,7 +1926,7 @@ impl Flow {
     }
 
     /// The date fields of a document created for an event of this flow. Tryton copies a
-    /// shipment's planned date onto its moves.
+    /// shipment's planned date onto its moves, where it checks closed stock periods.
     fn created_dates(self, date: Date) -> Map<String, Value> {
         let date = date_value(date);
         let fields: &[&str] = match self {
@@ -2488,10 +2567,17 @@ mod tests {
     fn a_calendar_serves_only_dates_it_has_nothing_to_say_about() {
         let calendar = Calendar {
             today: date(2026, 11, 22),
+            closed_until: Some(date(2026, 10, 31)),
             read_at: Instant::now(),
         };
         assert!(calendar.quiet(&[date(2026, 11, 1), date(2026, 11, 22)]));
         assert!(!calendar.quiet(&[date(2026, 11, 1), date(2026, 11, 23)]));
+        assert!(!calendar.quiet(&[date(2026, 10, 31)]));
+        let open = Calendar {
+            closed_until: None,
+            ..calendar
+        };
+        assert!(open.quiet(&[date(2000, 1, 1)]));
     }
 
     #[test]
