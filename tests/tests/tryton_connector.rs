@@ -1026,4 +1026,86 @@ fn documents_are_dated_by_their_events_ts() {
         posted(&deliver(&rt, &connector, events));
     }
     assert_eq!(books(&tryton), before, "a re-delivery created records");
+
+    // The books are closed up to five days ago.
+    let period = tryton.call(
+        "model.stock.period.create",
+        json!([[{"date": tryton_date(ago(5)), "company": tryton::COMPANY}]]),
+    );
+    tryton.call("model.stock.period.close", json!([period]));
+    // A connector that has just started (or whose reading of the periods is a minute old)
+    // refuses events dated in the closed period before creating anything; a document already
+    // done is still posted.
+    let fresh = self::connector(&tryton);
+    let batch = [
+        on(
+            adjust("adj-closed", "SKU-004", 1, None),
+            ago(7),
+            "10:00:00Z",
+        ),
+        on(adjust("adj-open", "SKU-004", 1, None), ago(4), "10:00:00Z"),
+        on(
+            count("cnt-closed", "SKU-005", 3, "A1"),
+            ago(5),
+            "23:59:00+02:00",
+        ),
+        on(
+            pick("pick-closed", "ORD-C", "SKU-002", 1),
+            ago(6),
+            "10:00:00Z",
+        ),
+        receipts[0].clone(),
+    ];
+    let outcomes = deliver(&rt, &fresh, &batch);
+    for (stamped, outcome) in batch.iter().zip(&outcomes) {
+        eprintln!(
+            "{} dated {}: {outcome:?}",
+            stamped.event.id, stamped.event.ts
+        );
+    }
+    for (i, date) in [(0, ago(7)), (2, ago(5)), (3, ago(6))] {
+        let reason = permanent(&outcomes[i]);
+        assert!(reason.contains(&format!("dated {date}")), "{reason}");
+        assert!(reason.contains("closed stock period"), "{reason}");
+        assert!(
+            reason.contains(&format!("closed up to {}", ago(5))),
+            "{reason}"
+        );
+    }
+    posted(&outcomes[1..2]);
+    assert_eq!(posted(&outcomes[4..5]), receipt_refs[..1]);
+    assert_eq!(
+        tryton.count(
+            "stock.shipment.internal",
+            json!([["reference", "=", "adj-closed"]])
+        ),
+        0
+    );
+    assert_eq!(
+        tryton.count("stock.inventory", json!([["number", "=", "cnt-closed"]])),
+        0
+    );
+    assert_eq!(
+        tryton.count("stock.shipment.out", json!([["reference", "=", "ORD-C"]])),
+        0
+    );
+
+    // A period closed after the connector read the periods: Tryton itself refuses the moves,
+    // which carry their date before they are done.
+    let later = tryton.call(
+        "model.stock.period.create",
+        json!([[{"date": tryton_date(ago(2)), "company": tryton::COMPANY}]]),
+    );
+    tryton.call("model.stock.period.close", json!([later]));
+    let late = [on(
+        adjust("adj-late", "SKU-006", 2, None),
+        ago(3),
+        "10:00:00Z",
+    )];
+    let outcomes = deliver(&rt, &fresh, &late);
+    eprintln!("adj-late dated {}: {:?}", late[0].event.ts, outcomes[0]);
+    let reason = permanent(&outcomes[0]);
+    assert!(reason.contains(&ago(3).to_string()), "{reason}");
+    assert!(reason.contains("period"), "{reason}");
+    assert_eq!(tryton.stock_level("SKU-006", "STO"), 0.0);
 }
