@@ -1,6 +1,7 @@
 //! The Tryton connector against a real Tryton 8.0 server (see tests/src/tryton.rs): events of
 //! every type reach the ERP's books, stock levels read back equal what was scanned, delivering
-//! the same events again changes nothing, and refusals are permanent with a readable reason.
+//! the same events again changes nothing, documents are dated by their events' `ts`, and
+//! refusals are permanent with a readable reason.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use backhaul_relay::connector::Delivery;
 use backhaul_relay::connector::tryton::{TrytonConfig, TrytonConnector};
 use backhaul_tests::tryton::{self, Tryton};
 use serde_json::{Value, json};
+use time::{Date, Duration as Days};
 
 /// The connector as a relay would configure it for the seed, with bin "A1" mapped.
 fn config(tryton: &Tryton) -> TrytonConfig {
@@ -640,4 +642,470 @@ fn refused_transitions_are_permanent_and_outages_transient() {
         }
         other => panic!("expected transient, got {other:?}"),
     }
+}
+
+/// The same event at another `ts`: this time and offset on `date`.
+fn on(mut stamped: StampedEvent, date: Date, time_and_offset: &str) -> StampedEvent {
+    let ts = format!("{date}T{time_and_offset}");
+    time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("invalid test ts {ts}: {e}"));
+    stamped.event.ts = ts;
+    stamped
+}
+
+/// A date as Tryton's JSON-RPC carries it.
+fn tryton_date(date: Date) -> Value {
+    json!({"__class__": "date", "year": date.year(), "month": u8::from(date.month()), "day": date.day()})
+}
+
+/// A date read from Tryton, as `YYYY-MM-DD` (or "none").
+fn day(value: &Value) -> String {
+    match (value.get("year"), value.get("month"), value.get("day")) {
+        (Some(y), Some(m), Some(d)) => format!(
+            "{:04}-{:02}-{:02}",
+            y.as_i64().unwrap_or_default(),
+            m.as_i64().unwrap_or_default(),
+            d.as_i64().unwrap_or_default()
+        ),
+        _ => "none".into(),
+    }
+}
+
+/// Tryton's today (the seed's company has no time zone: the server's).
+fn tryton_today(tryton: &Tryton) -> Date {
+    let today = tryton.call("model.ir.date.today", json!([]));
+    let part = |name: &str| today[name].as_i64().unwrap_or_default();
+    let month = u8::try_from(part("month")).unwrap_or_default();
+    time::Month::try_from(month)
+        .and_then(|month| Date::from_calendar_date(part("year") as i32, month, part("day") as u8))
+        .unwrap_or_else(|e| panic!("today {today}: {e}"))
+}
+
+/// Fields of the record of `model` an outcome posted (`model/id`).
+fn read_posted(tryton: &Tryton, outcome: &Delivery, fields: Value) -> Value {
+    let erp_ref = match outcome {
+        Delivery::Posted { erp_ref } => erp_ref,
+        other => panic!("expected Posted, got {other:?}"),
+    };
+    let (model, id) = erp_ref.rsplit_once('/').expect("model/id");
+    let id: i64 = id.parse().expect("an id");
+    tryton.call(&format!("model.{model}.read"), json!([[id], fields]))[0].clone()
+}
+
+/// The effective dates of the moves of a shipment (`model,id`), by destination location code,
+/// with their states.
+fn move_dates(tryton: &Tryton, shipment: &str) -> Vec<(String, String, String)> {
+    let moves = tryton.call(
+        "model.stock.move.search_read",
+        json!([
+            [["shipment", "=", shipment]],
+            0,
+            null,
+            [["id", "ASC"]],
+            ["to_location.code", "effective_date", "state"]
+        ]),
+    );
+    moves
+        .as_array()
+        .expect("moves")
+        .iter()
+        .map(|m| {
+            (
+                m["to_location."]["code"]
+                    .as_str()
+                    .or_else(|| m["to_location.code"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                day(&m["effective_date"]),
+                m["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The quantity of `sku` at the location with this code at the end of `date`.
+fn level_on(tryton: &Tryton, sku: &str, location_code: &str, date: Date) -> f64 {
+    let product = tryton
+        .id_of("product.product", "code", sku)
+        .expect("the product");
+    let location = tryton
+        .id_of("stock.location", "code", location_code)
+        .expect("the location");
+    let read = tryton
+        .rpc_with_context(
+            "model.product.product.read",
+            json!([[product], ["quantity"]]),
+            json!({
+                "company": tryton::COMPANY, "language": "en", "locations": [location],
+                "stock_date_end": tryton_date(date),
+            }),
+        )
+        .unwrap_or_else(|e| panic!("reading the stock of {sku}: {e}"));
+    read[0]["quantity"].as_f64().expect("a quantity")
+}
+
+#[test]
+fn documents_are_dated_by_their_events_ts() {
+    let tryton = Tryton::start();
+    let rt = runtime();
+    let connector = connector(&tryton);
+    let today = tryton_today(&tryton);
+    let ago = |days: i64| today - Days::days(days);
+
+    // Ten days ago, late in the evening at UTC-5 (already the next day in UTC): booked on the
+    // warehouse's day. Two receipts in one batch.
+    let receipts = [
+        on(
+            receive("rcv-old-1", "SKU-001", 10, None),
+            ago(10),
+            "23:30:00-05:00",
+        ),
+        on(
+            receive("rcv-old-2", "SKU-002", 10, None),
+            ago(10),
+            "23:30:00-05:00",
+        ),
+    ];
+    let outcomes = deliver(&rt, &connector, &receipts);
+    let receipt_refs = posted(&outcomes);
+    let shipment = read_posted(
+        &tryton,
+        &outcomes[0],
+        json!(["effective_date", "planned_date", "state"]),
+    );
+    assert_eq!(
+        day(&shipment["effective_date"]),
+        ago(10).to_string(),
+        "{shipment}"
+    );
+    assert_eq!(
+        day(&shipment["planned_date"]),
+        ago(10).to_string(),
+        "{shipment}"
+    );
+    let moves = move_dates(&tryton, &receipt_refs[0].replace('/', ","));
+    assert_eq!(moves.len(), 2, "{moves:?}");
+    for (to, date, state) in &moves {
+        assert_eq!(
+            (date.as_str(), state.as_str()),
+            (ago(10).to_string().as_str(), "done"),
+            "move to {to}"
+        );
+    }
+
+    // Three days ago, early in the morning at UTC+9 (still the day before in UTC).
+    let adjustment = [on(
+        adjust("adj-old", "SKU-001", 5, None),
+        ago(3),
+        "06:00:00+09:00",
+    )];
+    let outcomes = deliver(&rt, &connector, &adjustment);
+    let internal = read_posted(
+        &tryton,
+        &outcomes[0],
+        json!([
+            "effective_date",
+            "planned_date",
+            "planned_start_date",
+            "moves"
+        ]),
+    );
+    assert_eq!(
+        day(&internal["effective_date"]),
+        ago(3).to_string(),
+        "{internal}"
+    );
+    assert_eq!(
+        day(&internal["planned_date"]),
+        ago(3).to_string(),
+        "{internal}"
+    );
+    let adjust_ref = posted(&outcomes)[0].replace('/', ",");
+    assert_eq!(
+        move_dates(&tryton, &adjust_ref)
+            .iter()
+            .map(|m| m.1.clone())
+            .collect::<Vec<_>>(),
+        [ago(3).to_string()]
+    );
+
+    // Today's receipt reaches Tryton before a count made three days ago.
+    posted(&deliver(
+        &rt,
+        &connector,
+        &[receive("rcv-today", "SKU-001", 4, None)],
+    ));
+    assert_eq!(tryton.stock_level("SKU-001", "STO"), 19.0);
+    // The count of 12 is of the stock three days ago (10 + 5 = 15): the difference (-3) is
+    // booked then, and today's receipt stays on top of it.
+    let counted = [on(
+        count("cnt-old", "SKU-001", 12, "MAIN"),
+        ago(3),
+        "17:00:00+00:00",
+    )];
+    let outcomes = deliver(&rt, &connector, &counted);
+    let inventory = read_posted(&tryton, &outcomes[0], json!(["date", "lines", "state"]));
+    assert_eq!(day(&inventory["date"]), ago(3).to_string(), "{inventory}");
+    let line = tryton.call(
+        "model.stock.inventory.line.read",
+        json!([inventory["lines"], ["expected_quantity", "quantity"]]),
+    );
+    assert_eq!(line[0]["expected_quantity"].as_f64(), Some(15.0), "{line}");
+    assert_eq!(tryton.stock_level("SKU-001", "STO"), 16.0);
+    assert_eq!(level_on(&tryton, "SKU-001", "STO", ago(3)), 12.0);
+    assert_eq!(level_on(&tryton, "SKU-001", "STO", ago(5)), 10.0);
+    assert_eq!(level_on(&tryton, "SKU-001", "STO", ago(11)), 0.0);
+
+    // Picked three days ago, shipped yesterday: the picking (storage to output) is booked on
+    // the pick's day, the shipment and its outgoing moves on the ship's.
+    let pick_event = [on(
+        pick("pick-old", "ORD-D", "SKU-002", 2),
+        ago(3),
+        "09:00:00+01:00",
+    )];
+    let pick_ref = posted(&deliver(&rt, &connector, &pick_event));
+    let ship_event = [on(
+        ship("ship-old", "ORD-D", "SKU-002", 2),
+        ago(1),
+        "15:00:00+01:00",
+    )];
+    let outcomes = deliver(&rt, &connector, &ship_event);
+    assert_eq!(posted(&outcomes), pick_ref);
+    let customer = read_posted(
+        &tryton,
+        &outcomes[0],
+        json!(["effective_date", "planned_date", "state"]),
+    );
+    assert_eq!(customer["state"], "done");
+    assert_eq!(
+        day(&customer["effective_date"]),
+        ago(1).to_string(),
+        "{customer}"
+    );
+    assert_eq!(
+        day(&customer["planned_date"]),
+        ago(3).to_string(),
+        "{customer}"
+    );
+    let moves = move_dates(&tryton, &pick_ref[0].replace('/', ","));
+    assert_eq!(
+        moves,
+        [
+            ("CUS".to_string(), ago(1).to_string(), "done".to_string()),
+            ("OUT".to_string(), ago(3).to_string(), "done".to_string()),
+        ],
+        "the outgoing move (to the customer) and the inventory move (to output)"
+    );
+    assert_eq!(level_on(&tryton, "SKU-002", "STO", ago(4)), 10.0);
+    assert_eq!(level_on(&tryton, "SKU-002", "STO", ago(3)), 8.0);
+    assert_eq!(level_on(&tryton, "SKU-002", "WH", ago(2)), 10.0);
+    assert_eq!(level_on(&tryton, "SKU-002", "WH", ago(1)), 8.0);
+
+    // A shipment the ERP made with two lines is picked as a whole by the first pick, on its
+    // day; the second line's pick, a day later, changes nothing. The ERP's planned date stays.
+    let erp_made = tryton.call(
+        "model.stock.shipment.out.create",
+        json!([[customer_shipment(
+            &tryton,
+            "ORD-M",
+            &[("SKU-001", 1.0), ("SKU-002", 1.0)]
+        )]]),
+    );
+    let erp_ref = format!("stock.shipment.out,{}", erp_made[0]);
+    let line_picks = [
+        on(pick("pick-m1", "ORD-M", "SKU-001", 1), ago(2), "08:00:00Z"),
+        on(pick("pick-m2", "ORD-M", "SKU-002", 1), ago(1), "08:00:00Z"),
+    ];
+    for stamped in &line_picks {
+        let refs = posted(&deliver(&rt, &connector, std::slice::from_ref(stamped)));
+        assert_eq!(refs[0].replace('/', ","), erp_ref);
+    }
+    let picked: Vec<String> = move_dates(&tryton, &erp_ref)
+        .into_iter()
+        .filter(|(to, _, _)| to == "OUT")
+        .map(|(_, date, state)| format!("{date} {state}"))
+        .collect();
+    let expected = format!("{} done", ago(2));
+    assert_eq!(picked, [expected.clone(), expected]);
+    let erp_shipment = tryton.call(
+        "model.stock.shipment.out.read",
+        json!([erp_made, ["state", "planned_date", "effective_date"]]),
+    );
+    assert_eq!(erp_shipment[0]["state"], "picked", "{erp_shipment}");
+    assert_eq!(
+        day(&erp_shipment[0]["planned_date"]),
+        "none",
+        "{erp_shipment}"
+    );
+    assert_eq!(
+        day(&erp_shipment[0]["effective_date"]),
+        "none",
+        "{erp_shipment}"
+    );
+
+    // A document found under the event's key (left half-way by an earlier delivery, say) gets
+    // the event's date before it is driven on.
+    let storage = tryton.id_of("stock.location", "code", "STO").expect("STO");
+    let lost_found = tryton.call(
+        "model.stock.location.search",
+        json!([[["type", "=", "lost_found"]], 0, 1, null]),
+    )[0]
+    .as_i64()
+    .expect("a lost-and-found location");
+    let product = tryton
+        .id_of("product.product", "code", "SKU-007")
+        .expect("SKU-007");
+    let unit = tryton.id_of("product.uom", "symbol", "u").expect("unit");
+    let half_way = tryton.call(
+        "model.stock.shipment.internal.create",
+        json!([[{
+            "reference": "adj-half", "company": tryton::COMPANY,
+            "from_location": lost_found, "to_location": storage,
+            "moves": [["create", [{
+                "product": product, "unit": unit, "quantity": 2.0,
+                "from_location": lost_found, "to_location": storage,
+                "company": tryton::COMPANY,
+            }]]],
+        }]]),
+    );
+    tryton.call(
+        "model.stock.shipment.internal.wait",
+        json!([half_way.clone()]),
+    );
+    let resumed = [on(
+        adjust("adj-half", "SKU-007", 2, None),
+        ago(2),
+        "12:00:00Z",
+    )];
+    let outcomes = deliver(&rt, &connector, &resumed);
+    assert_eq!(
+        posted(&outcomes),
+        [format!("stock.shipment.internal/{}", half_way[0])]
+    );
+    let internal = read_posted(&tryton, &outcomes[0], json!(["effective_date", "state"]));
+    assert_eq!(internal["state"], "done");
+    assert_eq!(
+        day(&internal["effective_date"]),
+        ago(2).to_string(),
+        "{internal}"
+    );
+    let moves = move_dates(&tryton, &format!("stock.shipment.internal,{}", half_way[0]));
+    assert_eq!(
+        moves,
+        [("STO".to_string(), ago(2).to_string(), "done".to_string())]
+    );
+
+    // A ts in the future is booked on Tryton's today.
+    let future = [on(
+        adjust("adj-future", "SKU-003", 1, None),
+        today + Days::days(3),
+        "08:00:00Z",
+    )];
+    let outcomes = deliver(&rt, &connector, &future);
+    let internal = read_posted(&tryton, &outcomes[0], json!(["effective_date"]));
+    assert_eq!(
+        day(&internal["effective_date"]),
+        today.to_string(),
+        "{internal}"
+    );
+    assert_eq!(tryton.stock_level("SKU-003", "STO"), 1.0);
+
+    // Every dated event again: the same documents, nothing new.
+    let before = books(&tryton);
+    assert_eq!(posted(&deliver(&rt, &connector, &receipts)), receipt_refs);
+    for events in [
+        &adjustment[..],
+        &counted[..],
+        &pick_event[..],
+        &ship_event[..],
+        &line_picks[..1],
+        &line_picks[1..],
+        &resumed[..],
+        &future[..],
+    ] {
+        posted(&deliver(&rt, &connector, events));
+    }
+    assert_eq!(books(&tryton), before, "a re-delivery created records");
+
+    // The books are closed up to five days ago.
+    let period = tryton.call(
+        "model.stock.period.create",
+        json!([[{"date": tryton_date(ago(5)), "company": tryton::COMPANY}]]),
+    );
+    tryton.call("model.stock.period.close", json!([period]));
+    // A connector that has just started (or whose reading of the periods is a minute old)
+    // refuses events dated in the closed period before creating anything; a document already
+    // done is still posted.
+    let fresh = self::connector(&tryton);
+    let batch = [
+        on(
+            adjust("adj-closed", "SKU-004", 1, None),
+            ago(7),
+            "10:00:00Z",
+        ),
+        on(adjust("adj-open", "SKU-004", 1, None), ago(4), "10:00:00Z"),
+        on(
+            count("cnt-closed", "SKU-005", 3, "A1"),
+            ago(5),
+            "23:59:00+02:00",
+        ),
+        on(
+            pick("pick-closed", "ORD-C", "SKU-002", 1),
+            ago(6),
+            "10:00:00Z",
+        ),
+        receipts[0].clone(),
+    ];
+    let outcomes = deliver(&rt, &fresh, &batch);
+    for (stamped, outcome) in batch.iter().zip(&outcomes) {
+        eprintln!(
+            "{} dated {}: {outcome:?}",
+            stamped.event.id, stamped.event.ts
+        );
+    }
+    for (i, date) in [(0, ago(7)), (2, ago(5)), (3, ago(6))] {
+        let reason = permanent(&outcomes[i]);
+        assert!(reason.contains(&format!("dated {date}")), "{reason}");
+        assert!(reason.contains("closed stock period"), "{reason}");
+        assert!(
+            reason.contains(&format!("closed up to {}", ago(5))),
+            "{reason}"
+        );
+    }
+    posted(&outcomes[1..2]);
+    assert_eq!(posted(&outcomes[4..5]), receipt_refs[..1]);
+    assert_eq!(
+        tryton.count(
+            "stock.shipment.internal",
+            json!([["reference", "=", "adj-closed"]])
+        ),
+        0
+    );
+    assert_eq!(
+        tryton.count("stock.inventory", json!([["number", "=", "cnt-closed"]])),
+        0
+    );
+    assert_eq!(
+        tryton.count("stock.shipment.out", json!([["reference", "=", "ORD-C"]])),
+        0
+    );
+
+    // A period closed after the connector read the periods: Tryton itself refuses the moves,
+    // which carry their date before they are done.
+    let later = tryton.call(
+        "model.stock.period.create",
+        json!([[{"date": tryton_date(ago(2)), "company": tryton::COMPANY}]]),
+    );
+    tryton.call("model.stock.period.close", json!([later]));
+    let late = [on(
+        adjust("adj-late", "SKU-006", 2, None),
+        ago(3),
+        "10:00:00Z",
+    )];
+    let outcomes = deliver(&rt, &fresh, &late);
+    eprintln!("adj-late dated {}: {:?}", late[0].event.ts, outcomes[0]);
+    let reason = permanent(&outcomes[0]);
+    assert!(reason.contains(&ago(3).to_string()), "{reason}");
+    assert!(reason.contains("period"), "{reason}");
+    assert_eq!(tryton.stock_level("SKU-006", "STO"), 0.0);
 }

@@ -8,7 +8,8 @@
 //! found (a lookup that found nothing is not cached, so a product added in Tryton is found by
 //! the next delivery), and the company's currency, the warehouse and the parties for the
 //! connector's life (a party found missing is looked up again after 30 s; other changes to
-//! them need a relay restart).
+//! them need a relay restart). Tryton's date and its closed stock periods are read again for
+//! each delivery they would clamp or refuse, and at least every minute (see Dates).
 //!
 //! # What each event becomes
 //!
@@ -74,6 +75,51 @@
 //!   `lot` and `serial` are not posted (no lot module is assumed). Moves that need a unit price
 //!   (from suppliers, to customers) take the product's cost price.
 //!
+//! # Dates
+//!
+//! Every document is dated by when its event happened, not by when it reached Tryton: the
+//! calendar day of the event's `ts` in its own offset (the warehouse's day as the scanner
+//! wrote it; `2026-11-12T23:30:00-05:00` is booked on 12 November). Tryton knows days, not
+//! times, so everything of one day counts as simultaneous.
+//!
+//! | event | dates set |
+//! |---|---|
+//! | `adjust` | the internal shipment's `effective_date`, `planned_date` and `planned_start_date`: its move is done on that day |
+//! | `count` | the inventory's `date`: Tryton computes the expected quantity as the stock at the end of that day (moves of later days already in Tryton are not counted over), and the difference move is dated that day |
+//! | `receive` | the supplier shipment's `effective_date` and `planned_date`: both the receipt into input and the move to storage are done on that day |
+//! | `pick` | the inventory moves (storage to output) of the customer shipment, just before `pick`; a shipment the pick creates is planned on that day |
+//! | `ship` | the customer shipment's `effective_date`: its outgoing moves (and its inventory moves when the ship also picks) are done on that day |
+//!
+//! - A customer shipment gathers lines, and Tryton picks it as a whole: its picking is dated
+//!   by the event that picks it (later picks of lines already picked change nothing), and the
+//!   shipment itself is dated by the ship that sends it, so a shipment picked over several days
+//!   and shipped on a later one shows the ship's day. A pick that waited for stock is picked
+//!   on its own day, not on the day the stock reached Tryton. The planned date of a shipment
+//!   the ERP made is left as the ERP set it.
+//! - A document found under its key rather than created gets the same date fields written
+//!   before its first transition, so a re-delivery books on the event's day too. Documents
+//!   are one per event (one per order for picks and ships, and a delivery never holds two
+//!   events of one order), so no document mixes the dates of two events of one delivery.
+//! - A `ts` after Tryton's today (the company's time zone, or the server's when the company
+//!   has none) is booked on Tryton's today, and logged when it is more than a day ahead. A
+//!   warehouse east of the company's time zone starts its day first, and a scanner's clock
+//!   may run ahead; the goods did move, and refusing would leave Tryton's stock wrong with no
+//!   way to replay the event right. Tryton itself only warns about future dates, and a done
+//!   move dated tomorrow is missing from today's stock, while an inventory dated in the future
+//!   would count against planned moves.
+//! - A date on or before the end of Tryton's latest closed stock period (`stock.period`) is
+//!   refused, permanently, naming the date and the period's end: such an event needs the
+//!   period reopened (then a replay) or a booking by hand. Nothing is created for it. Tryton
+//!   refuses moves dated in a closed period only when they carry that date before the change
+//!   (a shipment's moves get theirs when done), and books the others where its period stock
+//!   no longer counts them. So the connector checks first, and where it can it puts the date
+//!   on the moves ahead of the transitions (the planned dates of the documents it makes, the
+//!   inventory moves a pick books) so that Tryton refuses too when a period was closed after
+//!   the connector last read them. A document already done is still posted when its event is
+//!   delivered again.
+//! - The connector user needs read access to `stock.period` (the stock group has it); when
+//!   the date or the periods cannot be read, the events wait (transient).
+//!
 //! # Batching
 //!
 //! A call to [`TrytonConnector::deliver`] groups the events by type and makes one ERP call per
@@ -86,7 +132,8 @@
 //!
 //! # Errors
 //!
-//! - `UserError` → permanent, with Tryton's message (and description when it gave one).
+//! - `UserError` → permanent, with Tryton's message (and description when it gave one), and
+//!   the date of the document when a transition or a create was refused.
 //! - `UserWarning` → acknowledged with `res.user.warning.skip`, then the call is made again.
 //! - `[text, traceback]` → permanent: the request itself was wrong (a bug here, or a Tryton
 //!   setup this connector does not understand), with Tryton's text.
@@ -111,6 +158,7 @@ use reqwest::header::{AUTHORIZATION, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use time::Date;
 
 use super::Delivery;
 
@@ -207,6 +255,9 @@ const MAX_REASON_CHARS: usize = 2000;
 const MAX_WARNINGS_PER_CALL: usize = 8;
 /// Transition rounds before a document that does not settle is reported as transient.
 const MAX_ROUNDS: usize = 12;
+/// How long Tryton's date and closed stock periods, once read, serve the deliveries that they
+/// give nothing to do (no date to clamp, none in a closed period).
+const CALENDAR_TTL: Duration = Duration::from_secs(60);
 
 /// Boxed: the relay keeps its connector in an enum whose other variants are small.
 pub struct TrytonConnector(Box<Inner>);
@@ -217,6 +268,25 @@ struct Inner {
     setup: tokio::sync::Mutex<Option<Arc<Setup>>>,
     products: StdMutex<HashMap<String, Product>>,
     locations: StdMutex<HashMap<String, i64>>,
+    calendar: StdMutex<Option<Calendar>>,
+}
+
+/// Tryton's today (in the company's time zone) and the end of its latest closed stock period.
+#[derive(Debug, Clone, Copy)]
+struct Calendar {
+    today: Date,
+    closed_until: Option<Date>,
+    read_at: Instant,
+}
+
+impl Calendar {
+    /// Whether these dates need nothing of the calendar: none after today, none in a closed
+    /// period.
+    fn quiet(&self, dates: &[Date]) -> bool {
+        dates
+            .iter()
+            .all(|d| *d <= self.today && self.closed_until.is_none_or(|c| *d > c))
+    }
 }
 
 /// Master data every event needs, read once.
@@ -254,6 +324,10 @@ struct Prepared<'a> {
     event: &'a Event,
     product: Product,
     location: i64,
+    /// The date its document is booked on: the event's day, or Tryton's today when later.
+    date: Date,
+    /// Why nothing may be booked on that date (a closed stock period), if so.
+    closed: Option<Delivery>,
 }
 
 impl TrytonConnector {
@@ -301,6 +375,7 @@ impl TrytonConnector {
             setup: tokio::sync::Mutex::new(None),
             products: StdMutex::new(HashMap::new()),
             locations: StdMutex::new(HashMap::new()),
+            calendar: StdMutex::new(None),
         })))
     }
 
@@ -343,11 +418,41 @@ impl Inner {
             return vec![failure; events.len()];
         }
 
-        let mut groups: BTreeMap<EventType, Vec<Prepared<'_>>> = BTreeMap::new();
+        let mut dates: Vec<Option<Date>> = Vec::with_capacity(events.len());
         for (idx, stamped) in events.iter().enumerate() {
-            match self.prepare(&setup, idx, &stamped.event) {
-                Ok(prepared) => groups.entry(stamped.event.kind).or_default().push(prepared),
-                Err(failure) => results[idx] = Some(failure),
+            match event_date(&stamped.event) {
+                Ok(date) => dates.push(Some(date)),
+                Err(failure) => {
+                    results[idx] = Some(failure);
+                    dates.push(None);
+                }
+            }
+        }
+        let known: Vec<Date> = dates.iter().flatten().copied().collect();
+        let calendar = if known.is_empty() {
+            None
+        } else {
+            match self.calendar(&known).await {
+                Ok(calendar) => Some(calendar),
+                Err(failure) => {
+                    for (idx, date) in dates.iter().enumerate() {
+                        if date.is_some() {
+                            results[idx] = Some(failure.clone());
+                        }
+                    }
+                    None
+                }
+            }
+        };
+
+        let mut groups: BTreeMap<EventType, Vec<Prepared<'_>>> = BTreeMap::new();
+        if let Some(calendar) = &calendar {
+            for (idx, stamped) in events.iter().enumerate() {
+                let Some(date) = dates[idx] else { continue };
+                match self.prepare(&setup, calendar, idx, &stamped.event, date) {
+                    Ok(prepared) => groups.entry(stamped.event.kind).or_default().push(prepared),
+                    Err(failure) => results[idx] = Some(failure),
+                }
             }
         }
         for (kind, items) in groups {
@@ -557,6 +662,68 @@ impl Inner {
         })
     }
 
+    /// Tryton's today and its closed stock periods, read again unless a recent reading has
+    /// nothing to say about these dates: a date after today (to be clamped) or in a closed
+    /// period (to be refused) is always judged on a fresh reading.
+    async fn calendar(&self, dates: &[Date]) -> Result<Calendar, Delivery> {
+        if let Some(calendar) = *lock(&self.calendar)
+            && calendar.read_at.elapsed() < CALENDAR_TTL
+            && calendar.quiet(dates)
+        {
+            return Ok(calendar);
+        }
+        let what = "reading Tryton's date and closed stock periods";
+        let failure = |e: RpcError| match e {
+            RpcError::Transient { .. } => e.delivery(what),
+            // Most likely the user lacks the stock group: a setup problem, not the events'.
+            other => Delivery::Transient {
+                reason: format!("{what}: {}", other.message()),
+                retry_after: Some(SETUP_RETRY),
+            },
+        };
+        let periods = json!([
+            ["state", "=", "closed"],
+            ["company", "=", self.config.company]
+        ]);
+        let (today, closed) = tokio::join!(
+            self.rpc.call("model.ir.date.today", Vec::new()),
+            self.rpc.call(
+                "model.stock.period.search_read",
+                vec![
+                    periods,
+                    json!(0),
+                    json!(1),
+                    json!([["date", "DESC"]]),
+                    json!(["date"]),
+                ],
+            ),
+        );
+        let today = today.map_err(failure)?;
+        let closed = closed.map_err(failure)?;
+        let today = tryton_date(&today).ok_or_else(|| {
+            failure(RpcError::Request(format!(
+                "ir.date.today answered {}",
+                truncate(&today.to_string())
+            )))
+        })?;
+        let closed_until = match records(&closed).first() {
+            None => None,
+            Some(period) => Some(period.get("date").and_then(tryton_date).ok_or_else(|| {
+                failure(RpcError::Request(format!(
+                    "a closed stock.period came back without a date: {}",
+                    truncate(&closed.to_string())
+                )))
+            })?),
+        };
+        let calendar = Calendar {
+            today,
+            closed_until,
+            read_at: Instant::now(),
+        };
+        *lock(&self.calendar) = Some(calendar);
+        Ok(calendar)
+    }
+
     /// The first location of a type (customer, supplier), for parties without their own.
     async fn default_location(&self, kind: &str) -> Option<i64> {
         let found = self
@@ -687,8 +854,10 @@ impl Inner {
     fn prepare<'a>(
         &self,
         setup: &Setup,
+        calendar: &Calendar,
         idx: usize,
         event: &'a Event,
+        event_date: Date,
     ) -> Result<Prepared<'a>, Delivery> {
         let Some(product) = lock(&self.products).get(&event.sku).cloned() else {
             return Err(Delivery::Permanent {
@@ -717,11 +886,35 @@ impl Inner {
                 }
             },
         };
+        let date = event_date.min(calendar.today);
+        if event_date > calendar.today.next_day().unwrap_or(Date::MAX) {
+            // A day ahead is a time zone east of the company's; more is a clock that is wrong.
+            tracing::warn!(
+                event = %event.id,
+                ts = %event.ts,
+                booked = %date,
+                "event dated after Tryton's today is booked on Tryton's today"
+            );
+        }
+        let closed = calendar
+            .closed_until
+            .filter(|until| date <= *until)
+            .map(|until| Delivery::Permanent {
+                reason: format!(
+                    "the event is dated {date} (ts {:?}), in a closed stock period: Tryton's \
+                     stock periods are closed up to {until}, and it takes no stock moves dated \
+                     on or before then; reopen the period in Tryton and replay the event, or \
+                     book the movement by hand",
+                    event.ts
+                ),
+            });
         Ok(Prepared {
             idx,
             event,
             product,
             location,
+            date,
+            closed,
         })
     }
 
@@ -733,11 +926,16 @@ impl Inner {
             Ok(found) => found,
             Err(e) => return fail_all(&items, e.delivery("searching internal shipments")),
         };
+        let mut out = Vec::new();
         let mut jobs = Vec::new();
         let mut to_create = Vec::new();
         for item in &items {
             if let Some((id, state)) = existing.get(&item.event.id) {
-                jobs.push(Job::new(item.idx, *id, state.clone(), ""));
+                jobs.push(Job::found(item, *id, state.clone(), ""));
+                continue;
+            }
+            if let Some(closed) = &item.closed {
+                out.push((item.idx, closed.clone()));
                 continue;
             }
             let (from, to) = if item.event.qty.is_sign_negative() {
@@ -746,8 +944,9 @@ impl Inner {
                 (setup.lost_found, item.location)
             };
             let quantity = quantity(&item.event.qty.abs().to_string());
-            to_create.push((
-                item.idx,
+            to_create.push(Create::new(
+                Flow::Adjust,
+                item,
                 json!({
                     "reference": item.event.id,
                     "company": self.config.company,
@@ -764,7 +963,6 @@ impl Inner {
                 }),
             ));
         }
-        let mut out = Vec::new();
         self.create_jobs(model, to_create, &mut jobs, &mut out, "")
             .await;
         out.extend(self.drive(Flow::Adjust, jobs).await);
@@ -812,7 +1010,7 @@ impl Inner {
                     out.push((item.idx, malformed("an inventory")));
                     continue;
                 };
-                jobs.push(Job::new(item.idx, id, state.to_string(), ""));
+                jobs.push(Job::found(item, id, state.to_string(), ""));
             } else if !same_number.is_empty() {
                 out.push((
                     item.idx,
@@ -824,9 +1022,12 @@ impl Inner {
                         ),
                     },
                 ));
+            } else if let Some(closed) = &item.closed {
+                out.push((item.idx, closed.clone()));
             } else {
-                to_create.push((
-                    item.idx,
+                to_create.push(Create::new(
+                    Flow::Count,
+                    item,
                     json!({
                         "number": item.event.id,
                         "location": item.location,
@@ -858,7 +1059,11 @@ impl Inner {
         let mut to_create = Vec::new();
         for item in &items {
             if let Some((id, state)) = existing.get(&item.event.id) {
-                jobs.push(Job::new(item.idx, *id, state.clone(), ""));
+                jobs.push(Job::found(item, *id, state.clone(), ""));
+                continue;
+            }
+            if let Some(closed) = &item.closed {
+                out.push((item.idx, closed.clone()));
                 continue;
             }
             let supplier = match &setup.supplier {
@@ -873,8 +1078,9 @@ impl Inner {
                     continue;
                 }
             };
-            to_create.push((
-                item.idx,
+            to_create.push(Create::new(
+                Flow::Receive,
+                item,
                 json!({
                     "reference": item.event.id,
                     "company": self.config.company,
@@ -921,9 +1127,8 @@ impl Inner {
         let mut out = Vec::new();
         let mut jobs = Vec::new();
         let mut to_create = Vec::new();
-        // shipment id → (the lines to add, whether it must be set back to waiting after)
-        let mut to_extend: BTreeMap<i64, (Vec<Value>, bool)> = BTreeMap::new();
-        let mut extended: Vec<(usize, i64, String)> = Vec::new();
+        let mut to_extend: BTreeMap<i64, Extension> = BTreeMap::new();
+        let mut extended: Vec<(usize, Date, i64, String)> = Vec::new();
         for item in &items {
             let Some(order) = item.event.order.as_deref() else {
                 out.push((
@@ -952,12 +1157,16 @@ impl Inner {
                 continue;
             }
             if let Some(shipment) = live.iter().find(|s| s.products.contains(&item.product.id)) {
-                jobs.push(Job::new(
-                    item.idx,
+                jobs.push(Job::found(
+                    item,
                     shipment.id,
                     shipment.state.clone(),
                     &label,
                 ));
+                continue;
+            }
+            if let Some(closed) = &item.closed {
+                out.push((item.idx, closed.clone()));
                 continue;
             }
             let line = json!({
@@ -981,10 +1190,14 @@ impl Inner {
                 if let Some(from) = open.output {
                     line["from_location"] = json!(from);
                 }
-                let entry = to_extend.entry(open.id).or_default();
-                entry.0.push(line);
-                entry.1 = open.state != "draft";
-                extended.push((item.idx, open.id, label));
+                let entry = to_extend.entry(open.id).or_insert(Extension {
+                    lines: Vec::new(),
+                    rewait: open.state != "draft",
+                    date: item.date,
+                });
+                entry.lines.push(line);
+                entry.date = entry.date.max(item.date);
+                extended.push((item.idx, item.date, open.id, label));
                 continue;
             }
             let customer = match &setup.customer {
@@ -1002,8 +1215,9 @@ impl Inner {
                     continue;
                 }
             };
-            to_create.push((
-                item.idx,
+            to_create.push(Create::new(
+                flow,
+                item,
                 json!({
                     "reference": order,
                     "company": self.config.company,
@@ -1019,13 +1233,14 @@ impl Inner {
 
         if !to_extend.is_empty() {
             let mut params = Vec::new();
-            for (id, (lines, _)) in &to_extend {
+            for (id, extension) in &to_extend {
+                let values = json!({"outgoing_moves": [["create", extension.lines]]});
                 params.push(json!([id]));
-                params.push(json!({"outgoing_moves": [["create", lines]]}));
+                params.push(with_dates(values, flow.found_dates(extension.date)));
             }
             let rewait: Vec<i64> = to_extend
                 .iter()
-                .filter(|(_, (_, rewait))| *rewait)
+                .filter(|(_, extension)| extension.rewait)
                 .map(|(id, _)| *id)
                 .collect();
             let mut result = self.rpc.call(&format!("model.{model}.write"), params).await;
@@ -1037,18 +1252,18 @@ impl Inner {
             }
             match result {
                 Ok(_) => {
-                    for (idx, id, label) in extended {
+                    for (idx, date, id, label) in extended {
                         let state = if rewait.contains(&id) {
                             "waiting"
                         } else {
                             "draft"
                         };
-                        jobs.push(Job::new(idx, id, state.into(), &label));
+                        jobs.push(Job::dated(idx, date, id, state.into(), &label));
                     }
                 }
                 Err(e) => {
                     // Rare (one order per event, a few events): no per-record fallback.
-                    for (idx, _, label) in extended {
+                    for (idx, _, _, label) in extended {
                         out.push((
                             idx,
                             e.delivery(&format!("adding a line to the shipment of {label}")),
@@ -1192,7 +1407,7 @@ impl Inner {
     async fn create_jobs(
         &self,
         model: &'static str,
-        records: Vec<(usize, Value)>,
+        records: Vec<Create>,
         jobs: &mut Vec<Job>,
         out: &mut Vec<(usize, Delivery)>,
         label_field: &str,
@@ -1203,12 +1418,15 @@ impl Inner {
         let method = format!("model.{model}.create");
         let labels: Vec<String> = records
             .iter()
-            .map(|(_, v)| match v.get("reference").and_then(Value::as_str) {
-                Some(r) if !label_field.is_empty() => format!("{label_field} {r}"),
-                _ => String::new(),
+            .map(|record| {
+                let reference = record.values.get("reference").and_then(Value::as_str);
+                match reference {
+                    Some(r) if !label_field.is_empty() => format!("{label_field} {r}"),
+                    _ => String::new(),
+                }
             })
             .collect();
-        let values: Vec<Value> = records.iter().map(|(_, v)| v.clone()).collect();
+        let values: Vec<Value> = records.iter().map(|r| r.values.clone()).collect();
         let batch = self.rpc.call(&method, vec![Value::Array(values)]).await;
         let per_record: Vec<Result<i64, RpcError>> = match batch {
             Ok(ids) => match ids.as_array() {
@@ -1226,8 +1444,8 @@ impl Inner {
             },
             Err(RpcError::User(_)) if records.len() > 1 => {
                 let mut each = Vec::new();
-                for (_, value) in &records {
-                    let one = self.rpc.call(&method, vec![json!([value])]).await;
+                for record in &records {
+                    let one = self.rpc.call(&method, vec![json!([record.values])]).await;
                     each.push(one.and_then(|ids| {
                         ids.as_array()
                             .and_then(|a| a.first())
@@ -1239,10 +1457,19 @@ impl Inner {
             }
             Err(e) => records.iter().map(|_| Err(e.clone())).collect(),
         };
-        for (((idx, _), result), label) in records.iter().zip(per_record).zip(labels) {
+        for ((record, result), label) in records.iter().zip(per_record).zip(labels) {
             match result {
-                Ok(id) => jobs.push(Job::new(*idx, id, "draft".into(), &label)),
-                Err(e) => out.push((*idx, e.delivery(&format!("creating the {model}")))),
+                Ok(id) => jobs.push(Job::dated(
+                    record.idx,
+                    record.date,
+                    id,
+                    "draft".into(),
+                    &label,
+                )),
+                Err(e) => out.push((
+                    record.idx,
+                    e.delivery(&format!("creating the {model} dated {}", record.date)),
+                )),
             }
         }
     }
@@ -1260,10 +1487,14 @@ impl Inner {
                     continue;
                 }
                 let outcome = match flow.next_step(&job.state, job.tried_assign) {
-                    Step::Call(method) => {
-                        calls.entry(method).or_default().push(j);
-                        continue;
-                    }
+                    // A document that still needs a transition would book moves on its date.
+                    Step::Call(method) => match job.closed.take() {
+                        Some(refusal) => refusal,
+                        None => {
+                            calls.entry(method).or_default().push(j);
+                            continue;
+                        }
+                    },
                     Step::Reached => Delivery::Posted {
                         erp_ref: format!("{model}/{}", job.id),
                     },
@@ -1282,6 +1513,7 @@ impl Inner {
                 };
                 job.outcome = Some(outcome);
             }
+            self.date_jobs(flow, &mut jobs, &mut calls).await;
             if calls.is_empty() {
                 break;
             }
@@ -1304,7 +1536,7 @@ impl Inner {
                     }
                     match results.get(&job.id) {
                         Some(Err(e)) => {
-                            let what = format!("{method} on {model}/{}", job.id);
+                            let what = format!("{method} on {model}/{} dated {}", job.id, job.date);
                             job.outcome = Some(e.delivery(&what));
                         }
                         _ => match state_after(method) {
@@ -1369,6 +1601,182 @@ impl Inner {
         out
     }
 
+    /// Dates the documents of the jobs about to be called, before the transitions book their
+    /// moves: a document found rather than created in this delivery gets its date fields before
+    /// its first transition, and a pick dates the inventory moves of its customer shipment just
+    /// before `pick`. A job whose dating fails leaves the round with that failure.
+    async fn date_jobs(
+        &self,
+        flow: Flow,
+        jobs: &mut [Job],
+        calls: &mut BTreeMap<&'static str, Vec<usize>>,
+    ) {
+        let model = flow.model();
+        let undated: Vec<usize> = calls
+            .values()
+            .flatten()
+            .copied()
+            .filter(|j| !jobs[*j].dated && flow.found_dates(jobs[*j].date).is_some())
+            .collect();
+        if !undated.is_empty() {
+            let targets = date_targets(jobs, &undated);
+            let written = self
+                .write_dates(model, &targets, |date| {
+                    Value::Object(flow.found_dates(date).unwrap_or_default())
+                })
+                .await;
+            for j in undated {
+                let job = &mut jobs[j];
+                match written.get(&job.id) {
+                    Some(Err(e)) => {
+                        let what = format!("dating {model}/{} {}", job.id, job.date);
+                        job.outcome = Some(e.delivery(&what));
+                    }
+                    _ => job.dated = true,
+                }
+            }
+        }
+        if flow == Flow::Pick
+            && let Some(members) = calls.get("pick")
+        {
+            let picking: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|j| jobs[*j].outcome.is_none())
+                .collect();
+            let written = self
+                .date_inventory_moves(&date_targets(jobs, &picking))
+                .await;
+            for j in picking {
+                let job = &mut jobs[j];
+                if let Some(Err(e)) = written.get(&job.id) {
+                    let what = format!(
+                        "dating the inventory moves of {model}/{} {}",
+                        job.id, job.date
+                    );
+                    job.outcome = Some(e.delivery(&what));
+                }
+            }
+        }
+        for members in calls.values_mut() {
+            members.retain(|j| jobs[*j].outcome.is_none());
+        }
+        calls.retain(|_, members| !members.is_empty());
+    }
+
+    /// Dates the inventory moves (storage to output) of customer shipments about to be picked:
+    /// the moves still assigned, which `pick` books; Tryton keeps a date a move already has.
+    async fn date_inventory_moves(
+        &self,
+        shipments: &[(i64, Date)],
+    ) -> HashMap<i64, Result<(), RpcError>> {
+        if shipments.is_empty() {
+            return HashMap::new();
+        }
+        let shipment_model = Flow::Pick.model();
+        let refs: Vec<String> = shipments
+            .iter()
+            .map(|(id, _)| format!("{shipment_model},{id}"))
+            .collect();
+        let found = self
+            .rpc
+            .call(
+                "model.stock.move.search_read",
+                vec![
+                    json!([["shipment", "in", refs], ["state", "=", "assigned"]]),
+                    json!(0),
+                    Value::Null,
+                    Value::Null,
+                    json!(["shipment"]),
+                ],
+            )
+            .await;
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                return shipments
+                    .iter()
+                    .map(|(id, _)| (*id, Err(e.clone())))
+                    .collect();
+            }
+        };
+        let date_of: HashMap<i64, Date> = shipments.iter().copied().collect();
+        let mut moves: Vec<(i64, Date)> = Vec::new();
+        let mut shipment_of: HashMap<i64, i64> = HashMap::new();
+        for record in records(&found) {
+            let shipment = record
+                .get("shipment")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix(shipment_model))
+                .and_then(|r| r.strip_prefix(','))
+                .and_then(|id| id.parse::<i64>().ok());
+            let (Some(id), Some(shipment)) = (record.get("id").and_then(Value::as_i64), shipment)
+            else {
+                continue;
+            };
+            if let Some(date) = date_of.get(&shipment) {
+                moves.push((id, *date));
+                shipment_of.insert(id, shipment);
+            }
+        }
+        let written = self
+            .write_dates(
+                "stock.move",
+                &moves,
+                |date| json!({"effective_date": date_value(date)}),
+            )
+            .await;
+        let mut out: HashMap<i64, Result<(), RpcError>> =
+            shipments.iter().map(|(id, _)| (*id, Ok(()))).collect();
+        for (move_id, result) in written {
+            if let (Err(e), Some(shipment)) = (result, shipment_of.get(&move_id)) {
+                out.insert(*shipment, Err(e));
+            }
+        }
+        out
+    }
+
+    /// Writes date fields on records of `model`, one call for all (grouped by date); when
+    /// Tryton refuses the batch, once per record to find which it refuses.
+    async fn write_dates(
+        &self,
+        model: &str,
+        targets: &[(i64, Date)],
+        values: impl Fn(Date) -> Value,
+    ) -> HashMap<i64, Result<(), RpcError>> {
+        if targets.is_empty() {
+            return HashMap::new();
+        }
+        let method = format!("model.{model}.write");
+        let mut by_date: BTreeMap<Date, Vec<i64>> = BTreeMap::new();
+        for (id, date) in targets {
+            by_date.entry(*date).or_default().push(*id);
+        }
+        let mut params = Vec::new();
+        for (date, ids) in &by_date {
+            params.push(json!(ids));
+            params.push(values(*date));
+        }
+        match self.rpc.call(&method, params).await {
+            Ok(_) => targets.iter().map(|(id, _)| (*id, Ok(()))).collect(),
+            Err(RpcError::User(_)) if targets.len() > 1 => {
+                let mut each = HashMap::new();
+                for (id, date) in targets {
+                    let one = self
+                        .rpc
+                        .call(&method, vec![json!([id]), values(*date)])
+                        .await;
+                    each.insert(*id, one.map(|_| ()));
+                }
+                each
+            }
+            Err(e) => targets
+                .iter()
+                .map(|(id, _)| (*id, Err(e.clone())))
+                .collect(),
+        }
+    }
+
     /// Calls a transition on all the ids at once; when Tryton refuses the batch, once per id to
     /// find which it refuses.
     async fn call_each(
@@ -1401,6 +1809,31 @@ struct OrderShipment {
     output: Option<i64>,
 }
 
+/// The lines a pick or ship adds to an open customer shipment of its order.
+struct Extension {
+    lines: Vec<Value>,
+    /// Whether the shipment must be set back to waiting after (it was waiting or assigned).
+    rewait: bool,
+    date: Date,
+}
+
+/// A document to create for one event, with its date fields.
+struct Create {
+    idx: usize,
+    date: Date,
+    values: Value,
+}
+
+impl Create {
+    fn new(flow: Flow, item: &Prepared<'_>, values: Value) -> Create {
+        Create {
+            idx: item.idx,
+            date: item.date,
+            values: with_dates(values, Some(flow.created_dates(item.date))),
+        }
+    }
+}
+
 /// One event's document on its way to the state its event asks for.
 struct Job {
     idx: usize,
@@ -1409,10 +1842,34 @@ struct Job {
     tried_assign: bool,
     label: String,
     outcome: Option<Delivery>,
+    /// The date the event's moves are booked on.
+    date: Date,
+    /// Whether the document already has its date fields (it was made or extended by this
+    /// delivery); otherwise they are written before its first transition.
+    dated: bool,
+    /// The refusal of a date in a closed stock period, given if a transition is needed.
+    closed: Option<Delivery>,
 }
 
 impl Job {
-    fn new(idx: usize, id: i64, state: String, label: &str) -> Job {
+    /// A job on a document found in Tryton for the event.
+    fn found(item: &Prepared<'_>, id: i64, state: String, label: &str) -> Job {
+        Job {
+            idx: item.idx,
+            id,
+            state,
+            tried_assign: false,
+            label: label.to_string(),
+            outcome: None,
+            date: item.date,
+            dated: false,
+            closed: item.closed.clone(),
+        }
+    }
+
+    /// A job on a document this delivery created or extended with its date fields, after
+    /// checking the date against the closed periods.
+    fn dated(idx: usize, date: Date, id: i64, state: String, label: &str) -> Job {
         Job {
             idx,
             id,
@@ -1420,6 +1877,9 @@ impl Job {
             tried_assign: false,
             label: label.to_string(),
             outcome: None,
+            date,
+            dated: true,
+            closed: None,
         }
     }
 
@@ -1462,6 +1922,38 @@ impl Flow {
             Flow::Count => "stock.inventory",
             Flow::Receive => "stock.shipment.in",
             Flow::Pick | Flow::Ship => "stock.shipment.out",
+        }
+    }
+
+    /// The date fields of a document created for an event of this flow. Tryton copies a
+    /// shipment's planned date onto its moves, where it checks closed stock periods.
+    fn created_dates(self, date: Date) -> Map<String, Value> {
+        let date = date_value(date);
+        let fields: &[&str] = match self {
+            // Tryton requires a planned start date with an internal shipment's planned date.
+            Flow::Adjust => &["effective_date", "planned_date", "planned_start_date"],
+            Flow::Receive | Flow::Ship => &["effective_date", "planned_date"],
+            Flow::Pick => &["planned_date"],
+            Flow::Count => &["date"],
+        };
+        fields
+            .iter()
+            .map(|field| (field.to_string(), date.clone()))
+            .collect()
+    }
+
+    /// The date fields written on a document found for the event (or extended with a line of
+    /// it) before its first transition; none for a pick, which dates the moves it picks. A
+    /// customer shipment keeps the planned date the ERP gave it.
+    fn found_dates(self, date: Date) -> Option<Map<String, Value>> {
+        match self {
+            Flow::Pick => None,
+            Flow::Ship => {
+                let mut fields = Map::new();
+                fields.insert("effective_date".into(), date_value(date));
+                Some(fields)
+            }
+            Flow::Adjust | Flow::Receive | Flow::Count => Some(self.created_dates(date)),
         }
     }
 
@@ -1510,6 +2002,58 @@ fn state_after(method: &str) -> Option<&'static str> {
         "receive" => "received",
         _ => return None,
     })
+}
+
+/// The calendar day of the event's `ts` in its own offset: the warehouse's day as the scanner
+/// wrote it.
+fn event_date(event: &Event) -> Result<Date, Delivery> {
+    time::OffsetDateTime::parse(&event.ts, &time::format_description::well_known::Rfc3339)
+        .map(|ts| ts.date())
+        .map_err(|e| Delivery::Permanent {
+            reason: format!("the event's ts {:?} is not an RFC 3339 time: {e}", event.ts),
+        })
+}
+
+/// A date as Tryton's JSON-RPC carries it.
+fn date_value(date: Date) -> Value {
+    json!({
+        "__class__": "date",
+        "year": date.year(),
+        "month": u8::from(date.month()),
+        "day": date.day(),
+    })
+}
+
+/// A date from Tryton's JSON-RPC.
+fn tryton_date(value: &Value) -> Option<Date> {
+    if value.get("__class__").and_then(Value::as_str) != Some("date") {
+        return None;
+    }
+    let part = |name: &str| value.get(name).and_then(Value::as_i64);
+    let year = i32::try_from(part("year")?).ok()?;
+    let month = time::Month::try_from(u8::try_from(part("month")?).ok()?).ok()?;
+    let day = u8::try_from(part("day")?).ok()?;
+    Date::from_calendar_date(year, month, day).ok()
+}
+
+/// `values` (an object) with these date fields added.
+fn with_dates(mut values: Value, dates: Option<Map<String, Value>>) -> Value {
+    if let (Some(object), Some(dates)) = (values.as_object_mut(), dates) {
+        object.extend(dates);
+    }
+    values
+}
+
+/// The distinct documents of these jobs with their dates (the latest, should two events of
+/// one delivery share a document).
+fn date_targets(jobs: &[Job], members: &[usize]) -> Vec<(i64, Date)> {
+    let mut by_id: BTreeMap<i64, Date> = BTreeMap::new();
+    for j in members {
+        let job = &jobs[*j];
+        let date = by_id.entry(job.id).or_insert(job.date);
+        *date = (*date).max(job.date);
+    }
+    by_id.into_iter().collect()
 }
 
 fn fail_all(items: &[Prepared<'_>], delivery: Delivery) -> Vec<(usize, Delivery)> {
@@ -1972,6 +2516,89 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("max_bach"), "{err}");
+    }
+
+    fn event_at(ts: &str) -> Event {
+        let json = format!(
+            r#"{{"v":1,"id":"e-1","type":"adjust","ts":"{ts}","sku":"SKU-1","qty":1,"reason":"found"}}"#
+        );
+        match backhaul_events::event::parse_event(json.as_bytes()) {
+            Ok(event) => event,
+            Err(v) => panic!("invalid test event: {v}"),
+        }
+    }
+
+    fn date(year: i32, month: u8, day: u8) -> Date {
+        let month = time::Month::try_from(month).unwrap();
+        Date::from_calendar_date(year, month, day).unwrap()
+    }
+
+    #[test]
+    fn an_event_is_dated_by_its_own_offsets_day() {
+        let day = |ts: &str| event_date(&event_at(ts)).unwrap();
+        assert_eq!(day("2026-11-12T23:30:00-05:00"), date(2026, 11, 12));
+        assert_eq!(day("2026-11-12T06:00:00+09:00"), date(2026, 11, 12));
+        assert_eq!(day("2026-11-12T00:00:00Z"), date(2026, 11, 12));
+        assert_eq!(day("2026-12-31T23:59:59.999+14:00"), date(2026, 12, 31));
+        let mut bad = event_at("2026-11-12T00:00:00Z");
+        bad.ts = "12/11/2026".into();
+        assert!(matches!(
+            event_date(&bad),
+            Err(Delivery::Permanent { reason }) if reason.contains("12/11/2026")
+        ));
+    }
+
+    #[test]
+    fn dates_travel_as_tryton_writes_them() {
+        let value = date_value(date(2026, 2, 28));
+        assert_eq!(
+            value,
+            json!({"__class__": "date", "year": 2026, "month": 2, "day": 28})
+        );
+        assert_eq!(tryton_date(&value), Some(date(2026, 2, 28)));
+        let invalid = json!({"__class__": "date", "year": 2026, "month": 2, "day": 30});
+        assert_eq!(tryton_date(&invalid), None);
+        let datetime = json!({"__class__": "datetime", "year": 2026, "month": 2, "day": 3});
+        assert_eq!(tryton_date(&datetime), None);
+        assert_eq!(tryton_date(&Value::Null), None);
+    }
+
+    #[test]
+    fn a_calendar_serves_only_dates_it_has_nothing_to_say_about() {
+        let calendar = Calendar {
+            today: date(2026, 11, 22),
+            closed_until: Some(date(2026, 10, 31)),
+            read_at: Instant::now(),
+        };
+        assert!(calendar.quiet(&[date(2026, 11, 1), date(2026, 11, 22)]));
+        assert!(!calendar.quiet(&[date(2026, 11, 1), date(2026, 11, 23)]));
+        assert!(!calendar.quiet(&[date(2026, 10, 31)]));
+        let open = Calendar {
+            closed_until: None,
+            ..calendar
+        };
+        assert!(open.quiet(&[date(2000, 1, 1)]));
+    }
+
+    #[test]
+    fn date_fields_per_document() {
+        let day = date(2026, 11, 12);
+        let keys = |fields: Map<String, Value>| fields.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            keys(Flow::Adjust.created_dates(day)),
+            ["effective_date", "planned_date", "planned_start_date"]
+        );
+        assert_eq!(keys(Flow::Count.created_dates(day)), ["date"]);
+        assert_eq!(keys(Flow::Pick.created_dates(day)), ["planned_date"]);
+        assert_eq!(Flow::Pick.found_dates(day), None);
+        // A customer shipment the ERP planned keeps its planned date.
+        assert_eq!(
+            Flow::Ship.found_dates(day).map(keys),
+            Some(vec!["effective_date".to_string()])
+        );
+        let values = with_dates(json!({"reference": "r"}), Flow::Ship.found_dates(day));
+        assert_eq!(values["effective_date"], date_value(day));
+        assert_eq!(values["reference"], "r");
     }
 
     #[test]
