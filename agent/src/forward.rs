@@ -14,7 +14,7 @@ use std::time::Duration;
 use backhaul_events::OutcomeFrame;
 use backhaul_events::config::Secret;
 use backhaul_events::frame::Outcome;
-use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame};
+use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame, BatchRefusal};
 use backhaul_events::topics::{acks_topic, batches_topic, outcomes_topic};
 use bytes::Bytes;
 use rumqttc::{Outgoing, Transport, v5};
@@ -39,8 +39,8 @@ const REQUEST_QUEUE: usize = 64;
 /// What the status page says about the link to the broker and the relay.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LinkStatus {
-    /// "connecting", "up", "down", or "stalled": connected, but nothing acknowledged within the
-    /// ack timeout.
+    /// "connecting", "up", "down", "stalled" (connected, but nothing acknowledged within the
+    /// ack timeout) or "relay full" (the relay refuses batches until its outbox has room).
     pub state: &'static str,
     /// Since when the link is in its current state (ms since the Unix epoch).
     pub since_ms: i64,
@@ -276,6 +276,7 @@ impl Forwarder {
         let mut linger_until: Option<Instant> = None;
         let mut last_progress = Instant::now();
         let mut gap_resend_at: Option<Instant> = None;
+        let mut full_refused_at: Option<Instant> = None;
         self.set_status(|s| s.acked_through = acked_through);
 
         loop {
@@ -418,11 +419,26 @@ impl Forwarder {
                             tracing::debug!(site = %ack.site, epoch = %ack.epoch, "acknowledgement for another log ignored");
                             continue;
                         }
-                        if ack.gap {
-                            // The relay holds less than the batch builds on: batches sent
-                            // while it was away never reached it. Acknowledgements of earlier
-                            // batches may still be on their way, so wait a moment first.
-                            gap_resend_at.get_or_insert_with(|| Instant::now() + GAP_RESEND_DELAY);
+                        match ack.refused {
+                            Some(BatchRefusal::Gap) => {
+                                // The relay holds less than the batch builds on: batches sent
+                                // while it was away never reached it. Acknowledgements of
+                                // earlier batches may still be on their way, so wait a moment.
+                                gap_resend_at.get_or_insert_with(|| Instant::now() + GAP_RESEND_DELAY);
+                            }
+                            Some(BatchRefusal::OutboxFull) => {
+                                // Back-pressure: the events stay here and go again after the
+                                // ack timeout, by when deliveries may have made room.
+                                full_refused_at = Some(Instant::now());
+                                self.set_status(|s| {
+                                    if s.state != "relay full" {
+                                        s.state = "relay full";
+                                        s.since_ms = now_ms();
+                                    }
+                                    s.last_error = Some("the relay's outbox is full (outbox.max_bytes) while the ERP catches up: events wait here and are offered again".into());
+                                });
+                            }
+                            None => {}
                         }
                         if ack.acked_through <= acked_through {
                             continue;
@@ -450,7 +466,7 @@ impl Forwarder {
                                 self.metrics.last_ack_ms.set(now_ms());
                                 let in_flight_events: u64 = in_flight.iter().map(|b| b.events).sum();
                                 self.set_status(|s| {
-                                    if s.state == "stalled" {
+                                    if s.state == "stalled" || s.state == "relay full" {
                                         s.state = "up";
                                         s.since_ms = now_ms();
                                     }
@@ -477,8 +493,13 @@ impl Forwarder {
                     if let Some(front) = in_flight.front() {
                         tracing::warn!(first = front.first, last = front.last, "no acknowledgement in {:?}: re-sending from the log", ack_timeout);
                     }
-                    // Connected is not forwarding: say so until an acknowledgement comes.
+                    // Connected is not forwarding: say so until an acknowledgement comes. A
+                    // relay that answers "full" is not stalled, it holds back.
+                    let answering_full = full_refused_at.is_some_and(|at| at.elapsed() < ack_timeout);
                     self.set_status(|s| {
+                        if answering_full {
+                            return;
+                        }
                         if s.state != "stalled" {
                             s.state = "stalled";
                             s.since_ms = now_ms();

@@ -44,7 +44,18 @@ pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
             "running"
         }
     );
-    println!("outbox          {} events waiting", status["outbox_depth"]);
+    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    println!(
+        "outbox          {} events waiting, {:.1} of {:.1} MiB{}",
+        status["outbox_depth"],
+        mib(&status["outbox_bytes"]),
+        mib(&status["outbox_max_bytes"]),
+        if status["outbox_full"] == true {
+            " (full: batches are refused; the agents keep their events)"
+        } else {
+            ""
+        }
+    );
     println!("dead letters    {}", status["dlq_events"]);
     println!(
         "received        {} events in {} batches ({} duplicates dropped)",

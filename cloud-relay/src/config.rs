@@ -90,6 +90,9 @@ pub struct OutboxConfig {
     pub cache_size: ByteSize,
     /// How many event ids are remembered to drop repeats (about 130 bytes of disk each).
     pub dedup_ids: u64,
+    /// Disk cap for waiting events and dead letters. When reached, batches are refused and the
+    /// agents keep their events until deliveries make room; nothing stored is dropped.
+    pub max_bytes: ByteSize,
 }
 
 impl Default for OutboxConfig {
@@ -97,6 +100,7 @@ impl Default for OutboxConfig {
         OutboxConfig {
             cache_size: ByteSize(64 << 20),
             dedup_ids: 1_000_000,
+            max_bytes: ByteSize(20 << 30),
         }
     }
 }
@@ -161,6 +165,13 @@ impl RelayConfig {
     fn check(&self, file: &Path) -> Result<(), ConfigError> {
         if self.state_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid(file, "state_dir", "a directory path"));
+        }
+        if self.outbox.max_bytes.0 < 64 << 10 {
+            return Err(ConfigError::invalid(
+                file,
+                "outbox.max_bytes",
+                "at least 64 KiB",
+            ));
         }
         if self.broker.host.is_empty() {
             return Err(ConfigError::invalid(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
-use backhaul_events::frame::{AckFrame, BatchFrame};
+use backhaul_events::frame::{AckFrame, BatchFrame, BatchRefusal};
 use backhaul_events::topics::{
     ALL_BATCHES_FILTER, acks_topic, outcomes_topic, site_of_batches_topic,
 };
@@ -193,18 +193,30 @@ impl Intake {
             self.stored.notify_one();
             for ((batch, result), at) in batches.iter().zip(results).zip(arrivals) {
                 self.metrics.events_duplicate.inc_by(result.duplicates);
-                if result.gap {
-                    self.metrics
-                        .batches_refused
-                        .get_or_create(&ReasonLabel { reason: "gap" })
-                        .inc();
-                    tracing::info!(site = %batch.site, epoch = %batch.epoch, first = batch.first_seq, stored_through = result.acked_through, "batch starts past a gap; waiting for the agent to re-send in order");
+                match result.refused {
+                    Some(BatchRefusal::Gap) => {
+                        self.metrics
+                            .batches_refused
+                            .get_or_create(&ReasonLabel { reason: "gap" })
+                            .inc();
+                        tracing::info!(site = %batch.site, epoch = %batch.epoch, first = batch.first_seq, stored_through = result.acked_through, "batch starts past a gap; waiting for the agent to re-send in order");
+                    }
+                    Some(BatchRefusal::OutboxFull) => {
+                        self.metrics
+                            .batches_refused
+                            .get_or_create(&ReasonLabel {
+                                reason: "outbox_full",
+                            })
+                            .inc();
+                        tracing::warn!(site = %batch.site, first = batch.first_seq, held_bytes = self.outbox.held_bytes(), max_bytes = self.outbox.max_bytes(), "outbox full (outbox.max_bytes): batch refused; the agent keeps its events until deliveries make room");
+                    }
+                    None => {}
                 }
                 let ack = AckFrame {
                     site: result.site.clone(),
                     epoch: result.epoch,
                     acked_through: result.acked_through,
-                    gap: result.gap,
+                    refused: result.refused,
                     outcomes: result.outcomes,
                 };
                 let payload = match ack.encode() {

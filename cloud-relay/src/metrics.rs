@@ -38,6 +38,8 @@ pub struct RelayMetrics {
     pub outcomes_published: Counter,
     outbox_events: Family<SiteLabel, Gauge>,
     dlq_events: Gauge,
+    outbox_bytes: Gauge,
+    outbox_max_bytes: Gauge,
 }
 
 impl RelayMetrics {
@@ -59,6 +61,8 @@ impl RelayMetrics {
             outcomes_published: Counter::default(),
             outbox_events: Family::default(),
             dlq_events: Gauge::default(),
+            outbox_bytes: Gauge::default(),
+            outbox_max_bytes: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("backhaul_relay");
         registry.register(
@@ -78,7 +82,7 @@ impl RelayMetrics {
         );
         registry.register(
             "batches_refused",
-            "Batch frames refused, by reason (undecodable, site_mismatch, gap)",
+            "Batch frames refused, by reason (undecodable, site_mismatch, gap, outbox_full)",
             metrics.batches_refused.clone(),
         );
         registry.register(
@@ -105,6 +109,16 @@ impl RelayMetrics {
             "outbox_events",
             "Events waiting in the outbox, by site",
             metrics.outbox_events.clone(),
+        );
+        registry.register(
+            "outbox_bytes",
+            "Bytes of waiting events and dead letters, which outbox.max_bytes caps",
+            metrics.outbox_bytes.clone(),
+        );
+        registry.register(
+            "outbox_max_bytes",
+            "The outbox's disk cap (outbox.max_bytes); at it, batches are refused",
+            metrics.outbox_max_bytes.clone(),
         );
         registry.register(
             "delivery_retries",
@@ -136,7 +150,7 @@ impl RelayMetrics {
             "Outcome reports published to sites",
             metrics.outcomes_published.clone(),
         );
-        for reason in ["undecodable", "site_mismatch", "gap"] {
+        for reason in ["undecodable", "site_mismatch", "gap", "outbox_full"] {
             let _ = metrics
                 .batches_refused
                 .get_or_create(&ReasonLabel { reason });
@@ -156,6 +170,8 @@ impl RelayMetrics {
                 .set(site.outbox_depth() as i64);
         }
         self.dlq_events.set(outbox.dead_letter_count() as i64);
+        self.outbox_bytes.set(outbox.held_bytes() as i64);
+        self.outbox_max_bytes.set(outbox.max_bytes() as i64);
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text = "# metrics could not be encoded\n".into();

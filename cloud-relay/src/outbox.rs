@@ -17,7 +17,9 @@ use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use backhaul_events::{BatchFrame, Epoch, Event, EventOutcome, Outcome, StampedEvent};
+use backhaul_events::{
+    BatchFrame, BatchRefusal, Epoch, Event, EventOutcome, Outcome, StampedEvent,
+};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -42,6 +44,8 @@ const DLQ: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
 const META_NEXT_OUTBOX_SEQ: &str = "next_outbox_seq";
 const META_LEDGER_COMMITTED_LEN: &str = "ledger_committed_len";
+/// Bytes of the records of waiting events and dead letters: what `outbox.max_bytes` caps.
+const META_HELD_BYTES: &str = "held_bytes";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -93,8 +97,9 @@ pub struct Stored {
     pub acked_through: u64,
     pub stored: u64,
     pub duplicates: u64,
-    /// The batch started past a gap and was not stored; the agent will re-send in order.
-    pub gap: bool,
+    /// Set when the batch was not stored: it started past a gap (the agent re-sends in
+    /// order), or the outbox is full.
+    pub refused: Option<BatchRefusal>,
     pub outcomes: Vec<EventOutcome>,
 }
 
@@ -107,6 +112,9 @@ pub struct OutboxOptions {
     pub dedup_ids: u64,
     /// How many of the oldest waiting events the per-key queues hold in memory.
     pub frontier_events: usize,
+    /// Once the waiting events and dead letters take this many bytes, batches are refused
+    /// (the agents keep them) until deliveries make room.
+    pub max_bytes: u64,
 }
 
 pub struct Outbox {
@@ -122,6 +130,8 @@ pub struct Outbox {
 struct WriterState {
     sites: BTreeMap<String, SiteRecord>,
     seen: SeenIds,
+    /// As `META_HELD_BYTES`, as of the last commit.
+    held_bytes: u64,
 }
 
 /// The deduplication window in memory: a 64-bit hash of site and id → the outbox sequence
@@ -280,6 +290,8 @@ struct Enqueue<'txn, 's> {
     seen: &'s SeenIds,
     /// Ids recorded by this transaction, applied to `seen` once it commits.
     recorded: HashMap<u64, u64>,
+    /// Bytes of the event records put in by this transaction.
+    bytes_added: u64,
     encoded: Vec<u8>,
 }
 
@@ -301,6 +313,7 @@ impl<'txn, 's> Enqueue<'txn, 's> {
             next,
             seen,
             recorded: HashMap::new(),
+            bytes_added: 0,
             encoded: Vec::new(),
         })
     }
@@ -331,18 +344,23 @@ impl<'txn, 's> Enqueue<'txn, 's> {
         self.outbox
             .insert(seq, self.encoded.as_slice())
             .map_err(storage)?;
+        self.bytes_added += self.encoded.len() as u64;
         self.seen_order.insert(seq, id_key).map_err(storage)?;
         self.recorded.insert(self.seen.hash(id_key), seq);
         self.next += 1;
         Ok(())
     }
 
-    /// Ends the enqueueing; returns the ids recorded, to apply to the window after the commit.
-    fn finish(mut self) -> Result<HashMap<u64, u64>, OutboxError> {
+    /// Ends the enqueueing with `held_bytes` before it (what the outbox held, less what this
+    /// transaction took out); returns the ids recorded, to apply to the window after the
+    /// commit, and the bytes held after it.
+    fn finish(mut self, held_bytes: u64) -> Result<(HashMap<u64, u64>, u64), OutboxError> {
         self.meta
             .insert(META_NEXT_OUTBOX_SEQ, self.next)
             .map_err(storage)?;
-        Ok(self.recorded)
+        let held = held_bytes + self.bytes_added;
+        self.meta.insert(META_HELD_BYTES, held).map_err(storage)?;
+        Ok((self.recorded, held))
     }
 }
 
@@ -400,6 +418,7 @@ impl Outbox {
         // Give space freed by earlier deliveries back to the file system.
         let _ = db.compact();
         let mut sites = BTreeMap::new();
+        let held_bytes;
         let mut seen = SeenIds {
             hasher: RandomState::new(),
             by_hash: HashMap::new(),
@@ -418,6 +437,7 @@ impl Outbox {
                     sites.insert(key.value().to_string(), record);
                 }
             }
+            held_bytes = held_bytes_at_open(&txn)?;
             let order = txn.open_table(SEEN_ORDER).map_err(storage)?;
             seen.by_hash.reserve(order.len().map_err(storage)? as usize);
             for entry in order.iter().map_err(storage)? {
@@ -430,7 +450,11 @@ impl Outbox {
             db,
             options,
             path,
-            state: Mutex::new(WriterState { sites, seen }),
+            state: Mutex::new(WriterState {
+                sites,
+                seen,
+                held_bytes,
+            }),
             frontier: Mutex::new(Frontier::new(options.frontier_events)),
         }))
     }
@@ -452,6 +476,15 @@ impl Outbox {
             .unwrap_or_default()
     }
 
+    /// Bytes of the waiting events and dead letters, which `max_bytes` caps.
+    pub fn held_bytes(&self) -> u64 {
+        self.state.lock().map(|s| s.held_bytes).unwrap_or(0)
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.options.max_bytes
+    }
+
     pub fn depth(&self) -> u64 {
         self.db
             .begin_read()
@@ -468,19 +501,32 @@ impl Outbox {
         txn.set_quick_repair(true);
         let mut sites = state.sites.clone();
         let mut results = Vec::with_capacity(batches.len());
-        let (recorded, forgotten) = {
+        // Checked per commit, so the cap can be passed by one commit's batches.
+        let full = state.held_bytes >= self.options.max_bytes;
+        let (recorded, held_bytes, forgotten) = {
             let mut queue = Enqueue::open(&txn, &state.seen)?;
             let mut epochs = txn.open_table(EPOCHS).map_err(storage)?;
             for batch in batches {
-                results.push(store_batch(&mut queue, &mut epochs, batch, &mut sites)?);
+                results.push(store_batch(
+                    &mut queue,
+                    &mut epochs,
+                    batch,
+                    &mut sites,
+                    full,
+                )?);
             }
-            let recorded = queue.finish()?;
-            (recorded, self.forget_old_ids(&txn, &state.seen)?)
+            let (recorded, held_bytes) = queue.finish(state.held_bytes)?;
+            (
+                recorded,
+                held_bytes,
+                self.forget_old_ids(&txn, &state.seen)?,
+            )
         };
         let touched: Vec<&SiteRecord> = results.iter().filter_map(|r| sites.get(&r.site)).collect();
         write_sites(&txn, touched)?;
         txn.commit().map_err(storage)?;
         state.sites = sites;
+        state.held_bytes = held_bytes;
         state.seen.apply(recorded, forgotten);
         Ok(results)
     }
@@ -541,6 +587,28 @@ impl Outbox {
     }
 }
 
+/// What the waiting events and dead letters take, as kept in `META_HELD_BYTES`; counted once
+/// when an outbox has no count yet.
+fn held_bytes_at_open(txn: &WriteTransaction) -> Result<u64, OutboxError> {
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    if let Some(held) = meta.get(META_HELD_BYTES).map_err(storage)? {
+        return Ok(held.value());
+    }
+    let mut held = 0u64;
+    for table in [OUTBOX, DLQ] {
+        for entry in txn
+            .open_table(table)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            held += entry.map_err(storage)?.1.value().len() as u64;
+        }
+    }
+    meta.insert(META_HELD_BYTES, held).map_err(storage)?;
+    Ok(held)
+}
+
 fn decode_record(outbox_seq: u64, bytes: &[u8]) -> Result<StampedEvent, OutboxError> {
     postcard::from_bytes(bytes).map_err(|e| {
         OutboxError::Storage(format!("outbox record {outbox_seq} cannot be decoded: {e}"))
@@ -554,6 +622,7 @@ fn store_batch(
     epochs: &mut redb::Table<'_, &'static [u8], u64>,
     batch: &BatchFrame,
     sites: &mut BTreeMap<String, SiteRecord>,
+    full: bool,
 ) -> Result<Stored, OutboxError> {
     let epoch_key = site_key(&batch.site, &batch.epoch.0.to_be_bytes());
     let known = epochs
@@ -574,7 +643,7 @@ fn store_batch(
         acked_through: known.unwrap_or(0),
         stored: 0,
         duplicates: 0,
-        gap: false,
+        refused: None,
         outcomes: Vec::new(),
     };
     // A batch must continue without a gap from what is durable: an acknowledgement promises
@@ -584,7 +653,13 @@ fn store_batch(
     // starts further on follows batches that never arrived here, and waits for the re-send.
     let from = known.unwrap_or(0).max(batch.acked_through);
     if batch.first_seq > from + 1 {
-        result.gap = true;
+        result.refused = Some(BatchRefusal::Gap);
+        record.highest_seq = known.unwrap_or(0);
+        return Ok(result);
+    }
+    // Full: nothing new goes in, but a re-sent batch already stored is still acknowledged.
+    if full && batch.last_seq > known.unwrap_or(0) {
+        result.refused = Some(BatchRefusal::OutboxFull);
         record.highest_seq = known.unwrap_or(0);
         return Ok(result);
     }
@@ -694,18 +769,26 @@ impl Outbox {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
         let mut sites = state.sites.clone();
+        let mut held_bytes = state.held_bytes;
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
             let mut dlq = txn.open_table(DLQ).map_err(storage)?;
+            // The bytes of the record taken out, if it was still there.
+            let mut take_out = |outbox_seq: u64| -> Result<Option<u64>, OutboxError> {
+                let removed = outbox.remove(outbox_seq).map_err(storage)?;
+                Ok(removed.map(|record| record.value().len() as u64))
+            };
             for (outbox_seq, event) in posted {
-                if outbox.remove(*outbox_seq).map_err(storage)?.is_some()
-                    && let Some(record) = sites.get_mut(&event.site)
-                {
-                    record.events_delivered += 1;
+                if let Some(bytes) = take_out(*outbox_seq)? {
+                    held_bytes = held_bytes.saturating_sub(bytes);
+                    if let Some(record) = sites.get_mut(&event.site) {
+                        record.events_delivered += 1;
+                    }
                 }
             }
             for (outbox_seq, event, reason, attempts) in dead {
-                if outbox.remove(*outbox_seq).map_err(storage)?.is_some() {
+                if let Some(bytes) = take_out(*outbox_seq)? {
+                    held_bytes = held_bytes.saturating_sub(bytes);
                     let letter = DeadLetter {
                         id: *outbox_seq,
                         reason: reason.clone(),
@@ -715,20 +798,23 @@ impl Outbox {
                     };
                     let json = serde_json::to_vec(&letter).map_err(storage)?;
                     dlq.insert(*outbox_seq, json.as_slice()).map_err(storage)?;
+                    held_bytes += json.len() as u64;
                     if let Some(record) = sites.get_mut(&event.site) {
                         record.events_dead_lettered += 1;
                     }
                 }
             }
+            let mut meta = txn.open_table(META).map_err(storage)?;
             if let Some(len) = ledger_len {
-                let mut meta = txn.open_table(META).map_err(storage)?;
                 meta.insert(META_LEDGER_COMMITTED_LEN, len)
                     .map_err(storage)?;
             }
+            meta.insert(META_HELD_BYTES, held_bytes).map_err(storage)?;
             write_sites(&txn, sites.values())?;
         }
         txn.commit().map_err(storage)?;
         state.sites = sites;
+        state.held_bytes = held_bytes;
         drop(state);
         let mut frontier = self
             .frontier
@@ -792,7 +878,8 @@ impl Outbox {
         txn.set_quick_repair(true);
         let mut sites = state.sites.clone();
         let mut taken = Vec::new();
-        let recorded = {
+        let mut held_bytes = state.held_bytes;
+        let (recorded, held_bytes) = {
             let mut dlq = txn.open_table(DLQ).map_err(storage)?;
             let mut wanted: Vec<u64> = match ids {
                 Some(ids) => ids.to_vec(),
@@ -809,7 +896,10 @@ impl Outbox {
             let mut queue = Enqueue::open(&txn, &state.seen)?;
             for id in wanted {
                 let letter: DeadLetter = match dlq.remove(id).map_err(storage)? {
-                    Some(value) => serde_json::from_slice(value.value()).map_err(storage)?,
+                    Some(value) => {
+                        held_bytes = held_bytes.saturating_sub(value.value().len() as u64);
+                        serde_json::from_slice(value.value()).map_err(storage)?
+                    }
                     None => continue,
                 };
                 if let Some(record) = sites.get_mut(&letter.event.site) {
@@ -821,12 +911,13 @@ impl Outbox {
                 }
                 taken.push(id);
             }
-            let recorded = queue.finish()?;
+            let finished = queue.finish(held_bytes)?;
             write_sites(&txn, sites.values())?;
-            recorded
+            finished
         };
         txn.commit().map_err(storage)?;
         state.sites = sites;
+        state.held_bytes = held_bytes;
         state.seen.apply(recorded, Vec::new());
         Ok(taken)
     }

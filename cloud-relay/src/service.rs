@@ -39,6 +39,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         cache_size: config.outbox.cache_size.0 as usize,
         dedup_ids: config.outbox.dedup_ids,
         frontier_events: FRONTIER_EVENTS,
+        max_bytes: config.outbox.max_bytes.0,
     };
     let outbox = tokio::task::spawn_blocking(move || Outbox::open(&state_dir, options)).await??;
     tracing::info!(path = %outbox.path().display(), depth = outbox.depth(), "outbox open");

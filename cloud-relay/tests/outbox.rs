@@ -2,7 +2,7 @@
 //! acknowledged past, and the deduplication window stays bounded.
 
 use backhaul_events::event::parse_event;
-use backhaul_events::{BatchEntry, BatchFrame, Epoch};
+use backhaul_events::{BatchEntry, BatchFrame, BatchRefusal, Epoch};
 use backhaul_relay::outbox::{Outbox, OutboxOptions};
 
 fn options(dedup_ids: u64) -> OutboxOptions {
@@ -10,6 +10,7 @@ fn options(dedup_ids: u64) -> OutboxOptions {
         cache_size: 1 << 20,
         dedup_ids,
         frontier_events: 1000,
+        max_bytes: 1 << 30,
     }
 }
 
@@ -57,7 +58,7 @@ fn repeats_are_stored_once_and_gaps_are_not_acknowledged() {
     );
     // A batch past a gap is not stored, and the acknowledgement does not move past the gap.
     let gap = outbox.store(&[batch_after(1, 3, 10, &["x"])]).unwrap();
-    assert!(gap[0].gap);
+    assert_eq!(gap[0].refused, Some(BatchRefusal::Gap));
     assert_eq!((gap[0].stored, gap[0].acked_through), (0, 3));
     // A new epoch (a rebuilt agent log) repeating an id: stored once.
     let rebuilt = outbox.store(&[batch(2, 1, &["c", "d"])]).unwrap();
@@ -178,7 +179,7 @@ fn an_empty_outbox_continues_only_from_what_the_agent_had_acknowledged() {
     // The agent had 1-3 acknowledged by an outbox since moved aside; batches 4-7 were sent
     // while this relay was away and never reached it. Batch 8 must not be taken as the start.
     let late = outbox.store(&[batch_after(5, 3, 8, &["h"])]).unwrap();
-    assert!(late[0].gap);
+    assert_eq!(late[0].refused, Some(BatchRefusal::Gap));
     assert_eq!((late[0].stored, late[0].acked_through), (0, 0));
     // The re-send from the agent's first unacknowledged event is stored, and so is what follows.
     let resent = outbox
@@ -205,6 +206,38 @@ fn an_outbox_behind_the_agent_continues_from_the_agents_acknowledged_number() {
     outbox.store(&[batch(1, 1, &["a", "b", "c"])]).unwrap();
     // Restored from a backup taken at 3; another outbox had acknowledged up to 10 since.
     let next = outbox.store(&[batch_after(1, 10, 11, &["k"])]).unwrap();
-    assert!(!next[0].gap);
+    assert_eq!(next[0].refused, None);
     assert_eq!((next[0].stored, next[0].acked_through), (1, 11));
+}
+
+#[test]
+fn a_full_outbox_refuses_new_batches_until_deliveries_make_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = OutboxOptions {
+        max_bytes: 200,
+        ..options(1000)
+    };
+    let outbox = Outbox::open(dir.path(), small).unwrap();
+    let ids: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let first = outbox.store(&[batch(1, 1, &refs)]).unwrap();
+    assert_eq!((first[0].stored, first[0].refused), (4, None));
+    assert!(outbox.held_bytes() >= 200, "{}", outbox.held_bytes());
+    // Full: a new batch is refused and not acknowledged past what is stored...
+    let refused = outbox.store(&[batch(1, 5, &["g"])]).unwrap();
+    assert_eq!(refused[0].refused, Some(BatchRefusal::OutboxFull));
+    assert_eq!((refused[0].stored, refused[0].acked_through), (0, 4));
+    // ...but a re-sent batch already stored is still acknowledged.
+    let again = outbox.store(&[batch(1, 1, &refs)]).unwrap();
+    assert_eq!((again[0].refused, again[0].acked_through), (None, 4));
+    // Delivering makes room, and the count survives a restart.
+    let pending = outbox.pending(4).unwrap();
+    outbox.complete(&pending, &[], None).unwrap();
+    assert_eq!(outbox.held_bytes(), 0);
+    drop(outbox);
+    let outbox = Outbox::open(dir.path(), small).unwrap();
+    assert_eq!(outbox.held_bytes(), 0);
+    let taken = outbox.store(&[batch(1, 5, &["g"])]).unwrap();
+    assert_eq!((taken[0].stored, taken[0].refused), (1, None));
+    assert!(outbox.held_bytes() > 0);
 }

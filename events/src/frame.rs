@@ -83,10 +83,20 @@ pub struct AckFrame {
     pub site: String,
     pub epoch: Epoch,
     pub acked_through: u64,
-    /// The batch was refused because it starts past what the outbox holds: the agent re-sends
-    /// from its first unacknowledged event.
-    pub gap: bool,
+    /// Set when the batch was not stored, with why.
+    pub refused: Option<BatchRefusal>,
     pub outcomes: Vec<EventOutcome>,
+}
+
+/// Why the relay did not store a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchRefusal {
+    /// It starts past what the outbox holds: batches before it never arrived. The agent
+    /// re-sends from its first unacknowledged event.
+    Gap,
+    /// The outbox is at its disk cap (`outbox.max_bytes`) while the ERP catches up. The agent
+    /// keeps the events and offers them again later.
+    OutboxFull,
 }
 
 /// What the ERP did with a site's events, published on the site's outcomes topic.

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use backhaul_events::event::{MAX_EVENT_BYTES, parse_event};
 use backhaul_events::frame::FRAME_VERSION;
 use backhaul_events::{
-    AckFrame, BatchEntry, BatchFrame, Epoch, Event, EventOutcome, EventType, FrameError, Outcome,
+    AckFrame, BatchEntry, BatchFrame, BatchRefusal, Epoch, Event, EventOutcome, EventType,
+    FrameError, Outcome,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::option;
@@ -205,7 +206,10 @@ fn ack() -> impl Strategy<Value = AckFrame> {
         site(),
         any::<u128>(),
         any::<u64>(),
-        any::<bool>(),
+        option::of(prop_oneof![
+            Just(BatchRefusal::Gap),
+            Just(BatchRefusal::OutboxFull)
+        ]),
         vec(
             (any::<u64>(), id(), outcome()).prop_map(|(seq, id, outcome)| EventOutcome {
                 seq,
@@ -215,11 +219,11 @@ fn ack() -> impl Strategy<Value = AckFrame> {
             0..8,
         ),
     )
-        .prop_map(|(site, epoch, acked_through, gap, outcomes)| AckFrame {
+        .prop_map(|(site, epoch, acked_through, refused, outcomes)| AckFrame {
             site,
             epoch: Epoch(epoch),
             acked_through,
-            gap,
+            refused,
             outcomes,
         })
 }
@@ -555,7 +559,7 @@ fn sample_ack() -> AckFrame {
         site: "wh-east".into(),
         epoch: Epoch(7),
         acked_through: 12,
-        gap: false,
+        refused: None,
         outcomes: vec![EventOutcome {
             seq: 12,
             id: "evt-1".into(),

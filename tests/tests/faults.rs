@@ -124,20 +124,29 @@ impl Pipeline {
         tweak: impl FnOnce(AgentOptions) -> AgentOptions,
         erp: Option<&ErpStandIn>,
     ) -> Pipeline {
+        Pipeline::start_with(site, tweak, erp, &[])
+    }
+
+    /// Like [`Pipeline::start`], with more relay settings by dotted path.
+    fn start_with(
+        site: &'static str,
+        tweak: impl FnOnce(AgentOptions) -> AgentOptions,
+        erp: Option<&ErpStandIn>,
+        relay_settings: &[(&str, toml_edit::Value)],
+    ) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let broker = Mosquitto::start();
         let proxy = TcpProxy::start(broker.addr());
         let relay_dir = dir.path().join("relay");
         let relay = match erp {
-            None => RelayProcess::start_with(
-                &relay_dir,
-                broker.port(),
-                false,
-                None,
-                &[("outbox.cache_size", CACHE_SIZE.into())],
-            ),
+            None => {
+                let mut settings = vec![("outbox.cache_size", CACHE_SIZE.into())];
+                settings.extend(relay_settings.iter().cloned());
+                RelayProcess::start_with(&relay_dir, broker.port(), false, None, &settings)
+            }
             Some(erp) => {
-                let (sink, settings) = erp_sink(erp);
+                let (sink, mut settings) = erp_sink(erp);
+                settings.extend(relay_settings.iter().cloned());
                 RelayProcess::start_with(&relay_dir, broker.port(), false, Some(&sink), &settings)
             }
         };
@@ -514,6 +523,68 @@ fn broker_killed_and_restarted_loses_nothing() {
 // ---------------------------------------------------------------------------------------------
 // 5. ERP down (503), then throttling (429)
 // ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_full_relay_outbox_holds_events_back_at_the_agent_and_loses_nothing() {
+    const SCENARIO: &str = "relay full";
+    let erp = ErpStandIn::start();
+    // The ERP is down from the start, so the relay's outbox only fills.
+    erp.set_mode(Mode::Unavailable);
+    let p = Pipeline::start_with(
+        "relayfull",
+        |o| o,
+        Some(&erp),
+        &[("outbox.max_bytes", "64 KiB".into())],
+    );
+    let mut sim = p.steady_load();
+    // What an operator sees: the relay says it is full, the agent says the relay holds back,
+    // and the events wait at the site.
+    let held = poll_until(Duration::from_secs(60), || {
+        let relay = p.relay.status();
+        let agent = p.agent.status();
+        (relay["outbox_full"] == true
+            && agent["link"]["state"] == "relay full"
+            && agent["backlog"]["events"].as_u64().unwrap_or(0) > 0)
+            .then_some((relay, agent))
+    });
+    let Some((relay, agent)) = held else {
+        panic!(
+            "{SCENARIO}: never held back: relay {}, agent {}",
+            p.relay.status(),
+            p.agent.status()
+        );
+    };
+    println!(
+        "{SCENARIO}: relay holds {} of {} bytes; agent backlog {} events, link {:?}",
+        relay["outbox_bytes"],
+        relay["outbox_max_bytes"],
+        agent["backlog"]["events"],
+        agent["link"]["last_error"]
+    );
+    let refused = metric_value(
+        &p.relay.metrics(),
+        "backhaul_relay_batches_refused_total{reason=\"outbox_full\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        refused > 0.0,
+        "no batch counted as refused for a full outbox"
+    );
+    // The ERP comes back: the outbox drains, takes batches again, and everything arrives once.
+    erp.set_mode(Mode::Ok);
+    sim.wait_for_acks(300, ACK_TIMEOUT);
+    sim.stop();
+    let acked = sim.acked_ids();
+    assert_delivered(SCENARIO, &acked, || erp.effects(), &p.relay);
+    let up = poll_until(Duration::from_secs(30), || {
+        (p.agent.status()["link"]["state"] == "up").then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "{SCENARIO}: link not up again: {}",
+        p.agent.status()
+    );
+}
 
 #[test]
 fn erp_down_then_throttling_loses_nothing_and_keeps_order() {
