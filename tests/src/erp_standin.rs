@@ -2,7 +2,8 @@
 //! use a real ERP, because a real one cannot be told to answer 500, 429 or nothing at will.
 //!
 //! It behaves like an ERP with idempotency keys: the first successful POST of a key has an
-//! effect (recorded); a repeated key is answered 200 without a second effect.
+//! effect (recorded, parsed and as the exact text received); a repeated key is answered 200
+//! without a second effect.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,6 +36,8 @@ pub struct Request {
     pub at: Instant,
     pub key: String,
     pub body: Value,
+    /// The body exactly as received (JSON numbers keep every digit here).
+    pub text: String,
     pub status: u16,
 }
 
@@ -44,6 +47,8 @@ struct State {
     requests: Vec<Request>,
     /// Effects in the order they happened: the events the ERP now holds.
     effects: Vec<Value>,
+    /// The same effects as the exact body text received.
+    effect_texts: Vec<String>,
     keys: HashMap<String, usize>,
     /// SKUs refused with 422 (unknown master data) until they are "created".
     unknown_skus: Vec<String>,
@@ -95,6 +100,11 @@ impl ErpStandIn {
         self.state.lock().unwrap().effects.clone()
     }
 
+    /// The effects as the exact body text received, in the order they happened.
+    pub fn effect_texts(&self) -> Vec<String> {
+        self.state.lock().unwrap().effect_texts.clone()
+    }
+
     pub fn requests(&self) -> Vec<Request> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -136,6 +146,7 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         }
         let arrived = Instant::now();
         let key = headers.get("idempotency-key").cloned().unwrap_or_default();
+        let received = String::from_utf8_lossy(&body).into_owned();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let mode = state.lock().unwrap().mode.clone().unwrap_or(Mode::Ok);
         let (status, extra, text) = match mode {
@@ -156,17 +167,17 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
             ),
             Mode::Hang(time) => {
                 std::thread::sleep(time);
-                record(&state, arrived, key, body, 0);
+                record(&state, arrived, key, body, received, 0);
                 return;
             }
             Mode::Slow(time) => {
                 std::thread::sleep(time);
-                effect(&state, arrived, &key, &body)
+                effect(&state, arrived, &key, &body, &received)
             }
-            Mode::Ok => effect(&state, arrived, &key, &body),
+            Mode::Ok => effect(&state, arrived, &key, &body, &received),
         };
         if status >= 400 {
-            record(&state, arrived, key, body, status);
+            record(&state, arrived, key, body, received, status);
         }
         let reason = match status {
             200 => "OK",
@@ -186,12 +197,20 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
     }
 }
 
-fn record(state: &Arc<Mutex<State>>, at: Instant, key: String, body: Value, status: u16) {
+fn record(
+    state: &Arc<Mutex<State>>,
+    at: Instant,
+    key: String,
+    body: Value,
+    text: String,
+    status: u16,
+) {
     let mut s = state.lock().unwrap();
     s.requests.push(Request {
         at,
         key,
         body,
+        text,
         status,
     });
     // Listed in arrival order, however long a request was held.
@@ -204,6 +223,7 @@ fn effect(
     at: Instant,
     key: &str,
     body: &Value,
+    received: &str,
 ) -> (u16, String, String) {
     let mut s = state.lock().unwrap();
     let sku = body["sku"].as_str().unwrap_or("");
@@ -217,6 +237,7 @@ fn effect(
     } else {
         let index = s.effects.len();
         s.effects.push(body.clone());
+        s.effect_texts.push(received.to_string());
         s.keys.insert(key.to_string(), index);
         (201, format!(r#"{{"id":"ERP-{index}"}}"#))
     };
@@ -225,6 +246,7 @@ fn effect(
             at,
             key: key.to_string(),
             body: body.clone(),
+            text: received.to_string(),
             status,
         });
         s.requests.sort_by_key(|r| r.at);

@@ -195,3 +195,30 @@ fn a_broken_password_file_names_the_line_and_what_was_expected() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+#[test]
+fn an_unknown_placeholder_in_an_http_body_mapping_names_the_key_and_the_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    let ledger = "[sink.ledger]\npath = \"/var/lib/backhaul-relay/ledger.jsonl\"\n";
+    let example = std::fs::read_to_string(example_config("relay.toml")).unwrap();
+    assert!(example.contains(ledger));
+    let text = example.replace(
+        ledger,
+        "[sink.http]\nurl = \"https://erp.example.com/api\"\n\n\
+         [sink.http.body.pick]\n\"line.item\" = \"{sku}\"\n\"line.quantity\" = \"{quantity:number}\"\n",
+    );
+    std::fs::write(&file, text).unwrap();
+    let (ok, _, stderr) = check_config("backhaul-relay", &file);
+    assert!(!ok, "an unknown placeholder was accepted");
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(
+            "key `sink.http.body.pick.\"line.quantity\"`: expected a known placeholder instead \
+             of {quantity:number}: one of v, id, type, ts, device, order, line, sku, qty, uom, \
+             location, lot, serial, reason, carrier, tracking, po, attrs.NAME, site, epoch, \
+             seq, received_at_ms"
+        ),
+        "{stderr}"
+    );
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use backhaul_tests::agent::{AgentOptions, AgentProcess};
 use backhaul_tests::erp_standin::{ErpStandIn, Mode};
+use backhaul_tests::mosquitto::Mosquitto;
 use backhaul_tests::poll_until;
 use backhaul_tests::relay::RelayProcess;
 use backhaul_tests::scanner::{Scanner, pick_event};
@@ -271,4 +272,138 @@ fn a_refused_event_waits_in_the_dlq_without_blocking_others_and_replays_once_fix
     assert_eq!(list["total"], 0);
     let effects = erp.effects();
     assert_eq!(effects.len(), 10, "every event exactly once");
+}
+
+/// The mapping of `config/relay.toml`'s example, plus a lot that only some scans have.
+const PICK_MAPPING: &str = r#"
+[sink.http.body.pick]
+"salesOrder" = "{order}"
+"line.number" = "{line:number}"
+"line.item" = "{sku}"
+"line.quantity" = "{qty:number}"
+"line.lot" = "{lot}"
+"externalId" = "{id}"
+"postingDate" = "{ts:date}"
+"source" = "backhaul {site}"
+"#;
+
+/// Scan `n` of the mapping test: picks with and without a line and a lot, in several offsets,
+/// one with more digits than a float keeps; every fourth scan a receipt, which has no mapping.
+fn mapped_scan(id: &str, n: u64) -> String {
+    match n % 4 {
+        0 => format!(
+            r#"{{"v":1,"id":"{id}","type":"pick","ts":"2026-11-22T23:30:00-05:00","order":"SO-{n}","line":{},"sku":"SKU-1","qty":"1234567890.123456789","lot":"LOT-{n}"}}"#,
+            n + 1
+        ),
+        1 => format!(
+            r#"{{"v":1,"id":"{id}","type":"pick","ts":"2026-11-23T01:30:00+02:00","order":"SO-{n}","sku":"SKU-2","qty":"2.500"}}"#
+        ),
+        2 => format!(
+            r#"{{"v":1,"id":"{id}","type":"pick","ts":"2026-11-22T10:15:00.123Z","order":"SO-{n}","line":1,"sku":"SKU-3","qty":3}}"#
+        ),
+        _ => format!(
+            r#"{{"v":1,"id":"{id}","type":"receive","ts":"2026-11-22T10:15:00Z","sku":"SKU-4","qty":"5","location":"DOCK"}}"#
+        ),
+    }
+}
+
+/// The exact body the ERP must get for scan `n` (keys sorted by name; the agent keeps a qty
+/// without its trailing zeros).
+fn mapped_body(id: &str, n: u64, site: &str) -> Option<String> {
+    let (line, date) = match n % 4 {
+        0 => (
+            format!(
+                r#"{{"item":"SKU-1","lot":"LOT-{n}","number":{},"quantity":1234567890.123456789}}"#,
+                n + 1
+            ),
+            "2026-11-22",
+        ),
+        1 => (
+            r#"{"item":"SKU-2","quantity":2.5}"#.to_string(),
+            "2026-11-23",
+        ),
+        2 => (
+            r#"{"item":"SKU-3","number":1,"quantity":3}"#.to_string(),
+            "2026-11-22",
+        ),
+        _ => return None,
+    };
+    Some(format!(
+        r#"{{"externalId":"{id}","line":{line},"postingDate":"{date}","salesOrder":"SO-{n}","source":"backhaul {site}"}}"#
+    ))
+}
+
+#[test]
+fn a_body_mapping_posts_the_erps_own_shape_with_exact_numbers_and_dates() {
+    let dir = tempfile::tempdir().unwrap();
+    let erp = ErpStandIn::start();
+    let broker = Mosquitto::start();
+    let sink = format!(
+        "[sink.http]\nurl = \"{}\"\ntimeout_ms = 5000\n{PICK_MAPPING}",
+        erp.url()
+    );
+    let relay = RelayProcess::start_with(
+        &dir.path().join("relay"),
+        broker.port(),
+        false,
+        Some(&sink),
+        &[("delivery.retry_min_ms", 100.into())],
+    );
+    let site = "mapped";
+    let agent = agent(broker.port(), site);
+    let device = "mapping-scanner";
+    let scanner = Scanner::start(agent.mqtt_addr(), device, 20, mapped_scan);
+    wait_for_acks(&scanner, 8);
+    let acked = scanner.stop();
+
+    // A scan sent while the scanner stopped may arrive too: every effect is checked, and
+    // every acknowledged scan must be among them.
+    let done = poll_until(Duration::from_secs(60), || {
+        let keys: HashSet<String> = erp.requests().into_iter().map(|r| r.key).collect();
+        acked.iter().all(|id| keys.contains(id)).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "not every scan reached the ERP\nrelay log:\n{}",
+        relay.log_tail()
+    );
+    let requests = erp.requests();
+    let mut posted: HashMap<String, String> = HashMap::new();
+    for request in requests.iter().filter(|r| (200..300).contains(&r.status)) {
+        let n: u64 = request
+            .key
+            .strip_prefix(&format!("{device}-"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("an Idempotency-Key that is no scan id: {}", request.key));
+        match mapped_body(&request.key, n, site) {
+            Some(expected) => assert_eq!(request.text, expected, "scan {n}"),
+            None => {
+                // No mapping for receipts: the canonical JSON, as without any mapping.
+                let body = &request.body;
+                assert_eq!(body["id"], request.key.as_str(), "{}", request.text);
+                assert_eq!(body["v"], 1);
+                assert_eq!(body["type"], "receive");
+                assert_eq!(body["qty"], "5");
+                assert_eq!(body["location"], "DOCK");
+                assert_eq!(body["site"], site);
+                assert!(body["seq"].is_u64(), "{}", request.text);
+            }
+        }
+        assert!(
+            posted
+                .insert(request.key.clone(), request.text.clone())
+                .is_none(),
+            "{} posted twice",
+            request.key
+        );
+    }
+    assert_eq!(
+        erp.effect_texts().len(),
+        posted.len(),
+        "one effect per scan"
+    );
+    assert!(
+        posted.contains_key(&format!("{device}-3")),
+        "no receipt was posted"
+    );
 }
