@@ -26,6 +26,7 @@ pub enum Delivery {
     Permanent { reason: String },
 }
 
+pub mod body;
 pub mod http;
 
 use backhaul_events::StampedEvent;
