@@ -24,6 +24,41 @@ pub struct AgentConfig {
     pub http: HttpConfig,
     /// The broker batches go to; without this section the agent only keeps events.
     pub uplink: Option<UplinkConfig>,
+    /// A broker the site's scanners already publish to: the agent subscribes there too.
+    pub site_broker: Option<SiteBrokerConfig>,
+}
+
+/// A site broker the agent takes scans from as a subscriber, with a persistent session and
+/// an acknowledgement only once each message is durable in the log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteBrokerConfig {
+    pub host: String,
+    pub port: u16,
+    /// The broker keeps the agent's session, and the messages not yet acknowledged, under this
+    /// id: it must stay the same across restarts. Defaults to `backhaul-agent-{site}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    /// Topic the scanners publish to; `{device}` is one level, the scanner's id.
+    #[serde(default = "default_site_topic")]
+    pub topic: String,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u16,
+    /// Largest message taken; larger ones are refused by the broker's client library.
+    #[serde(default = "default_site_packet")]
+    pub max_packet_size: ByteSize,
+}
+
+fn default_site_topic() -> String {
+    "scans/{device}".into()
+}
+
+fn default_site_packet() -> ByteSize {
+    ByteSize(64 << 10)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +279,7 @@ pub struct LoadedAgentConfig {
     pub http_token: Option<Secret>,
     pub mqtt_users: MqttUsers,
     pub uplink_password: Option<Secret>,
+    pub site_broker_password: Option<Secret>,
 }
 
 impl AgentConfig {
@@ -296,12 +332,27 @@ impl AgentConfig {
             })?),
             None => None,
         };
+        let site_broker_password = match config
+            .site_broker
+            .as_ref()
+            .and_then(|b| b.password.as_ref())
+        {
+            Some(source) => Some(source.resolve().map_err(|e| {
+                ConfigError::invalid(
+                    file,
+                    "site_broker.password",
+                    format!("a readable secret: {e}"),
+                )
+            })?),
+            None => None,
+        };
         Ok(LoadedAgentConfig {
             file: file.to_path_buf(),
             config,
             http_token,
             mqtt_users,
             uplink_password,
+            site_broker_password,
         })
     }
 
@@ -331,19 +382,23 @@ impl AgentConfig {
                 "at least 1",
             ));
         }
-        let topic = &self.mqtt.topic;
-        let levels: Vec<&str> = topic.split('/').collect();
-        if levels.iter().filter(|l| **l == "{device}").count() != 1
-            || topic.contains(['+', '#'])
-            || levels
-                .iter()
-                .any(|l| l.is_empty() || (l.contains("{device}") && *l != "{device}"))
-        {
-            return Err(ConfigError::invalid(
-                file,
-                "mqtt.topic",
-                "a topic with exactly one whole level `{device}` and no wildcards, like \"scans/{device}\"",
-            ));
+        check_device_topic(file, "mqtt.topic", &self.mqtt.topic)?;
+        if let Some(site_broker) = &self.site_broker {
+            if site_broker.host.is_empty() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "site_broker.host",
+                    "a host name or address",
+                ));
+            }
+            if site_broker.password.is_some() && site_broker.username.is_none() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "site_broker.username",
+                    "a username when site_broker.password is set",
+                ));
+            }
+            check_device_topic(file, "site_broker.topic", &site_broker.topic)?;
         }
         if self.mqtt.max_connections == 0 {
             return Err(ConfigError::invalid(
@@ -365,6 +420,24 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// A topic pattern with one whole `{device}` level and no wildcards.
+fn check_device_topic(file: &Path, key: &str, topic: &str) -> Result<(), ConfigError> {
+    let levels: Vec<&str> = topic.split('/').collect();
+    if levels.iter().filter(|l| **l == "{device}").count() != 1
+        || topic.contains(['+', '#'])
+        || levels
+            .iter()
+            .any(|l| l.is_empty() || (l.contains("{device}") && *l != "{device}"))
+    {
+        return Err(ConfigError::invalid(
+            file,
+            key,
+            "a topic with exactly one whole level `{device}` and no wildcards, like \"scans/{device}\"",
+        ));
+    }
+    Ok(())
 }
 
 impl UplinkConfig {

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::log::{Appended, EventLog, LogError, RejectRecord, RejectsPage, now_ms};
-use crate::metrics::{AgentMetrics, HTTP, MQTT, TransportLabel};
+use crate::metrics::{AgentMetrics, HTTP, MQTT, SITE_BROKER, TransportLabel};
 use crate::mqtt::Endpoint;
 
 /// The most events one request may carry.
@@ -271,6 +271,7 @@ fn by_transport(
     json!({
         "mqtt": family.get_or_create(&MQTT).get(),
         "http": family.get_or_create(&HTTP).get(),
+        "site_broker": family.get_or_create(&SITE_BROKER).get(),
     })
 }
 

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod mqtt;
 pub mod passwd;
 pub mod service;
+pub mod site_broker;

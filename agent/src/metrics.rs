@@ -19,6 +19,10 @@ pub struct TransportLabel {
 
 pub const MQTT: TransportLabel = TransportLabel { transport: "mqtt" };
 pub const HTTP: TransportLabel = TransportLabel { transport: "http" };
+/// Scans taken from a site broker as a subscriber (`[site_broker]`).
+pub const SITE_BROKER: TransportLabel = TransportLabel {
+    transport: "site_broker",
+};
 
 pub struct AgentMetrics {
     registry: Registry,
@@ -174,7 +178,7 @@ impl AgentMetrics {
             metrics.rejects_stored.clone(),
         );
         // Every transport shows up from the start, at 0, so dashboards and alerts see it.
-        for transport in [MQTT, HTTP] {
+        for transport in [MQTT, HTTP, SITE_BROKER] {
             let _ = metrics.accepted.get_or_create(&transport);
             let _ = metrics.duplicates.get_or_create(&transport);
             let _ = metrics.rejected.get_or_create(&transport);

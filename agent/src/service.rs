@@ -14,6 +14,7 @@ use crate::http::{HttpState, router};
 use crate::log::{EventLog, LogOptions};
 use crate::metrics::AgentMetrics;
 use crate::mqtt::{Endpoint, MqttSettings};
+use crate::site_broker::SiteBrokerSource;
 
 /// How long in-flight acknowledgements may take to go out once a stop is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,6 +90,19 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
         }));
     }
 
+    let mut site_broker_task = None;
+    if let Some(site_broker) = config.site_broker.clone() {
+        tracing::info!(host = %site_broker.host, port = site_broker.port, topic = %site_broker.topic, "taking scans from the site broker");
+        let source = SiteBrokerSource {
+            site: config.site.clone(),
+            config: site_broker,
+            password: loaded.site_broker_password.clone(),
+            log: log.clone(),
+            metrics: metrics.clone(),
+        };
+        site_broker_task = Some(tokio::spawn(source.run(stop.clone())));
+    }
+
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| {
@@ -135,6 +149,9 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             }
         }
         let _ = http_task.await;
+        if let Some(task) = site_broker_task {
+            let _ = task.await;
+        }
         if let Some(task) = forward_task {
             let _ = task.await;
         }

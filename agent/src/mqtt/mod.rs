@@ -234,25 +234,9 @@ impl Endpoint {
     /// The device a publish topic names, or why the topic is refused.
     fn device_of(&self, topic: &str, client_id: &str) -> Result<String, AckReason> {
         let pattern = &self.settings.topic;
-        let mismatch =
-            || AckReason::TopicNameInvalid(format!("topic: {topic:?} does not match {pattern:?}"));
-        let pattern_levels: Vec<&str> = pattern.split('/').collect();
-        let levels: Vec<&str> = topic.split('/').collect();
-        if levels.len() != pattern_levels.len() {
-            return Err(mismatch());
-        }
-        let mut device = None;
-        for (want, got) in pattern_levels.iter().zip(&levels) {
-            if *want == "{device}" {
-                if got.is_empty() {
-                    return Err(mismatch());
-                }
-                device = Some(*got);
-            } else if want != got {
-                return Err(mismatch());
-            }
-        }
-        let device = device.ok_or_else(mismatch)?;
+        let device = device_in_topic(pattern, topic).ok_or_else(|| {
+            AckReason::TopicNameInvalid(format!("topic: {topic:?} does not match {pattern:?}"))
+        })?;
         if self.settings.own_device_topic_only && device != client_id {
             return Err(AckReason::NotAuthorized(format!(
                 "topic: client {client_id:?} may only publish to its own device topic, not to device {device:?}"
@@ -732,6 +716,27 @@ impl Connection {
 }
 
 /// The JSON a scanner receives on `rejects/{device}`.
+/// The device a topic names under a pattern like `scans/{device}`, if the topic matches it.
+pub fn device_in_topic<'t>(pattern: &str, topic: &'t str) -> Option<&'t str> {
+    let pattern_levels: Vec<&str> = pattern.split('/').collect();
+    let levels: Vec<&str> = topic.split('/').collect();
+    if levels.len() != pattern_levels.len() {
+        return None;
+    }
+    let mut device = None;
+    for (want, got) in pattern_levels.iter().zip(levels) {
+        if *want == "{device}" {
+            if got.is_empty() {
+                return None;
+            }
+            device = Some(got);
+        } else if *want != got {
+            return None;
+        }
+    }
+    device
+}
+
 fn reject_notice(
     id: Option<&str>,
     topic: &str,

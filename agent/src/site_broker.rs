@@ -1,0 +1,224 @@
+//! The site-broker source: at a site whose scanners already publish to a broker of its own,
+//! the agent subscribes there with a persistent session and acknowledges each message only
+//! once it is durable in the log (manual acknowledgements).
+//!
+//! A message the agent has not acknowledged stays with the broker and comes back after a
+//! reconnect or a restart of the agent; one stored twice that way is a duplicate id and is
+//! kept once. The broker's own durability is the broker's: Mosquitto, for one, acknowledges
+//! publishers from memory (see the README).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backhaul_events::Violation;
+use backhaul_events::config::Secret;
+use backhaul_events::event::parse_event;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SiteBrokerConfig;
+use crate::log::{Appended, EventLog, RejectRecord};
+use crate::metrics::{AgentMetrics, SITE_BROKER};
+use crate::mqtt::device_in_topic;
+
+/// Messages stored in one append at most.
+const MAX_GATHER: usize = 4096;
+/// Messages taken off the connection and not yet stored at most.
+const QUEUED: usize = 8192;
+/// Wait before trying an append again that the quota or the disk refused.
+const RETRY_APPEND: Duration = Duration::from_millis(500);
+
+pub struct SiteBrokerSource {
+    pub site: String,
+    pub config: SiteBrokerConfig,
+    pub password: Option<Secret>,
+    pub log: EventLog,
+    pub metrics: Arc<AgentMetrics>,
+}
+
+impl SiteBrokerSource {
+    fn options(&self) -> MqttOptions {
+        let client_id = self
+            .config
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("backhaul-agent-{}", self.site));
+        let mut options = MqttOptions::new(client_id, self.config.host.clone(), self.config.port);
+        options.set_keep_alive(Duration::from_secs(u64::from(
+            self.config.keep_alive_secs.max(5),
+        )));
+        // The broker keeps what the agent has not acknowledged, across reconnects and restarts.
+        options.set_clean_session(false);
+        options.set_manual_acks(true);
+        let max = self.config.max_packet_size.0 as usize;
+        options.set_max_packet_size(max, max);
+        if let Some(user) = &self.config.username {
+            let password = self
+                .password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default();
+            options.set_credentials(user.clone(), password);
+        }
+        options
+    }
+
+    /// Runs until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
+        let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
+        let filter = self.config.topic.replace("{device}", "+");
+        let (tx, mut rx) = mpsc::channel::<Publish>(QUEUED);
+        let poll_client = client.clone();
+        let poll_stop = stop.clone();
+        let (host, port) = (self.config.host.clone(), self.config.port);
+        let poll_filter = filter.clone();
+        let poller = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            let mut was_up = false;
+            loop {
+                let event = tokio::select! {
+                    _ = poll_stop.cancelled() => return,
+                    event = eventloop.poll() => event,
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        backoff = Duration::from_millis(200);
+                        // With a session present the subscription is still there; asking
+                        // again is harmless and covers a broker that lost it.
+                        if let Err(e) =
+                            poll_client.try_subscribe(poll_filter.clone(), QoS::AtLeastOnce)
+                        {
+                            tracing::error!(error = %e, "cannot subscribe to {poll_filter}");
+                        }
+                        tracing::info!(%host, port, filter = %poll_filter, session_present = ack.session_present, "subscribed to the site broker");
+                        was_up = true;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if tx.send(publish).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if was_up {
+                            tracing::warn!(error = %e, "site broker connection lost");
+                            was_up = false;
+                        } else {
+                            tracing::debug!(error = %e, "site broker not reachable");
+                        }
+                        let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+                        tokio::select! {
+                            _ = poll_stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => break,
+                publish = rx.recv() => match publish {
+                    Some(publish) => publish,
+                    None => break,
+                },
+            };
+            let mut publishes = vec![first];
+            while publishes.len() < MAX_GATHER {
+                match rx.try_recv() {
+                    Ok(publish) => publishes.push(publish),
+                    Err(_) => break,
+                }
+            }
+            if !self.store(&publishes, &stop).await {
+                break;
+            }
+            // In the order received, as MQTT asks; only now may the broker forget them.
+            for publish in &publishes {
+                if let Err(e) = client.ack(publish).await {
+                    tracing::debug!(error = %e, "acknowledgement not sent; the broker sends the message again");
+                }
+            }
+        }
+        let _ = client.try_disconnect();
+        poller.abort();
+    }
+
+    /// Makes the messages durable: valid events in the log, invalid ones in the reject store.
+    /// Returns true once all are, false when stopping first (then nothing is acknowledged:
+    /// the broker keeps them).
+    async fn store(&self, publishes: &[Publish], stop: &CancellationToken) -> bool {
+        let mut events = Vec::with_capacity(publishes.len());
+        for publish in publishes {
+            let checked = match device_in_topic(&self.config.topic, &publish.topic) {
+                None => Err(vec![Violation::new(
+                    "topic",
+                    format!("{:?} does not match {:?}", publish.topic, self.config.topic),
+                )]),
+                Some(device) => parse_event(&publish.payload)
+                    .map(|mut event| {
+                        if event.device.is_none() {
+                            event.device = Some(device.to_string());
+                        }
+                        event
+                    })
+                    .map_err(|violations| violations.0),
+            };
+            match checked {
+                Ok(event) => events.push(event),
+                Err(violations) => {
+                    self.metrics.rejected.get_or_create(&SITE_BROKER).inc();
+                    let record = RejectRecord::new(
+                        "site_broker",
+                        format!("site broker topic {}", publish.topic),
+                        &publish.payload,
+                        violations,
+                    );
+                    if let Err(e) = self.log.record_reject(record).await {
+                        tracing::error!(error = %e, "a reject could not be stored");
+                    }
+                }
+            }
+        }
+        while !events.is_empty() {
+            match self.log.append(events.clone()).await {
+                Ok(results) => {
+                    let mut refused = Vec::new();
+                    for (event, result) in events.into_iter().zip(results) {
+                        match result {
+                            Appended::Stored { .. } => {
+                                self.metrics.accepted.get_or_create(&SITE_BROKER).inc();
+                            }
+                            Appended::Duplicate { .. } => {
+                                self.metrics.duplicates.get_or_create(&SITE_BROKER).inc();
+                            }
+                            Appended::QuotaExceeded => refused.push(event),
+                        }
+                    }
+                    if !refused.is_empty() {
+                        // Back-pressure: unacknowledged, the messages wait at the broker.
+                        self.metrics
+                            .quota_refusals
+                            .get_or_create(&SITE_BROKER)
+                            .inc_by(refused.len() as u64);
+                    }
+                    events = refused;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, events = events.len(), "events from the site broker could not be logged; trying again");
+                }
+            }
+            if events.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(RETRY_APPEND) => {}
+            }
+        }
+        true
+    }
+}
