@@ -40,6 +40,7 @@ pub struct RelayMetrics {
     dlq_events: Gauge,
     outbox_bytes: Gauge,
     outbox_max_bytes: Gauge,
+    frontier_blocked: Gauge,
 }
 
 impl RelayMetrics {
@@ -63,6 +64,7 @@ impl RelayMetrics {
             dlq_events: Gauge::default(),
             outbox_bytes: Gauge::default(),
             outbox_max_bytes: Gauge::default(),
+            frontier_blocked: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("backhaul_relay");
         registry.register(
@@ -121,6 +123,11 @@ impl RelayMetrics {
             metrics.outbox_max_bytes.clone(),
         );
         registry.register(
+            "frontier_blocked",
+            "1 while the oldest waiting events all belong to held-back keys and newer keys wait",
+            metrics.frontier_blocked.clone(),
+        );
+        registry.register(
             "delivery_retries",
             "Deliveries that failed transiently and will be retried",
             metrics.delivery_retries.clone(),
@@ -172,6 +179,8 @@ impl RelayMetrics {
         self.dlq_events.set(outbox.dead_letter_count() as i64);
         self.outbox_bytes.set(outbox.held_bytes() as i64);
         self.outbox_max_bytes.set(outbox.max_bytes() as i64);
+        self.frontier_blocked
+            .set(i64::from(outbox.frontier_blocked()));
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text = "# metrics could not be encoded\n".into();

@@ -189,6 +189,10 @@ struct Frontier {
     /// Each queue by the outbox sequence number of its head, oldest first.
     by_head: BTreeMap<u64, Vec<u8>>,
     events: usize,
+    /// The last look found the frontier full and every queue in it held back, so keys
+    /// beyond it were waiting.
+    blocked: bool,
+    warned_at: Option<std::time::Instant>,
 }
 
 impl Frontier {
@@ -199,6 +203,8 @@ impl Frontier {
             queues: HashMap::new(),
             by_head: BTreeMap::new(),
             events: 0,
+            blocked: false,
+            warned_at: None,
         }
     }
 
@@ -481,6 +487,12 @@ impl Outbox {
         self.state.lock().map(|s| s.held_bytes).unwrap_or(0)
     }
 
+    /// Whether the last look for work found only held-back keys among the oldest waiting
+    /// events, with newer keys waiting behind them.
+    pub fn frontier_blocked(&self) -> bool {
+        self.frontier.lock().map(|f| f.blocked).unwrap_or(false)
+    }
+
     pub fn max_bytes(&self) -> u64 {
         self.options.max_bytes
     }
@@ -752,6 +764,19 @@ impl Outbox {
         // Left the outbox some other way (the ledger's recovery after a crash).
         for (queue, outbox_seq) in vanished {
             frontier.remove(&queue, outbox_seq);
+        }
+        frontier.blocked = heads.is_empty() && frontier.events >= frontier.capacity;
+        if frontier.blocked
+            && frontier
+                .warned_at
+                .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60))
+        {
+            frontier.warned_at = Some(std::time::Instant::now());
+            tracing::warn!(
+                frontier_events = frontier.capacity,
+                "the oldest waiting events all belong to keys held back (in flight or retrying): \
+                 newer keys wait until those move"
+            );
         }
         Ok(heads)
     }

@@ -164,6 +164,7 @@ fn queues_per_key_deliver_in_order_through_a_frontier_smaller_than_the_outbox() 
     let heads = outbox.heads(10, |queue| queue.ends_with(b"SO-4")).unwrap();
     let ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
     assert_eq!(ids, ["e1"]);
+    assert!(!outbox.frontier_blocked());
     // After a restart the frontier is loaded again from the outbox.
     drop(outbox);
     let outbox = Outbox::open(dir.path(), small).unwrap();
@@ -240,4 +241,27 @@ fn a_full_outbox_refuses_new_batches_until_deliveries_make_room() {
     let taken = outbox.store(&[batch(1, 5, &["g"])]).unwrap();
     assert_eq!((taken[0].stored, taken[0].refused), (1, None));
     assert!(outbox.held_bytes() > 0);
+}
+
+#[test]
+fn a_frontier_full_of_held_back_keys_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = OutboxOptions {
+        frontier_events: 3,
+        ..options(1000)
+    };
+    let outbox = Outbox::open(dir.path(), small).unwrap();
+    outbox
+        .store(&[
+            order_batch(1, "SO-1", &["a1", "a2", "a3"]),
+            order_batch(4, "SO-2", &["b1"]),
+        ])
+        .unwrap();
+    // SO-1 is retrying and fills the frontier: SO-2 waits behind it, and the outbox says so.
+    let heads = outbox.heads(10, |queue| queue.ends_with(b"SO-1")).unwrap();
+    assert!(heads.is_empty());
+    assert!(outbox.frontier_blocked());
+    let heads = outbox.heads(10, |_| false).unwrap();
+    assert_eq!(heads.len(), 1);
+    assert!(!outbox.frontier_blocked());
 }
