@@ -15,6 +15,7 @@ use backhaul_events::OutcomeFrame;
 use backhaul_events::config::Secret;
 use backhaul_events::frame::Outcome;
 use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame, BatchRefusal};
+use backhaul_events::service::Backoff;
 use backhaul_events::topics::{acks_topic, batches_topic, outcomes_topic};
 use bytes::Bytes;
 use rumqttc::{Outgoing, Transport, v5};
@@ -765,7 +766,10 @@ async fn drive_link(
         acks: acks_topic,
         outcomes: outcomes_topic,
     } = topics;
-    let mut backoff = backoff_min_ms;
+    let mut backoff = Backoff::new(
+        Duration::from_millis(backoff_min_ms),
+        Duration::from_millis(backoff_max_ms),
+    );
     let mut subscribe_pkid: Option<u16> = None;
     loop {
         let event = tokio::select! {
@@ -774,7 +778,7 @@ async fn drive_link(
         };
         match event {
             Polled::Connected => {
-                backoff = backoff_min_ms;
+                backoff.reset();
                 subscribe_pkid = None;
                 if let Err(e) = client.try_subscribe(&[&acks_topic, &outcomes_topic]) {
                     let _ = link
@@ -823,14 +827,10 @@ async fn drive_link(
                 if link.send(LinkEvent::Down(error)).await.is_err() {
                     return;
                 }
-                // rumqttc reconnects on the next poll at once; the back-off is ours to keep.
-                let jitter = rand::random_range(0..=backoff / 2);
-                let wait = Duration::from_millis(backoff + jitter);
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(backoff.next_wait()) => {}
                 }
-                backoff = (backoff * 2).min(backoff_max_ms);
             }
         }
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use backhaul_events::Violation;
 use backhaul_events::config::Secret;
 use backhaul_events::event::parse_event;
+use backhaul_events::service::Backoff;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,9 @@ use crate::mqtt::device_in_topic;
 const MAX_GATHER: usize = 4096;
 /// Messages taken off the connection and not yet stored at most.
 const QUEUED: usize = 8192;
+/// Reconnect back-off to the site broker: the first wait and the cap.
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// Wait before trying an append again that the quota or the disk refused.
 const RETRY_APPEND: Duration = Duration::from_millis(500);
 
@@ -74,7 +78,7 @@ impl SiteBrokerSource {
         let (host, port) = (self.config.host.clone(), self.config.port);
         let poll_filter = filter.clone();
         let poller = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
             let mut was_up = false;
             loop {
                 let event = tokio::select! {
@@ -83,7 +87,7 @@ impl SiteBrokerSource {
                 };
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        backoff = Duration::from_millis(200);
+                        backoff.reset();
                         // With a session present the subscription is still there; asking
                         // again is harmless and covers a broker that lost it.
                         if let Err(e) =
@@ -107,12 +111,10 @@ impl SiteBrokerSource {
                         } else {
                             tracing::debug!(error = %e, "site broker not reachable");
                         }
-                        let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
                         tokio::select! {
                             _ = poll_stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                            _ = tokio::time::sleep(backoff.next_wait()) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
                 }
             }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
 use backhaul_events::frame::{AckFrame, BatchFrame, BatchRefusal};
+use backhaul_events::service::Backoff;
 use backhaul_events::topics::{
     ALL_BATCHES_FILTER, acks_topic, outcomes_topic, site_of_batches_topic,
 };
@@ -21,6 +22,9 @@ use crate::outbox::Outbox;
 
 /// Batches stored in one commit at most.
 const MAX_BATCHES_PER_COMMIT: usize = 64;
+/// Reconnect back-off to the broker: the first wait and the cap.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// Decoded frames waiting for the outbox writer at most.
 const DECODED_AHEAD: usize = 64;
 
@@ -80,7 +84,7 @@ impl Intake {
         let poll_stop = stop.clone();
         let (host, port) = (self.broker.host.clone(), self.broker.port);
         let poller = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
             let mut was_up = false;
             loop {
                 let event = tokio::select! {
@@ -89,7 +93,7 @@ impl Intake {
                 };
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         if let Err(e) = poll_client.try_subscribe(filter.clone(), QoS::AtLeastOnce)
                         {
                             tracing::error!(error = %e, "cannot subscribe to {filter}");
@@ -119,14 +123,10 @@ impl Intake {
                         } else {
                             tracing::debug!(error = %e, "broker not reachable");
                         }
-                        let jitter = Duration::from_millis(rand::random_range(
-                            0..=backoff.as_millis() as u64 / 2,
-                        ));
                         tokio::select! {
                             _ = poll_stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff + jitter) => {}
+                            _ = tokio::time::sleep(backoff.next_wait()) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
             }

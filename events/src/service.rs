@@ -1,12 +1,13 @@
 //! What both services' processes share (feature `service`): structured logging, the
-//! `check-config` and `run` command bodies, waiting for SIGINT/SIGTERM, and the systemd notify
-//! protocol (readiness, watchdog, stopping).
+//! `check-config` and `run` command bodies, waiting for SIGINT/SIGTERM, the systemd notify
+//! protocol (readiness, watchdog, stopping), and the back-off between broker reconnects.
 
 use std::fmt::Debug;
 use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use crate::config::ConfigError;
 
@@ -108,5 +109,57 @@ pub fn notify_stopping(watchdog: Option<tokio::task::JoinHandle<()>>) {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(watchdog) = watchdog {
         watchdog.abort();
+    }
+}
+
+/// The wait between reconnect attempts: it starts at `min`, doubles after each failure up to
+/// `max`, and each wait gets up to half again of random jitter, so the clients of one broker
+/// do not all come back in step. rumqttc reconnects at once on the next poll; this is what
+/// keeps it from hammering a broker that is down.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        let min = min.max(Duration::from_millis(1));
+        Backoff {
+            min,
+            max: max.max(min),
+            next: min,
+        }
+    }
+
+    /// After a success: the next failure waits `min` again.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The wait before the next attempt; the one after it is twice as long, up to `max`.
+    pub fn next_wait(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half_ms = u64::try_from(base.as_millis() / 2).unwrap_or(u64::MAX);
+        base + Duration::from_millis(rand::random_range(0..=half_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_double_up_to_the_cap_with_jitter_and_start_over_after_a_reset() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let ms = |d: Duration| d.as_millis() as u64;
+        let waits: Vec<u64> = (0..4).map(|_| ms(backoff.next_wait())).collect();
+        for (wait, base) in waits.iter().zip([100, 200, 350, 350]) {
+            assert!((base..=base + base / 2).contains(wait), "{waits:?}");
+        }
+        backoff.reset();
+        assert!((100..=150).contains(&ms(backoff.next_wait())));
     }
 }
