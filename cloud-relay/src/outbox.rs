@@ -324,10 +324,9 @@ impl<'txn, 's> Enqueue<'txn, 's> {
         })
     }
 
-    /// Whether the id (site, 0, id) is in the window, committed or recorded by this
-    /// transaction.
-    fn is_seen(&self, id_key: &[u8]) -> Result<bool, OutboxError> {
-        let hash = self.seen.hash(id_key);
+    /// Whether the id (site, 0, id), whose hash is `hash`, is in the window, committed or
+    /// recorded by this transaction.
+    fn is_seen(&self, id_key: &[u8], hash: u64) -> Result<bool, OutboxError> {
         let Some(seq) = self
             .recorded
             .get(&hash)
@@ -342,7 +341,12 @@ impl<'txn, 's> Enqueue<'txn, 's> {
             .is_some_and(|recorded| recorded.value() == id_key))
     }
 
-    fn push(&mut self, event: &StampedRef<'_>, id_key: &[u8]) -> Result<(), OutboxError> {
+    fn push(
+        &mut self,
+        event: &StampedRef<'_>,
+        id_key: &[u8],
+        hash: u64,
+    ) -> Result<(), OutboxError> {
         let seq = self.next;
         self.encoded.clear();
         self.encoded =
@@ -352,7 +356,7 @@ impl<'txn, 's> Enqueue<'txn, 's> {
             .map_err(storage)?;
         self.bytes_added += self.encoded.len() as u64;
         self.seen_order.insert(seq, id_key).map_err(storage)?;
-        self.recorded.insert(self.seen.hash(id_key), seq);
+        self.recorded.insert(hash, seq);
         self.next += 1;
         Ok(())
     }
@@ -690,7 +694,8 @@ fn store_batch(
         id_key.extend_from_slice(batch.site.as_bytes());
         id_key.push(0);
         id_key.extend_from_slice(entry.event.id.as_bytes());
-        if queue.is_seen(&id_key)? {
+        let hash = queue.seen.hash(&id_key);
+        if queue.is_seen(&id_key, hash)? {
             result.duplicates += 1;
             result.outcomes.push(EventOutcome {
                 seq: entry.seq,
@@ -706,7 +711,7 @@ fn store_batch(
             received_at_ms: entry.received_at_ms,
             event: &entry.event,
         };
-        queue.push(&stamped, &id_key)?;
+        queue.push(&stamped, &id_key, hash)?;
         result.stored += 1;
     }
     let through = from.max(batch.last_seq);
@@ -932,7 +937,8 @@ impl Outbox {
                 }
                 if requeue {
                     let id_key = site_key(&letter.event.site, letter.event.event.id.as_bytes());
-                    queue.push(&StampedRef::of(&letter.event), &id_key)?;
+                    let hash = queue.seen.hash(&id_key);
+                    queue.push(&StampedRef::of(&letter.event), &id_key, hash)?;
                 }
                 taken.push(id);
             }

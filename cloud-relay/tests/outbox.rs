@@ -3,7 +3,7 @@
 
 use backhaul_events::event::parse_event;
 use backhaul_events::{BatchEntry, BatchFrame, BatchRefusal, Epoch};
-use backhaul_relay::outbox::{Outbox, OutboxOptions};
+use backhaul_relay::outbox::{Head, Outbox, OutboxOptions};
 
 fn options(dedup_ids: u64) -> OutboxOptions {
     OutboxOptions {
@@ -109,13 +109,22 @@ fn order_batch(first_seq: u64, order: &str, ids: &[&str]) -> BatchFrame {
     frame
 }
 
+/// Options whose frontier holds `events` events.
+fn with_frontier(events: usize) -> OutboxOptions {
+    OutboxOptions {
+        frontier_events: events,
+        ..options(1000)
+    }
+}
+
+fn head_ids(heads: &[Head]) -> Vec<&str> {
+    heads.iter().map(|h| h.event.event.id.as_str()).collect()
+}
+
 #[test]
 fn queues_per_key_deliver_in_order_through_a_frontier_smaller_than_the_outbox() {
     let dir = tempfile::tempdir().unwrap();
-    let small = OutboxOptions {
-        frontier_events: 3,
-        ..options(1000)
-    };
+    let small = with_frontier(3);
     let outbox = Outbox::open(dir.path(), small).unwrap();
     outbox
         .store(&[
@@ -127,7 +136,7 @@ fn queues_per_key_deliver_in_order_through_a_frontier_smaller_than_the_outbox() 
         .unwrap();
     // The frontier holds a1-a3: one head, SO-1's, though three orders wait.
     let heads = outbox.heads(10, |_| false).unwrap();
-    let ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
+    let ids = head_ids(&heads);
     assert_eq!(ids, ["a1"]);
     // Deliver heads until the outbox is empty, one per key at a time, as the engine does.
     let mut delivered = Vec::new();
@@ -162,14 +171,14 @@ fn queues_per_key_deliver_in_order_through_a_frontier_smaller_than_the_outbox() 
         ])
         .unwrap();
     let heads = outbox.heads(10, |queue| queue.ends_with(b"SO-4")).unwrap();
-    let ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
+    let ids = head_ids(&heads);
     assert_eq!(ids, ["e1"]);
     assert!(!outbox.frontier_blocked());
     // After a restart the frontier is loaded again from the outbox.
     drop(outbox);
     let outbox = Outbox::open(dir.path(), small).unwrap();
     let heads = outbox.heads(10, |_| false).unwrap();
-    let ids: Vec<&str> = heads.iter().map(|h| h.event.event.id.as_str()).collect();
+    let ids = head_ids(&heads);
     assert_eq!(ids, ["d1", "e1"]);
 }
 
@@ -246,10 +255,7 @@ fn a_full_outbox_refuses_new_batches_until_deliveries_make_room() {
 #[test]
 fn a_frontier_full_of_held_back_keys_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let small = OutboxOptions {
-        frontier_events: 3,
-        ..options(1000)
-    };
+    let small = with_frontier(3);
     let outbox = Outbox::open(dir.path(), small).unwrap();
     outbox
         .store(&[
