@@ -36,6 +36,7 @@ pub struct HttpState {
     pub token: Option<Secret>,
     pub started: Instant,
     pub link: Option<crate::forward::SharedLinkStatus>,
+    pub site_broker: Option<crate::site_broker::SharedSiteBrokerStatus>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -323,6 +324,7 @@ async fn status(State(state): State<HttpState>) -> Response {
             l.erp_refusals.drain(..keep);
             l
         })),
+        "site_broker": state.site_broker.as_ref().and_then(|b| b.lock().ok().map(|b| b.clone())),
     }))
     .into_response()
 }

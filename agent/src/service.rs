@@ -14,7 +14,7 @@ use crate::http::{HttpState, router};
 use crate::log::{EventLog, LogOptions};
 use crate::metrics::AgentMetrics;
 use crate::mqtt::{Endpoint, MqttSettings};
-use crate::site_broker::SiteBrokerSource;
+use crate::site_broker::{SharedSiteBrokerStatus, SiteBrokerSource};
 
 /// How long in-flight acknowledgements may take to go out once a stop is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,7 +91,10 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
     }
 
     let mut site_broker_task = None;
+    let mut site_broker_status = None;
     if let Some(site_broker) = config.site_broker.clone() {
+        let status = SharedSiteBrokerStatus::default();
+        site_broker_status = Some(status.clone());
         tracing::info!(host = %site_broker.host, port = site_broker.port, topic = %site_broker.topic, "taking scans from the site broker");
         let source = SiteBrokerSource {
             site: config.site.clone(),
@@ -99,6 +102,7 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             password: loaded.site_broker_password.clone(),
             log: log.clone(),
             metrics: metrics.clone(),
+            status,
         };
         site_broker_task = Some(tokio::spawn(source.run(stop.clone())));
     }
@@ -121,6 +125,7 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
         token: loaded.http_token.clone(),
         started: Instant::now(),
         link,
+        site_broker: site_broker_status,
     };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let http_stop = stop.clone();

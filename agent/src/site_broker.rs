@@ -7,7 +7,7 @@
 //! kept once. The broker's own durability is the broker's: Mosquitto, for one, acknowledges
 //! publishers from memory (see the README).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backhaul_events::Violation;
@@ -15,11 +15,12 @@ use backhaul_events::config::Secret;
 use backhaul_events::event::parse_event;
 use backhaul_events::service::Backoff;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SiteBrokerConfig;
-use crate::log::{Appended, EventLog, RejectRecord};
+use crate::log::{Appended, EventLog, RejectRecord, now_ms};
 use crate::metrics::{AgentMetrics, SITE_BROKER};
 use crate::mqtt::device_in_topic;
 
@@ -33,12 +34,37 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// Wait before trying an append again that the quota or the disk refused.
 const RETRY_APPEND: Duration = Duration::from_millis(500);
 
+/// What the status page says about the site broker.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SiteBrokerStatus {
+    /// "connecting", "subscribed" (messages flow), or "down".
+    pub state: &'static str,
+    /// Since when (ms since the Unix epoch).
+    pub since_ms: i64,
+    pub last_error: Option<String>,
+}
+
+pub type SharedSiteBrokerStatus = Arc<Mutex<SiteBrokerStatus>>;
+
+fn set_state(status: &SharedSiteBrokerStatus, state: &'static str, error: Option<String>) {
+    if let Ok(mut status) = status.lock() {
+        if status.state != state {
+            status.state = state;
+            status.since_ms = now_ms();
+        }
+        if error.is_some() {
+            status.last_error = error;
+        }
+    }
+}
+
 pub struct SiteBrokerSource {
     pub site: String,
     pub config: SiteBrokerConfig,
     pub password: Option<Secret>,
     pub log: EventLog,
     pub metrics: Arc<AgentMetrics>,
+    pub status: SharedSiteBrokerStatus,
 }
 
 impl SiteBrokerSource {
@@ -77,6 +103,8 @@ impl SiteBrokerSource {
         let poll_stop = stop.clone();
         let (host, port) = (self.config.host.clone(), self.config.port);
         let poll_filter = filter.clone();
+        let status = self.status.clone();
+        set_state(&status, "connecting", None);
         let poller = tokio::spawn(async move {
             let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
             let mut was_up = false;
@@ -95,8 +123,27 @@ impl SiteBrokerSource {
                         {
                             tracing::error!(error = %e, "cannot subscribe to {poll_filter}");
                         }
-                        tracing::info!(%host, port, filter = %poll_filter, session_present = ack.session_present, "subscribed to the site broker");
+                        tracing::info!(%host, port, filter = %poll_filter, session_present = ack.session_present, "connected to the site broker");
                         was_up = true;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        // Only from here on does the broker keep scans for the agent.
+                        let refused = ack
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                        if refused {
+                            tracing::error!(filter = %poll_filter, "the site broker refused the subscription");
+                            set_state(
+                                &status,
+                                "down",
+                                Some(format!(
+                                    "the site broker refused the subscription to {poll_filter}"
+                                )),
+                            );
+                        } else {
+                            set_state(&status, "subscribed", None);
+                        }
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
                         if tx.send(publish).await.is_err() {
@@ -105,6 +152,7 @@ impl SiteBrokerSource {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        set_state(&status, "down", Some(e.to_string()));
                         if was_up {
                             tracing::warn!(error = %e, "site broker connection lost");
                             was_up = false;

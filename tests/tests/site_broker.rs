@@ -28,6 +28,11 @@ fn scans_from_the_site_broker_reach_the_log_once_across_agent_kills() {
             .set("site_broker.port", i64::from(broker.port()))
             .set("site_broker.client_id", "agent-site-broker-test"),
     );
+    // The broker keeps scans for the agent only once its subscription is in place.
+    let subscribed = poll_until(Duration::from_secs(20), || {
+        (agent.status()["site_broker"]["state"] == "subscribed").then_some(())
+    });
+    assert!(subscribed.is_some(), "never subscribed: {}", agent.status());
     let scanners: Vec<Scanner> = (0..2)
         .map(|i| Scanner::start(broker.addr(), &format!("sb-scanner-{i}"), 150, pick_event))
         .collect();
@@ -68,8 +73,16 @@ fn scans_from_the_site_broker_reach_the_log_once_across_agent_kills() {
     });
     let Some(ids) = complete else {
         let events = agent.log_events();
+        let have: std::collections::HashSet<&str> = events
+            .iter()
+            .filter_map(|e| e["event"]["id"].as_str().or(e["id"].as_str()))
+            .collect();
+        let missing: Vec<&String> = acked
+            .iter()
+            .filter(|id| !have.contains(id.as_str()))
+            .collect();
         panic!(
-            "{} acknowledged scans, {} in the agent's log; agent:\n{}",
+            "{} acknowledged scans, {} in the agent's log, missing {missing:?}; agent:\n{}",
             acked.len(),
             events.len(),
             agent.stderr()
