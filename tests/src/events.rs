@@ -8,8 +8,22 @@ use serde_json::{Value, json};
 
 use crate::agent::SITE;
 
-/// The `ts` of the generated events: the scanner's clock, kept exactly as sent.
+/// The `ts` of the generated events: the scanner's clock, kept exactly as sent. Nothing the
+/// agent or relay decides depends on it; tests whose outcome depends on the day (an ERP that
+/// books documents on the event's date) use [`scan_ts`] instead.
 pub const TS: &str = "2026-11-22T10:15:00.123Z";
+
+/// The instant this test process first asked, as RFC 3339 in UTC: a `ts` on the real day, the
+/// same for every event of one test, so that no test holds only until a fixed date passes and
+/// none sees its events split across midnight.
+pub fn scan_ts() -> &'static str {
+    static SCAN_TS: OnceLock<String> = OnceLock::new();
+    SCAN_TS.get_or_init(|| {
+        time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("formatting the current time: {e}"))
+    })
+}
 
 /// An id no other event of this or any other test run uses: the prefix, this process and a
 /// counter (`A-Z a-z 0-9 . _ : -`, at most 64 characters when the prefix is short).

@@ -134,6 +134,9 @@ impl Tryton {
             .arg("-c")
             .arg(&config)
             .args(["-d", DATABASE])
+            // The seed's company has no time zone, so Tryton's today is the server's: pinned to
+            // UTC, it is the day of `events::scan_ts` whatever zone the test machine is in.
+            .env("TZ", "UTC")
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
         let mut child = ChildGuard::spawn("trytond", &mut command);

@@ -44,11 +44,12 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
-/// A stamped event from the fields given; `v` and `ts` are filled in.
+/// A stamped event from the fields given; `v` and `ts` (this test's start, on Tryton's today)
+/// are filled in. Tests of dates set their own with [`on`].
 fn event(fields: Value) -> StampedEvent {
     let mut fields = fields;
     fields["v"] = json!(1);
-    fields["ts"] = json!("2026-11-22T10:15:00Z");
+    fields["ts"] = json!(backhaul_tests::events::scan_ts());
     let event = parse_event(fields.to_string().as_bytes())
         .unwrap_or_else(|v| panic!("invalid test event {fields}: {v}"));
     StampedEvent {
@@ -833,7 +834,11 @@ fn documents_are_dated_by_their_events_ts() {
     posted(&deliver(
         &rt,
         &connector,
-        &[receive("rcv-today", "SKU-001", 4, None)],
+        &[on(
+            receive("rcv-today", "SKU-001", 4, None),
+            today,
+            "12:00:00Z",
+        )],
     ));
     assert_eq!(tryton.stock_level("SKU-001", "STO"), 19.0);
     // The count of 12 is of the stock three days ago (10 + 5 = 15): the difference (-3) is
@@ -1108,4 +1113,88 @@ fn documents_are_dated_by_their_events_ts() {
     assert!(reason.contains(&ago(3).to_string()), "{reason}");
     assert!(reason.contains("period"), "{reason}");
     assert_eq!(tryton.stock_level("SKU-006", "STO"), 0.0);
+}
+
+/// The calendar's edges, each found from Tryton's today so that the test holds on any day: the
+/// last evening of last month and of last year at UTC-5 (already the 1st in UTC) are booked on
+/// that last day, a count early on the 1st at UTC+2 (still the day before in UTC) is of the
+/// stock at the end of the 1st, and the latest 29 February is a day like any other.
+#[test]
+fn month_ends_year_ends_and_leap_days_are_booked_on_the_warehouses_day() {
+    let tryton = Tryton::start();
+    let rt = runtime();
+    let connector = connector(&tryton);
+    let today = tryton_today(&tryton);
+    let first_of_month = today.replace_day(1).expect("every month has a 1st");
+    let new_year = Date::from_calendar_date(today.year(), time::Month::January, 1)
+        .expect("every year has a 1 January");
+    let day_before = |date: Date| date.previous_day().expect("a day before");
+
+    for (sku, first) in [("SKU-MONTH", first_of_month), ("SKU-YEAR", new_year)] {
+        let eve = day_before(first);
+        tryton.create_product(sku);
+        let receipt = [on(
+            receive(&format!("rcv-{sku}"), sku, 10, None),
+            eve,
+            "23:30:00-05:00",
+        )];
+        let outcomes = deliver(&rt, &connector, &receipt);
+        let shipment = read_posted(&tryton, &outcomes[0], json!(["effective_date"]));
+        assert_eq!(
+            day(&shipment["effective_date"]),
+            eve.to_string(),
+            "{sku}: {shipment}"
+        );
+
+        let counted = [on(
+            count(&format!("cnt-{sku}"), sku, 7, "MAIN"),
+            first,
+            "00:30:00+02:00",
+        )];
+        let outcomes = deliver(&rt, &connector, &counted);
+        let inventory = read_posted(&tryton, &outcomes[0], json!(["date", "lines"]));
+        assert_eq!(
+            day(&inventory["date"]),
+            first.to_string(),
+            "{sku}: {inventory}"
+        );
+        let line = tryton.call(
+            "model.stock.inventory.line.read",
+            json!([inventory["lines"], ["expected_quantity", "quantity"]]),
+        );
+        assert_eq!(
+            line[0]["expected_quantity"].as_f64(),
+            Some(10.0),
+            "{sku}: {line}"
+        );
+        assert_eq!(level_on(&tryton, sku, "STO", day_before(eve)), 0.0, "{sku}");
+        assert_eq!(level_on(&tryton, sku, "STO", eve), 10.0, "{sku}");
+        assert_eq!(level_on(&tryton, sku, "STO", first), 7.0, "{sku}");
+        assert_eq!(tryton.stock_level(sku, "STO"), 7.0, "{sku}");
+    }
+
+    let leap_day = (0..8)
+        .filter_map(|back| {
+            Date::from_calendar_date(today.year() - back, time::Month::February, 29).ok()
+        })
+        .find(|date| *date <= today)
+        .expect("a 29 February in the last eight years");
+    tryton.create_product("SKU-LEAP");
+    let receipt = [on(
+        receive("rcv-leap", "SKU-LEAP", 3, None),
+        leap_day,
+        "23:30:00-05:00",
+    )];
+    let outcomes = deliver(&rt, &connector, &receipt);
+    let shipment = read_posted(&tryton, &outcomes[0], json!(["effective_date"]));
+    assert_eq!(
+        day(&shipment["effective_date"]),
+        leap_day.to_string(),
+        "{shipment}"
+    );
+    assert_eq!(
+        level_on(&tryton, "SKU-LEAP", "STO", day_before(leap_day)),
+        0.0
+    );
+    assert_eq!(level_on(&tryton, "SKU-LEAP", "STO", leap_day), 3.0);
 }

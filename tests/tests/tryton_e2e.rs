@@ -34,7 +34,7 @@ fn event(id: &str, fields: Value) -> Value {
     let mut event = fields;
     event["v"] = json!(1);
     event["id"] = json!(id);
-    event["ts"] = json!("2026-11-22T10:15:00Z");
+    event["ts"] = json!(backhaul_tests::events::scan_ts());
     event
 }
 
