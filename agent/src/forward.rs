@@ -16,6 +16,7 @@ use backhaul_events::config::Secret;
 use backhaul_events::frame::Outcome;
 use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame, BatchRefusal};
 use backhaul_events::service::Backoff;
+use backhaul_events::service::Heartbeat;
 use backhaul_events::topics::{acks_topic, batches_topic, outcomes_topic};
 use bytes::Bytes;
 use rumqttc::{Outgoing, Transport, v5};
@@ -98,6 +99,7 @@ pub struct Forwarder {
     password: Option<Secret>,
     metrics: Arc<AgentMetrics>,
     status: SharedLinkStatus,
+    heartbeat: Heartbeat,
 }
 
 impl Forwarder {
@@ -121,9 +123,16 @@ impl Forwarder {
                 password,
                 metrics,
                 status: status.clone(),
+                heartbeat: Heartbeat::detached("forwarder"),
             },
             status,
         )
+    }
+
+    /// Beats `heartbeat` each time round the forwarding loop, at least once a second.
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Forwarder {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// The MQTT client and event loop of the configured protocol version, with the same
@@ -279,8 +288,10 @@ impl Forwarder {
         let mut gap_resend_at: Option<Instant> = None;
         let mut full_refused_at: Option<Instant> = None;
         self.set_status(|s| s.acked_through = acked_through);
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
 
         loop {
+            self.heartbeat.beat();
             // Send while the window has room and the log has events.
             while ready && in_flight.len() < self.config.window {
                 let next_seq = self.log.stats().next_seq;
@@ -489,6 +500,7 @@ impl Forwarder {
                     next_to_send = acked_through + 1;
                 }
                 _ = appends.changed() => {}
+                _ = beat.tick() => {}
                 _ = sleep_until_opt(linger_until), if linger_until.is_some() => {}
                 _ = sleep_until_opt(ack_deadline), if ack_deadline.is_some() && ready => {
                     if let Some(front) = in_flight.front() {

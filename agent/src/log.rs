@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use backhaul_events::service::Heartbeat;
 use backhaul_events::{Epoch, Event, Violation};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -175,6 +176,19 @@ struct Shared {
     /// The latest durable events, for `backhaul-agent tail`; forwarding may already have
     /// deleted them from the log.
     recent: Mutex<VecDeque<(u64, LoggedEvent)>>,
+    /// Beaten by the writer each time round its loop.
+    heartbeat: Mutex<Option<Heartbeat>>,
+    /// Set once the writer thread has ended, however it ended.
+    writer_ended: tokio::sync::watch::Sender<bool>,
+}
+
+/// Tells waiters the writer ended when the writer thread drops it: on return or in a panic.
+struct WriterEnded(Arc<Shared>);
+
+impl Drop for WriterEnded {
+    fn drop(&mut self) {
+        self.0.writer_ended.send_replace(true);
+    }
 }
 
 /// How often the writer considers compacting, busy or idle.
@@ -240,12 +254,17 @@ impl EventLog {
             path: path.clone(),
             stats: Mutex::new(stats),
             flush_observer: Mutex::new(None),
+            heartbeat: Mutex::new(None),
+            writer_ended: tokio::sync::watch::Sender::new(false),
         });
         let (requests, receiver) = mpsc::channel();
         let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(move || Writer::new(writer_shared, options).run(receiver))
+            .spawn(move || {
+                let _ended = WriterEnded(writer_shared.clone());
+                Writer::new(writer_shared, options).run(receiver)
+            })
             .map_err(|e| LogError::Storage(format!("cannot start the log writer: {e}")))?;
         let log = EventLog { shared, requests };
         log.compact_now()?;
@@ -265,6 +284,20 @@ impl EventLog {
         if let Ok(mut slot) = self.shared.flush_observer.lock() {
             *slot = Some(Box::new(observer));
         }
+    }
+
+    /// Has the writer beat `heartbeat` each time round its loop (at least every two seconds).
+    pub fn set_heartbeat(&self, heartbeat: Heartbeat) {
+        if let Ok(mut slot) = self.shared.heartbeat.lock() {
+            *slot = Some(heartbeat);
+        }
+    }
+
+    /// Resolves when the writer thread has ended (it panicked, or every handle was dropped):
+    /// from then on nothing can be made durable.
+    pub async fn writer_ended(&self) {
+        let mut ended = self.shared.writer_ended.subscribe();
+        let _ = ended.wait_for(|ended| *ended).await;
     }
 
     /// Durable events with a sequence number above `after`, from the latest thousand.
@@ -571,6 +604,11 @@ impl Writer {
 
     fn run(mut self, receiver: mpsc::Receiver<Request>) {
         loop {
+            if let Ok(heartbeat) = self.shared.heartbeat.lock()
+                && let Some(heartbeat) = heartbeat.as_ref()
+            {
+                heartbeat.beat();
+            }
             let first = match receiver.recv_timeout(COMPACTION_CHECK_EVERY) {
                 Ok(request) => request,
                 Err(mpsc::RecvTimeoutError::Timeout) => {

@@ -1,11 +1,13 @@
-//! Starts the agent's parts from a loaded configuration (log, MQTT endpoint, HTTP server) and
-//! stops them in order on SIGINT or SIGTERM: stop taking new work, answer what was taken in,
-//! then close the log.
+//! Starts the agent's parts from a loaded configuration (log, MQTT endpoint, HTTP server,
+//! forwarder, site broker), supervises them, and stops them in order on SIGINT or SIGTERM
+//! (stop taking new work, answer what was taken in, then close the log), or with an error as
+//! soon as one of them ends on its own, so that systemd restarts the agent.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use backhaul_events::service::{Heartbeats, Supervisor};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LoadedAgentConfig;
@@ -43,8 +45,19 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
     log.set_flush_observer(move |took, _| flush_histogram.observe(took.as_secs_f64()));
 
     let stop = CancellationToken::new();
+    let heartbeats = Heartbeats::default();
+    let mut tasks = Supervisor::default();
+    log.set_heartbeat(heartbeats.register("log writer"));
+    let (writer, writer_stop) = (log.clone(), stop.clone());
+    tasks.spawn("log writer", async move {
+        tokio::select! {
+            _ = writer_stop.cancelled() => Ok(()),
+            _ = writer.writer_ended() => {
+                anyhow::bail!("the log writer stopped: nothing can be made durable")
+            }
+        }
+    });
     let mut mqtt_endpoint = None;
-    let mut mqtt_task = None;
     if let Some(listen) = config.mqtt.listen {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -67,12 +80,15 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             metrics.clone(),
         );
         tracing::info!(%listen, topic = %config.mqtt.topic, tls = config.mqtt.tls.is_some(), "MQTT endpoint listening");
-        mqtt_task = Some(tokio::spawn(endpoint.clone().serve(listener, stop.clone())));
+        let serve = endpoint.clone().serve(listener, stop.clone());
+        tasks.spawn("MQTT endpoint", async move {
+            serve.await;
+            anyhow::Ok(())
+        });
         mqtt_endpoint = Some(endpoint);
     }
 
     let mut link = None;
-    let mut forward_task = None;
     if let Some(uplink) = config.uplink.clone() {
         let (forwarder, status) = Forwarder::new(
             config.site.clone(),
@@ -81,16 +97,11 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             loaded.uplink_password.clone(),
             metrics.clone(),
         );
+        let forwarder = forwarder.with_heartbeat(heartbeats.register("forwarder"));
         link = Some(status);
-        let forward_stop = stop.clone();
-        forward_task = Some(tokio::spawn(async move {
-            if let Err(e) = forwarder.run(forward_stop).await {
-                tracing::error!("forwarder stopped: {e:#}");
-            }
-        }));
+        tasks.spawn("forwarder", forwarder.run(stop.clone()));
     }
 
-    let mut site_broker_task = None;
     let mut site_broker_status = None;
     if let Some(site_broker) = config.site_broker.clone() {
         let status = SharedSiteBrokerStatus::default();
@@ -104,7 +115,11 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             status,
         };
-        site_broker_task = Some(tokio::spawn(source.run(stop.clone())));
+        let run = source.run(stop.clone());
+        tasks.spawn("site broker", async move {
+            run.await;
+            anyhow::Ok(())
+        });
     }
 
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -129,40 +144,38 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
     };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let http_stop = stop.clone();
-    let http_task = tokio::spawn(async move {
+    tasks.spawn("HTTP server", async move {
         axum::serve(http_listener, app)
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
             .await
     });
 
     // Everything is open and bound: tell systemd.
-    let watchdog = backhaul_events::service::notify_ready();
-    let signal = backhaul_events::service::signalled().await?;
+    let watchdog = backhaul_events::service::notify_ready(heartbeats);
+    let ended = tasks.run_until_signal().await;
     backhaul_events::service::notify_stopping(watchdog);
+    stop.cancel();
+    let signal = match ended {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::error!("agent stopping: {e:#}");
+            tasks.drain(DRAIN_TIMEOUT).await;
+            return Err(e);
+        }
+    };
     tracing::info!(
         signal,
         "agent stopping: answering what was taken in, then closing the log"
     );
-    stop.cancel();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        if let Some(task) = mqtt_task {
-            let _ = task.await;
-        }
         if let Some(endpoint) = &mqtt_endpoint {
             while endpoint.connected_clients() > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let _ = http_task.await;
-        if let Some(task) = site_broker_task {
-            let _ = task.await;
-        }
-        if let Some(task) = forward_task {
-            let _ = task.await;
-        }
     })
     .await;
-    if drained.is_err() {
+    if drained.is_err() || !tasks.drain(DRAIN_TIMEOUT).await {
         tracing::warn!(
             "stopped before every connection finished; unacknowledged events will be re-sent by their producers"
         );

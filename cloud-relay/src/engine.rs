@@ -1,15 +1,22 @@
 //! The delivery engine: drains the outbox's per-key queues to the connector.
 //!
-//! What it owns: one event per ordering key in flight at a time (so order holds per key and a
-//! retrying key holds back no other), several connector calls in flight, the token-bucket rate
-//! limit, per-key retry back-off with jitter honouring Retry-After, pausing and probing when
-//! every call fails, the dead-letter queue for permanent refusals, and reporting each event's
-//! outcome back to its site.
+//! What it owns: one event per ordering key in flight at a time (so order holds per key), several
+//! connector calls in flight, the token-bucket rate limit, each key's own retry back-off (a
+//! key that is waiting or failing holds back no other key), pausing every key only when the ERP
+//! as a whole asks for it or stops answering, the dead-letter queue for permanent refusals, and
+//! reporting each event's outcome back to its site.
+//!
+//! The decisions live in [`Schedule`], a state machine with named transitions and no I/O, so
+//! they are unit-tested on their own; [`Engine`] connects it to the outbox and a [`Sink`].
+//! The engine ends with an error when the outbox can no longer be read or written: delivering
+//! on without recording what was delivered would deliver it again, so the process stops and
+//! its supervisor restarts it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backhaul_events::service::Heartbeat;
 use backhaul_events::{EventOutcome, Outcome, StampedEvent};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
@@ -17,29 +24,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeliveryConfig;
-use crate::connector::{Connector, Delivery};
+use crate::connector::{Capabilities, CommitToken, Delivered, Delivery, Sink};
 use crate::metrics::RelayMetrics;
-use crate::outbox::{Head, Outbox};
+use crate::outbox::{Head, Outbox, OutboxError};
 
 /// The one queue of a connector that drains the outbox in arrival order.
 const SINGLE_QUEUE: &[u8] = b"";
+/// The engine looks at the outbox at least this often, and beats its heartbeat as often.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
 
 /// Outcomes of one site's events, for the site's outcomes topic.
 pub type SiteOutcomes = (String, Vec<EventOutcome>);
 
-struct Retry {
-    at: Instant,
-    attempts: u32,
-}
-
-struct CallDone {
-    heads: Vec<Head>,
-    results: Vec<Delivery>,
-    ledger_len: Option<u64>,
-    took: Duration,
-}
-
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug)]
 struct TokenBucket {
     tokens: f64,
     rate: f64,
@@ -48,9 +46,17 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
-    fn available(&mut self) -> f64 {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+    fn new(rate: f64, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: f64::from(burst),
+            rate: rate.max(f64::MIN_POSITIVE),
+            burst: f64::from(burst),
+            refilled: now,
+        }
+    }
+
+    fn available(&mut self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.refilled = now;
         self.tokens
@@ -61,143 +67,407 @@ impl TokenBucket {
     }
 
     /// When one whole token will be there.
-    fn next_token(&mut self) -> Instant {
-        let missing = (1.0 - self.available()).max(0.0);
-        Instant::now() + Duration::from_secs_f64(missing / self.rate)
+    fn next_token(&mut self, now: Instant) -> Instant {
+        let missing = (1.0 - self.available(now)).max(0.0);
+        now + Duration::from_secs_f64(missing / self.rate)
     }
 }
 
-pub struct Engine {
+/// A key that failed or must wait: not before `at`; `attempts` so far.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: Instant,
+    attempts: u32,
+}
+
+/// Whether the ERP as a whole is answering: calls whose every event failed count against it;
+/// after `pause_after_failures` of them, or when the ERP throttles, every key pauses and then
+/// one event at a time probes until an answer comes back.
+#[derive(Debug)]
+struct ErpHealth {
+    failed_calls: u32,
+    paused_until: Option<Instant>,
+    pause: Duration,
+    probing: bool,
+}
+
+/// What the engine must do with the events of one finished call.
+#[derive(Debug, Default)]
+pub struct Settled {
+    pub posted: Vec<(u64, StampedEvent)>,
+    /// Outbox sequence number, event, the ERP's reason, attempts.
+    pub dead: Vec<(u64, StampedEvent, String, u32)>,
+    pub outcomes: HashMap<String, Vec<EventOutcome>>,
+    /// Events whose key will be tried again.
+    pub retried: u64,
+}
+
+/// The engine's decisions: which keys may go, how many calls and events, and what the
+/// answers mean for each key and for the ERP. Time is passed in, so the transitions are
+/// deterministic.
+#[derive(Debug)]
+pub struct Schedule {
+    config: DeliveryConfig,
+    capabilities: Capabilities,
+    in_flight: HashSet<Vec<u8>>,
+    retries: HashMap<Vec<u8>, Retry>,
+    bucket: TokenBucket,
+    health: ErpHealth,
+}
+
+impl Schedule {
+    pub fn new(config: DeliveryConfig, capabilities: Capabilities, now: Instant) -> Schedule {
+        let bucket = TokenBucket::new(config.rate_per_sec, config.burst, now);
+        let pause = Duration::from_millis(config.retry_min_ms);
+        Schedule {
+            config,
+            capabilities,
+            in_flight: HashSet::new(),
+            retries: HashMap::new(),
+            bucket,
+            health: ErpHealth {
+                failed_calls: 0,
+                paused_until: None,
+                pause,
+                probing: false,
+            },
+        }
+    }
+
+    /// Whether every key is held back (the ERP throttled, or is not answering).
+    pub fn paused(&self, now: Instant) -> bool {
+        self.health.paused_until.is_some_and(|until| now < until)
+    }
+
+    /// Whether delivery is paused or probing with one event at a time.
+    pub fn degraded(&self, now: Instant) -> bool {
+        self.paused(now) || self.health.probing
+    }
+
+    /// How many events the next call may carry, if one may start now with `calls` in flight;
+    /// otherwise when to look again (or `None`: when a call ends).
+    pub fn next_call(&mut self, calls: usize, now: Instant) -> Result<usize, Option<Instant>> {
+        if let Some(until) = self.health.paused_until.filter(|until| now < *until) {
+            return Err(Some(until));
+        }
+        let probing = self.health.probing;
+        let most_calls = if probing {
+            1
+        } else {
+            self.capabilities.max_concurrency.max(1)
+        };
+        if calls >= most_calls {
+            return Err(None);
+        }
+        let most_events = if probing {
+            1
+        } else {
+            self.capabilities.max_batch.max(1)
+        };
+        if !self.capabilities.rate_limited {
+            return Ok(most_events);
+        }
+        let tokens = self.bucket.available(now);
+        if tokens < 1.0 {
+            return Err(Some(self.bucket.next_token(now)));
+        }
+        Ok(most_events.min(tokens as usize))
+    }
+
+    /// Whether a queue must not go now: it has a call in flight or is waiting to retry.
+    pub fn held_back(&self, queue: &[u8], now: Instant) -> bool {
+        self.in_flight.contains(queue) || self.retries.get(queue).is_some_and(|r| r.at > now)
+    }
+
+    /// The queues held back now, for a reader on another thread.
+    pub fn held_back_set(&self, now: Instant) -> HashSet<Vec<u8>> {
+        let waiting = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.at > now)
+            .map(|(queue, _)| queue.clone());
+        self.in_flight.iter().cloned().chain(waiting).collect()
+    }
+
+    /// A call with these heads has started.
+    pub fn call_started(&mut self, heads: &[Head]) {
+        if self.capabilities.rate_limited {
+            self.bucket.take(heads.len());
+        }
+        for head in heads {
+            self.in_flight.insert(head.queue.clone());
+        }
+    }
+
+    /// When the soonest waiting key may go again, if any.
+    pub fn next_retry(&self, now: Instant) -> Option<Instant> {
+        self.retries
+            .values()
+            .map(|r| r.at)
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// A call ended with these results (one per head, in order): frees its keys, sets each
+    /// failing key's back-off, and judges the ERP's health from the whole call.
+    pub fn call_finished(
+        &mut self,
+        heads: &[Head],
+        results: Vec<Delivery>,
+        now: Instant,
+    ) -> Settled {
+        let mut settled = Settled::default();
+        let mut answered = false;
+        let mut throttled: Option<Option<Duration>> = None;
+        let missing = std::iter::repeat(Delivery::Transient {
+            reason: "the connector gave no result for this event".into(),
+            retry_after: None,
+        });
+        for (head, result) in heads.iter().zip(results.into_iter().chain(missing)) {
+            self.in_flight.remove(&head.queue);
+            let attempts = self.retries.get(&head.queue).map_or(0, |r| r.attempts) + 1;
+            let event = &head.event;
+            let outcome = match result {
+                Delivery::Posted { erp_ref } => {
+                    answered = true;
+                    self.retries.remove(&head.queue);
+                    tracing::debug!(site = %event.site, id = %event.event.id, %erp_ref, "event posted");
+                    settled.posted.push((head.outbox_seq, event.clone()));
+                    Outcome::Posted { erp_ref }
+                }
+                Delivery::Permanent { reason } => {
+                    answered = true;
+                    self.retries.remove(&head.queue);
+                    tracing::warn!(site = %event.site, id = %event.event.id, key = %event.ordering_key(), %reason, "the ERP refused the event: dead-lettered");
+                    settled
+                        .dead
+                        .push((head.outbox_seq, event.clone(), reason.clone(), attempts));
+                    Outcome::DeadLettered { reason }
+                }
+                Delivery::Waiting {
+                    reason,
+                    retry_after,
+                } => {
+                    answered = true;
+                    self.retry_key(head, attempts, Some(retry_after), &reason, now);
+                    settled.retried += 1;
+                    continue;
+                }
+                Delivery::Transient {
+                    reason,
+                    retry_after,
+                } => {
+                    self.retry_key(head, attempts, retry_after, &reason, now);
+                    settled.retried += 1;
+                    continue;
+                }
+                Delivery::Throttled {
+                    reason,
+                    retry_after,
+                } => {
+                    throttled = Some(throttled.flatten().max(retry_after));
+                    self.retry_key(head, attempts, retry_after, &reason, now);
+                    settled.retried += 1;
+                    continue;
+                }
+            };
+            settled
+                .outcomes
+                .entry(event.site.clone())
+                .or_default()
+                .push(EventOutcome {
+                    seq: event.seq,
+                    id: event.event.id.clone(),
+                    outcome,
+                });
+        }
+        if answered && throttled.is_none() {
+            self.erp_answered();
+        } else if !heads.is_empty() {
+            self.erp_failed(throttled, now);
+        }
+        settled
+    }
+
+    /// A call ended without results (its task panicked): only its own keys are freed, and they
+    /// back off like a failure, so no key ever has two calls in flight.
+    pub fn call_lost(&mut self, queues: &[Vec<u8>], now: Instant) {
+        for queue in queues {
+            self.in_flight.remove(queue);
+            let attempts = self.retries.get(queue).map_or(0, |r| r.attempts) + 1;
+            let at = now + self.backoff(attempts);
+            self.retries.insert(queue.clone(), Retry { at, attempts });
+        }
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let base = self
+            .config
+            .retry_min_ms
+            .saturating_mul(1u64 << (attempts.saturating_sub(1)).min(20));
+        let capped = base.min(self.config.retry_max_ms);
+        Duration::from_millis(capped / 2 + rand::random_range(0..=capped / 2))
+    }
+
+    fn retry_key(
+        &mut self,
+        head: &Head,
+        attempts: u32,
+        hint: Option<Duration>,
+        reason: &str,
+        now: Instant,
+    ) {
+        let delay = self.backoff(attempts).max(hint.unwrap_or_default());
+        let event = &head.event;
+        tracing::info!(site = %event.site, id = %event.event.id, key = %event.ordering_key(), attempts, retry_in_ms = delay.as_millis() as u64, %reason, "not delivered yet; this key will retry");
+        self.retries.insert(
+            head.queue.clone(),
+            Retry {
+                at: now + delay,
+                attempts,
+            },
+        );
+    }
+
+    fn erp_answered(&mut self) {
+        if self.health.probing {
+            tracing::info!("the ERP answers again: delivery resumes");
+        }
+        self.health = ErpHealth {
+            failed_calls: 0,
+            paused_until: None,
+            pause: Duration::from_millis(self.config.retry_min_ms),
+            probing: false,
+        };
+    }
+
+    /// Every event of a call failed, or the ERP throttled (with its hint, if it gave one).
+    fn erp_failed(&mut self, throttled: Option<Option<Duration>>, now: Instant) {
+        let health = &mut self.health;
+        health.failed_calls += 1;
+        let hint = throttled.flatten();
+        if throttled.is_none() && health.failed_calls < self.config.pause_after_failures.max(1) {
+            return;
+        }
+        if !health.probing {
+            tracing::warn!(
+                failed_calls = health.failed_calls,
+                pause_ms = hint.unwrap_or(health.pause).as_millis() as u64,
+                throttled = throttled.is_some(),
+                "the ERP is not taking events: every key pauses, then one event at a time probes"
+            );
+        }
+        health.probing = true;
+        let until = now + hint.unwrap_or(health.pause);
+        health.paused_until = Some(health.paused_until.map_or(until, |p| p.max(until)));
+        health.pause = (health.pause * 2).min(Duration::from_millis(self.config.retry_max_ms));
+    }
+}
+
+/// Why the engine stopped before it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the outbox cannot be read: {0}")]
+    Read(OutboxError),
+    #[error(
+        "the outbox cannot record delivered events: {0}. Stopping rather than deliver them \
+         again; they are still in the outbox"
+    )]
+    Complete(OutboxError),
+    #[error("the outbox's worker thread failed: {0}")]
+    Worker(tokio::task::JoinError),
+}
+
+/// One call in flight: its keys, so a call that panics frees only its own.
+struct CallDone {
+    heads: Vec<Head>,
+    delivered: Delivered,
+    took: Duration,
+}
+
+pub struct Engine<S: Sink> {
     pub outbox: Arc<Outbox>,
-    pub connector: Arc<Connector>,
+    pub sink: Arc<S>,
     pub config: DeliveryConfig,
     pub metrics: Arc<RelayMetrics>,
     pub outcomes: mpsc::Sender<SiteOutcomes>,
     /// Woken when intake stores events or a replay puts some back.
     pub wake: Arc<Notify>,
+    pub heartbeat: Heartbeat,
 }
 
-impl Engine {
-    pub async fn run(self, stop: CancellationToken) {
-        let concurrency = self.connector.max_concurrency(self.config.concurrency);
-        let max_batch = self.connector.max_batch(self.config.max_batch);
-        let mut bucket = TokenBucket {
-            tokens: f64::from(self.config.burst),
-            rate: self.config.rate_per_sec,
-            burst: f64::from(self.config.burst),
-            refilled: Instant::now(),
-        };
-        let mut in_flight: HashSet<Vec<u8>> = HashSet::new();
-        let mut retries: HashMap<Vec<u8>, Retry> = HashMap::new();
+impl<S: Sink> Engine<S> {
+    pub async fn run(self, stop: CancellationToken) -> Result<(), EngineError> {
+        let capabilities = self.sink.capabilities(&self.config);
+        let mut schedule = Schedule::new(self.config.clone(), capabilities, Instant::now());
         let mut calls: JoinSet<CallDone> = JoinSet::new();
-        let mut failed_calls = 0u32;
-        let mut paused_until: Option<Instant> = None;
-        let mut pause = Duration::from_millis(self.config.retry_min_ms);
-        let mut probing = false;
+        let mut call_keys: HashMap<tokio::task::Id, Vec<Vec<u8>>> = HashMap::new();
         tracing::info!(
-            connector = self.connector.name(),
-            concurrency,
-            max_batch,
+            connector = self.sink.name(),
+            concurrency = capabilities.max_concurrency,
+            max_batch = capabilities.max_batch,
             rate_per_sec = self.config.rate_per_sec,
             "delivery engine running"
         );
-
-        loop {
+        let result = loop {
+            self.heartbeat.beat();
             let now = Instant::now();
-            let paused = paused_until.is_some_and(|until| now < until);
-            let mut next_wake = now + Duration::from_secs(1);
-            if let Some(until) = paused_until.filter(|_| paused) {
-                next_wake = next_wake.min(until);
-            }
-            while !paused && calls.len() < (if probing { 1 } else { concurrency }) {
-                // The ledger is a local file, not an ERP to protect: it is not rate-limited.
-                let tokens = if self.connector.single_queue() {
-                    max_batch as f64
-                } else {
-                    bucket.available()
+            let mut next_wake = now + LOOK_AGAIN;
+            loop {
+                let limit = match schedule.next_call(calls.len(), now) {
+                    Ok(limit) => limit,
+                    Err(later) => {
+                        next_wake = later.map_or(next_wake, |at| next_wake.min(at));
+                        break;
+                    }
                 };
-                if tokens < 1.0 {
-                    next_wake = next_wake.min(bucket.next_token());
-                    break;
-                }
-                let limit = (if probing { 1 } else { max_batch }).min(tokens as usize);
-                let waiting = retries
-                    .iter()
-                    .filter(|(_, r)| r.at > now)
-                    .map(|(k, _)| k.clone());
-                let skip: HashSet<Vec<u8>> = in_flight.iter().cloned().chain(waiting).collect();
-                let outbox = self.outbox.clone();
-                let single_queue = self.connector.single_queue();
-                let heads = tokio::task::spawn_blocking(move || {
-                    if single_queue {
-                        if skip.contains(SINGLE_QUEUE) {
-                            return Ok(Vec::new());
-                        }
-                        outbox.pending(limit).map(|events| {
-                            events
-                                .into_iter()
-                                .map(|(outbox_seq, event)| Head {
-                                    queue: SINGLE_QUEUE.to_vec(),
-                                    outbox_seq,
-                                    event,
-                                })
-                                .collect()
-                        })
-                    } else {
-                        outbox.heads(limit, |queue| skip.contains(queue))
-                    }
-                })
-                .await;
-                let heads = match heads {
-                    Ok(Ok(heads)) => heads,
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "the outbox cannot be read");
-                        break;
-                    }
+                let heads = match self.read_heads(&schedule, capabilities, limit, now).await {
+                    Ok(heads) => heads,
                     Err(e) => {
-                        tracing::error!(error = %e, "the outbox reader failed");
-                        break;
+                        calls.abort_all();
+                        return Err(e);
                     }
                 };
                 if heads.is_empty() {
                     break;
                 }
-                bucket.take(heads.len());
-                for head in &heads {
-                    in_flight.insert(head.queue.clone());
-                }
-                let connector = self.connector.clone();
-                calls.spawn(async move {
+                schedule.call_started(&heads);
+                let queues = heads.iter().map(|h| h.queue.clone()).collect();
+                let sink = self.sink.clone();
+                let call = calls.spawn(async move {
                     let events: Vec<StampedEvent> = heads.iter().map(|h| h.event.clone()).collect();
                     let started = Instant::now();
-                    let (results, ledger_len) = connector.deliver(&events).await;
+                    let delivered = sink.deliver(&events).await;
                     CallDone {
                         heads,
-                        results,
-                        ledger_len,
+                        delivered,
                         took: started.elapsed(),
                     }
                 });
+                call_keys.insert(call.id(), queues);
             }
-            if let Some(soonest) = retries.values().map(|r| r.at).filter(|at| *at > now).min() {
+            if let Some(soonest) = schedule.next_retry(now) {
                 next_wake = next_wake.min(soonest);
             }
             self.metrics
                 .delivery_paused
-                .set(i64::from(paused || probing));
+                .set(i64::from(schedule.degraded(now)));
 
             let done = tokio::select! {
-                _ = stop.cancelled() => break,
-                done = calls.join_next(), if !calls.is_empty() => done,
+                _ = stop.cancelled() => break Ok(()),
+                done = calls.join_next_with_id(), if !calls.is_empty() => done,
                 _ = self.wake.notified() => continue,
                 _ = tokio::time::sleep_until(next_wake) => continue,
             };
             let done = match done {
-                Some(Ok(done)) => done,
+                Some(Ok((id, done))) => {
+                    call_keys.remove(&id);
+                    done
+                }
                 Some(Err(e)) => {
-                    // A connector call panicked: its keys stay in flight-less limbo unless freed.
-                    tracing::error!(error = %e, "a connector call failed");
-                    in_flight.clear();
+                    let queues = call_keys.remove(&e.id()).unwrap_or_default();
+                    tracing::error!(error = %e, keys = queues.len(), "a connector call failed without results; its keys will retry");
+                    schedule.call_lost(&queues, Instant::now());
                     continue;
                 }
                 None => continue,
@@ -205,130 +475,71 @@ impl Engine {
             self.metrics
                 .erp_latency_seconds
                 .observe(done.took.as_secs_f64());
-            let mut posted = Vec::new();
-            let mut dead = Vec::new();
-            let mut outcomes: HashMap<String, Vec<EventOutcome>> = HashMap::new();
-            let mut any_success = false;
-            let mut longest_retry_after: Option<Duration> = None;
-            let results = done
-                .results
-                .into_iter()
-                .chain(std::iter::repeat(Delivery::Transient {
-                    reason: "the connector gave no result for this event".into(),
-                    retry_after: None,
-                }));
-            for (head, result) in done.heads.iter().zip(results) {
-                in_flight.remove(&head.queue);
-                let attempts = retries.get(&head.queue).map(|r| r.attempts).unwrap_or(0) + 1;
-                let event = &head.event;
-                match result {
-                    Delivery::Posted { erp_ref } => {
-                        any_success = true;
-                        retries.remove(&head.queue);
-                        tracing::debug!(site = %event.site, id = %event.event.id, %erp_ref, "event posted");
-                        outcomes
-                            .entry(event.site.clone())
-                            .or_default()
-                            .push(EventOutcome {
-                                seq: event.seq,
-                                id: event.event.id.clone(),
-                                outcome: Outcome::Posted { erp_ref },
-                            });
-                        posted.push((head.outbox_seq, event.clone()));
-                    }
-                    Delivery::Permanent { reason } => {
-                        any_success = true;
-                        retries.remove(&head.queue);
-                        tracing::warn!(site = %event.site, id = %event.event.id, key = %event.ordering_key(), %reason, "the ERP refused the event: dead-lettered");
-                        outcomes
-                            .entry(event.site.clone())
-                            .or_default()
-                            .push(EventOutcome {
-                                seq: event.seq,
-                                id: event.event.id.clone(),
-                                outcome: Outcome::DeadLettered {
-                                    reason: reason.clone(),
-                                },
-                            });
-                        dead.push((head.outbox_seq, event.clone(), reason, attempts));
-                    }
-                    Delivery::Transient {
-                        reason,
-                        retry_after,
-                    } => {
-                        self.metrics.delivery_retries.inc();
-                        let base = self
-                            .config
-                            .retry_min_ms
-                            .saturating_mul(1u64 << (attempts - 1).min(20));
-                        let capped = base.min(self.config.retry_max_ms);
-                        let jittered = capped / 2 + rand::random_range(0..=capped / 2);
-                        let mut delay = Duration::from_millis(jittered);
-                        if let Some(hint) = retry_after {
-                            delay = delay.max(hint);
-                            longest_retry_after = longest_retry_after.max(Some(hint));
-                        }
-                        tracing::info!(site = %event.site, id = %event.event.id, attempts, retry_in_ms = delay.as_millis() as u64, %reason, "delivery failed; will retry");
-                        retries.insert(
-                            head.queue.clone(),
-                            Retry {
-                                at: Instant::now() + delay,
-                                attempts,
-                            },
-                        );
-                    }
-                }
+            let settled =
+                schedule.call_finished(&done.heads, done.delivered.results, Instant::now());
+            if let Err(e) = self.record(settled, done.delivered.commit).await {
+                break Err(e);
             }
-            // Every event failing transiently means the ERP, not the events, is the problem.
-            if any_success {
-                failed_calls = 0;
-                probing = false;
-                paused_until = None;
-                pause = Duration::from_millis(self.config.retry_min_ms);
-            } else {
-                failed_calls += 1;
-                if failed_calls >= self.config.pause_after_failures.max(1) {
-                    if !probing {
-                        tracing::warn!(
-                            failed_calls,
-                            pause_ms = pause.as_millis() as u64,
-                            "every recent ERP call failed: pausing, then probing with one event at a time"
-                        );
-                    }
-                    probing = true;
-                    paused_until = Some(Instant::now() + pause);
-                    pause = (pause * 2).min(Duration::from_millis(self.config.retry_max_ms));
-                }
-            }
-            if let Some(hint) = longest_retry_after {
-                // The ERP asked everyone to wait (429/503 with Retry-After).
-                let until = Instant::now() + hint;
-                paused_until = Some(paused_until.map_or(until, |p| p.max(until)));
-            }
-            if posted.is_empty() && dead.is_empty() && done.ledger_len.is_none() {
-                continue;
-            }
-            let outbox = self.outbox.clone();
-            let (n_posted, n_dead) = (posted.len() as u64, dead.len() as u64);
-            let ledger_len = done.ledger_len;
-            let completed =
-                tokio::task::spawn_blocking(move || outbox.complete(&posted, &dead, ledger_len))
-                    .await;
-            match completed {
-                Ok(Ok(())) => {
-                    self.metrics.events_delivered.inc_by(n_posted);
-                    self.metrics.events_dead_lettered.inc_by(n_dead);
-                    for site_outcomes in outcomes {
-                        // Outcomes are information for the warehouse; a full queue drops them.
-                        let _ = self.outcomes.try_send(site_outcomes);
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "delivered events could not be marked; they will be delivered again (idempotently)")
-                }
-                Err(e) => tracing::error!(error = %e, "the outbox writer failed"),
-            }
-        }
+        };
         calls.abort_all();
+        result
+    }
+
+    async fn read_heads(
+        &self,
+        schedule: &Schedule,
+        capabilities: Capabilities,
+        limit: usize,
+        now: Instant,
+    ) -> Result<Vec<Head>, EngineError> {
+        let outbox = self.outbox.clone();
+        if capabilities.arrival_order {
+            if schedule.held_back(SINGLE_QUEUE, now) {
+                return Ok(Vec::new());
+            }
+            let pending = tokio::task::spawn_blocking(move || outbox.pending(limit))
+                .await
+                .map_err(EngineError::Worker)?
+                .map_err(EngineError::Read)?;
+            return Ok(pending
+                .into_iter()
+                .map(|(outbox_seq, event)| Head {
+                    queue: SINGLE_QUEUE.to_vec(),
+                    outbox_seq,
+                    event,
+                })
+                .collect());
+        }
+        let skip = schedule.held_back_set(now);
+        tokio::task::spawn_blocking(move || outbox.heads(limit, |queue| skip.contains(queue)))
+            .await
+            .map_err(EngineError::Worker)?
+            .map_err(EngineError::Read)
+    }
+
+    /// Makes a call's posted and refused events durable as such, then tells their sites.
+    async fn record(
+        &self,
+        settled: Settled,
+        commit: Option<CommitToken>,
+    ) -> Result<(), EngineError> {
+        self.metrics.delivery_retries.inc_by(settled.retried);
+        if settled.posted.is_empty() && settled.dead.is_empty() && commit.is_none() {
+            return Ok(());
+        }
+        let (n_posted, n_dead) = (settled.posted.len() as u64, settled.dead.len() as u64);
+        let outbox = self.outbox.clone();
+        let (posted, dead) = (settled.posted, settled.dead);
+        tokio::task::spawn_blocking(move || outbox.complete(&posted, &dead, commit))
+            .await
+            .map_err(EngineError::Worker)?
+            .map_err(EngineError::Complete)?;
+        self.metrics.events_delivered.inc_by(n_posted);
+        self.metrics.events_dead_lettered.inc_by(n_dead);
+        for site_outcomes in settled.outcomes {
+            // Outcomes are information for the warehouse; a full queue drops them.
+            let _ = self.outcomes.try_send(site_outcomes);
+        }
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
 use backhaul_events::frame::{AckFrame, BatchFrame, BatchRefusal};
-use backhaul_events::service::Backoff;
+use backhaul_events::service::{Backoff, Heartbeat};
 use backhaul_events::topics::{
     ALL_BATCHES_FILTER, acks_topic, outcomes_topic, site_of_batches_topic,
 };
@@ -43,6 +43,7 @@ pub struct Intake {
     pub stored: Arc<tokio::sync::Notify>,
     /// Outcomes from the delivery engine, to publish to each site.
     pub outcomes: mpsc::Receiver<crate::engine::SiteOutcomes>,
+    pub heartbeat: Heartbeat,
 }
 
 impl Intake {
@@ -75,7 +76,8 @@ impl Intake {
         }
     }
 
-    pub async fn run(mut self, stop: CancellationToken) {
+    /// Runs until `stop`; ends with an error when the outbox cannot store batches.
+    pub async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
         let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
         let (tx, mut rx) = mpsc::channel::<Received>(DECODED_AHEAD);
         let filter = self.filter();
@@ -145,12 +147,15 @@ impl Intake {
                 }
             }
         });
-        loop {
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
+        let result = loop {
+            self.heartbeat.beat();
             let first = tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = stop.cancelled() => break Ok(()),
+                _ = beat.tick() => continue,
                 received = decoded_rx.recv() => match received {
                     Some(r) => r,
-                    None => break,
+                    None => break Err(anyhow::anyhow!("the broker reader stopped")),
                 },
                 outcomes = self.outcomes.recv() => {
                     if let Some((site, outcomes)) = outcomes {
@@ -177,17 +182,17 @@ impl Intake {
             .await;
             let (batches, result) = match stored {
                 Ok(pair) => pair,
-                Err(e) => {
-                    tracing::error!(error = %e, "outbox writer failed");
-                    continue;
-                }
+                Err(e) => break Err(anyhow::anyhow!("the outbox writer failed: {e}")),
             };
             let results = match result {
                 Ok(results) => results,
                 Err(e) => {
-                    // Nothing is acknowledged; the agents re-send after their timeout.
-                    tracing::error!(error = %e, batches = batches.len(), "batches could not be stored; not acknowledged");
-                    continue;
+                    // Nothing is acknowledged; the agents keep the batches and re-send them
+                    // to whichever relay runs next.
+                    break Err(anyhow::anyhow!(
+                        "{} batches could not be stored (not acknowledged): {e}",
+                        batches.len()
+                    ));
                 }
             };
             self.stored.notify_one();
@@ -240,10 +245,11 @@ impl Intake {
                     }
                 }
             }
-        }
+        };
         let _ = client.try_disconnect();
         poller.abort();
         decoder.abort();
+        result
     }
 
     fn publish_outcomes(

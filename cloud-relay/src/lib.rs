@@ -8,7 +8,6 @@ pub mod config;
 pub mod connector;
 pub mod engine;
 pub mod intake;
-pub mod ledger;
 pub mod metrics;
 pub mod outbox;
 pub mod service;

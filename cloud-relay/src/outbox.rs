@@ -3,7 +3,7 @@
 //!
 //! What it owns: per-site and per-epoch progress (the highest sequence number stored without a
 //! gap, which is what an acknowledgement promises), deduplication by event id within a site,
-//! the queue per ordering key, and the delivery position of the ledger.
+//! the queue per ordering key, and the connector's [`CommitToken`] committed with deliveries.
 //!
 //! Intake is the hot path: per event it writes two records with increasing keys, the event and
 //! its id in the deduplication window. Nothing on disk is keyed by event id or ordering key,
@@ -26,6 +26,8 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::connector::CommitToken;
+
 /// Events waiting for delivery, by outbox sequence number (arrival order).
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// The deduplication window: site, 0, id by the outbox sequence number that recorded it,
@@ -43,7 +45,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DLQ: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
 const META_NEXT_OUTBOX_SEQ: &str = "next_outbox_seq";
-const META_LEDGER_COMMITTED_LEN: &str = "ledger_committed_len";
+/// The connector's commit token (named when the ledger was its only user).
+const META_CONNECTOR_COMMIT: &str = "ledger_committed_len";
 /// Bytes of the records of waiting events and dead letters: what `outbox.max_bytes` caps.
 const META_HELD_BYTES: &str = "held_bytes";
 
@@ -559,14 +562,14 @@ impl Outbox {
         Ok(out)
     }
 
-    pub fn ledger_committed_len(&self) -> Result<u64, OutboxError> {
+    /// The connector's token as of the last committed delivery.
+    pub fn committed_token(&self) -> Result<Option<CommitToken>, OutboxError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let meta = txn.open_table(META).map_err(storage)?;
         Ok(meta
-            .get(META_LEDGER_COMMITTED_LEN)
+            .get(META_CONNECTOR_COMMIT)
             .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(0))
+            .map(|v| CommitToken(v.value())))
     }
 
     /// The outbox entry of an event, if it is still waiting.
@@ -787,13 +790,13 @@ impl Outbox {
     }
 
     /// Records the end of deliveries in one durable transaction: posted events leave the
-    /// outbox, refused ones move to the dead-letter queue. `ledger_len` is how long the ledger
-    /// file is once these lines are in it (ledger connector only).
+    /// outbox, refused ones move to the dead-letter queue, and the connector's token is
+    /// recorded with them.
     pub fn complete(
         &self,
         posted: &[(u64, StampedEvent)],
         dead: &[(u64, StampedEvent, String, u32)],
-        ledger_len: Option<u64>,
+        commit: Option<CommitToken>,
     ) -> Result<(), OutboxError> {
         let mut state = self.lock_state()?;
         let mut txn = self.db.begin_write().map_err(storage)?;
@@ -835,9 +838,8 @@ impl Outbox {
                 }
             }
             let mut meta = txn.open_table(META).map_err(storage)?;
-            if let Some(len) = ledger_len {
-                meta.insert(META_LEDGER_COMMITTED_LEN, len)
-                    .map_err(storage)?;
+            if let Some(CommitToken(token)) = commit {
+                meta.insert(META_CONNECTOR_COMMIT, token).map_err(storage)?;
             }
             meta.insert(META_HELD_BYTES, held_bytes).map_err(storage)?;
             write_sites(&txn, sites.values())?;

@@ -1,5 +1,6 @@
 //! Starts the relay's parts (embedded broker when configured, outbox, intake, connector, admin
-//! HTTP) and stops them on SIGINT or SIGTERM.
+//! HTTP), supervises them, and stops them on SIGINT or SIGTERM, or with an error as soon as
+//! one of them ends on its own.
 
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
@@ -9,18 +10,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminState, router};
 use crate::config::LoadedRelayConfig;
+use backhaul_events::service::{Heartbeats, Supervisor};
+
 use crate::connector::Connector;
 use crate::connector::http::HttpConnector;
+use crate::connector::ledger::Ledger;
 use crate::connector::tryton::TrytonConnector;
 use crate::engine::Engine;
 use crate::intake::Intake;
-use crate::ledger::Ledger;
 use crate::metrics::RelayMetrics;
 use crate::outbox::{Outbox, OutboxOptions};
 
 /// How many of the oldest waiting events the delivery engine sees, grouped by ordering key.
 /// Enough that keys held back by retries leave plenty to deliver; about 100 bytes each.
 const FRONTIER_EVENTS: usize = 100_000;
+/// How long the tasks may take to finish once a stop is asked for.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let config = loaded.config.clone();
@@ -48,16 +53,19 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let stored = Arc::new(tokio::sync::Notify::new());
 
     let connector = Arc::new(build_connector(&config, &outbox).await?);
+    let heartbeats = Heartbeats::default();
+    let mut tasks = Supervisor::default();
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::channel(1024);
     let engine = Engine {
         outbox: outbox.clone(),
-        connector,
+        sink: connector,
         config: config.delivery.clone(),
         metrics: metrics.clone(),
         outcomes: outcomes_tx,
         wake: stored.clone(),
+        heartbeat: heartbeats.register("delivery engine"),
     };
-    let engine_task = tokio::spawn(engine.run(stop.clone()));
+    tasks.spawn("delivery engine", engine.run(stop.clone()));
 
     let intake = Intake {
         broker: config.broker.clone(),
@@ -66,8 +74,9 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         stored: stored.clone(),
         outcomes: outcomes_rx,
+        heartbeat: heartbeats.register("batch intake"),
     };
-    let intake_task = tokio::spawn(intake.run(stop.clone()));
+    tasks.spawn("batch intake", intake.run(stop.clone()));
 
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
@@ -79,28 +88,33 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         })?;
     tracing::info!(listen = %config.admin.listen, "relay admin listening");
     let admin_stop = stop.clone();
-    let admin = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router(AdminState {
-                outbox,
-                metrics,
-                wake: stored,
-            }),
-        )
-        .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-        .await
+    let app = router(AdminState {
+        outbox,
+        metrics,
+        wake: stored,
+    });
+    tasks.spawn("admin HTTP", async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+            .await
     });
 
     // Everything is open and bound: tell systemd.
-    let watchdog = backhaul_events::service::notify_ready();
-    let signal = backhaul_events::service::signalled().await?;
+    let watchdog = backhaul_events::service::notify_ready(heartbeats);
+    let ended = tasks.run_until_signal().await;
     backhaul_events::service::notify_stopping(watchdog);
-    tracing::info!(signal, "relay stopping");
     stop.cancel();
-    let _ = intake_task.await;
-    let _ = engine_task.await;
-    let _ = admin.await;
+    match ended {
+        Ok(signal) => tracing::info!(signal, "relay stopping"),
+        Err(e) => {
+            tracing::error!("relay stopping: {e:#}");
+            tasks.drain(STOP_TIMEOUT).await;
+            return Err(e);
+        }
+    }
+    if !tasks.drain(STOP_TIMEOUT).await {
+        tracing::warn!("stopped before every task finished");
+    }
     tracing::info!("relay stopped");
     Ok(())
 }

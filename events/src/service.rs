@@ -89,16 +89,99 @@ pub async fn signalled() -> std::io::Result<&'static str> {
     })
 }
 
-/// Tells systemd (Type=notify) the service is ready, and feeds its watchdog from the runtime
-/// so a wedged process gets restarted. Outside systemd this does nothing.
-pub fn notify_ready() -> Option<tokio::task::JoinHandle<()>> {
+/// How long a pipeline task may go without a beat before the watchdog stops being fed. Every
+/// task beats at least once a second; a slow disk flush may hold one up for a few.
+const SILENT_AFTER: Duration = Duration::from_secs(10);
+
+/// A pipeline task's sign of life: it beats each time round its loop, at least once a second
+/// even when idle. The systemd watchdog is fed only while every registered task beats, so a
+/// task that is wedged (not just dead) still gets the process restarted.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    name: &'static str,
+    origin: std::time::Instant,
+    last_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Heartbeat {
+    /// A heartbeat nobody watches (tests, tools).
+    pub fn detached(name: &'static str) -> Heartbeat {
+        Heartbeat {
+            name,
+            origin: std::time::Instant::now(),
+            last_ms: Default::default(),
+        }
+    }
+
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.origin
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+/// The heartbeats of a process's pipeline tasks.
+#[derive(Debug, Clone, Default)]
+pub struct Heartbeats {
+    beats: std::sync::Arc<std::sync::Mutex<Vec<Heartbeat>>>,
+}
+
+impl Heartbeats {
+    /// A heartbeat for the task `name`, beaten once now.
+    pub fn register(&self, name: &'static str) -> Heartbeat {
+        let heartbeat = Heartbeat::detached(name);
+        heartbeat.beat();
+        if let Ok(mut beats) = self.beats.lock() {
+            beats.push(heartbeat.clone());
+        }
+        heartbeat
+    }
+
+    /// The tasks that have not beaten for longer than `within`, with how long.
+    pub fn silent(&self, within: Duration) -> Vec<(&'static str, Duration)> {
+        let Ok(beats) = self.beats.lock() else {
+            return vec![("heartbeat registry", Duration::MAX)];
+        };
+        beats
+            .iter()
+            .map(|b| (b.name, b.silent_for()))
+            .filter(|(_, silent)| *silent > within)
+            .collect()
+    }
+}
+
+/// Tells systemd (Type=notify) the service is ready, and feeds its watchdog while every
+/// pipeline task beats, so a dead or wedged pipeline gets the process restarted. Outside
+/// systemd this does nothing.
+pub fn notify_ready(heartbeats: Heartbeats) -> Option<tokio::task::JoinHandle<()>> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     sd_notify::watchdog_enabled().map(|period| {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period / 2);
+            let mut starved = false;
             loop {
                 tick.tick().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                let silent = heartbeats.silent(SILENT_AFTER.max(period / 2));
+                if silent.is_empty() {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    if starved {
+                        tracing::info!("every pipeline task beats again: feeding the watchdog");
+                    }
+                    starved = false;
+                } else if !starved {
+                    starved = true;
+                    let silent: Vec<String> = silent
+                        .iter()
+                        .map(|(name, for_)| format!("{name} ({} s)", for_.as_secs()))
+                        .collect();
+                    tracing::error!(silent = %silent.join(", "), "pipeline tasks stopped beating: no longer feeding the watchdog, so systemd restarts the service");
+                }
             }
         })
     })
@@ -109,6 +192,62 @@ pub fn notify_stopping(watchdog: Option<tokio::task::JoinHandle<()>>) {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(watchdog) = watchdog {
         watchdog.abort();
+    }
+}
+
+/// The pipeline tasks of a service: the first one that ends before the service is asked to
+/// stop, with an error, a panic or even success, stops the whole process with a non-zero
+/// status, so that `Restart=on-failure` brings it back instead of a process that answers
+/// "ready" while nothing moves.
+#[derive(Default)]
+pub struct Supervisor {
+    tasks: tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>,
+}
+
+impl Supervisor {
+    pub fn spawn<F, E>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<anyhow::Error>,
+    {
+        self.tasks
+            .spawn(async move { (name, task.await.map_err(Into::into)) });
+    }
+
+    /// Waits for SIGINT or SIGTERM (`Ok` with the signal's name) or for a task to end before
+    /// it was asked to (an error naming the task and why).
+    pub async fn run_until_signal(&mut self) -> anyhow::Result<&'static str> {
+        let signal = signalled();
+        tokio::pin!(signal);
+        tokio::select! {
+            signal = &mut signal => Ok(signal?),
+            ended = self.tasks.join_next() => match ended {
+                // No tasks (nothing configured to run): only a signal ends the wait.
+                None => Ok((&mut signal).await?),
+                Some(Ok((name, Ok(())))) => {
+                    anyhow::bail!("the {name} task ended on its own while the service was running")
+                }
+                Some(Ok((name, Err(e)))) => Err(e.context(format!("the {name} task failed"))),
+                Some(Err(e)) => anyhow::bail!("a task panicked: {e}"),
+            },
+        }
+    }
+
+    /// After the stop was asked for: waits for every task to end, up to `timeout`; whether
+    /// they all did.
+    pub async fn drain(&mut self, timeout: Duration) -> bool {
+        let all = async {
+            while let Some(ended) = self.tasks.join_next().await {
+                match ended {
+                    Ok((name, Err(e))) => {
+                        tracing::warn!("{name} ended with an error while stopping: {e:#}")
+                    }
+                    Err(e) if e.is_panic() => tracing::warn!("a task panicked while stopping: {e}"),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, all).await.is_ok()
     }
 }
 

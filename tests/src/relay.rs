@@ -115,6 +115,10 @@ impl RelayProcess {
         );
     }
 
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill9();

@@ -328,18 +328,19 @@ fn picks_and_ships_drive_the_orders_customer_shipments() {
     );
     assert_eq!(tryton.stock_level("SKU-003", "STO"), 6.0);
 
-    // Not enough stock: the pick waits (transient), and goes through once stock arrives.
+    // Not enough stock: the pick waits (its key alone retries, after the configured minute),
+    // and goes through once stock arrives.
     let short = [pick("pick-5", "ORD-4", "SKU-005", 5)];
     match &deliver(&rt, &connector, &short)[0] {
-        Delivery::Transient {
+        Delivery::Waiting {
             reason,
             retry_after,
         } => {
             assert!(reason.contains("waiting for stock"), "{reason}");
             assert!(reason.contains("ORD-4"), "{reason}");
-            assert!(retry_after.is_some());
+            assert_eq!(*retry_after, Duration::from_secs(60));
         }
-        other => panic!("expected a transient wait for stock, got {other:?}"),
+        other => panic!("expected a wait for stock, got {other:?}"),
     }
     assert_eq!(
         tryton

@@ -13,6 +13,14 @@ use serde_json::{Value, json};
 
 fn tryton_sink(tryton: &Tryton) -> String {
     format!(
+        "{}waiting_retry_ms = 500\n",
+        tryton_sink_with_defaults(tryton)
+    )
+}
+
+/// The sink as an operator would write it, every tuning setting left at its default.
+fn tryton_sink_with_defaults(tryton: &Tryton) -> String {
+    format!(
         r#"[sink.tryton]
 url = "{}"
 database = "{}"
@@ -21,7 +29,6 @@ password = {{ value = "{}" }}
 customer_party = "CUST-A"
 supplier_party = "SUPP-B"
 locations = {{ "A1" = "STO-A1" }}
-waiting_retry_ms = 500
 "#,
         tryton.url(),
         tryton::DATABASE,
@@ -223,5 +230,104 @@ fn scans_reach_tryton_and_a_refused_sku_replays_after_the_product_exists() {
     assert_eq!(
         counts_before, counts_after,
         "re-sent events created records in Tryton"
+    );
+}
+
+/// A pick scanned before its stock was received waits in Tryton ("waiting for stock"); with the
+/// default `waiting_retry_ms` (a minute), its order retries alone while every other key is
+/// delivered at once.
+#[test]
+fn a_pick_waiting_for_stock_holds_back_no_other_key() {
+    let tryton = Tryton::start();
+    let dir = tempfile::tempdir().unwrap();
+    let broker_port = backhaul_tests::free_port();
+    let relay = RelayProcess::start_with(
+        &dir.path().join("relay"),
+        broker_port,
+        true,
+        Some(&tryton_sink_with_defaults(&tryton)),
+        &[],
+    );
+    let agent = AgentProcess::start(
+        AgentOptions::default()
+            .uplink("127.0.0.1", broker_port)
+            .set("site", "wh1")
+            .set("uplink.client_id", format!("agent-wh1-{broker_port}"))
+            .set("uplink.linger_ms", 10),
+    );
+    let pick = event(
+        "pick-early",
+        json!({"type": "pick", "sku": "SKU-003", "qty": "1000", "order": "SO-WAIT", "line": 1}),
+    );
+    assert_eq!(
+        agent
+            .post_events(&Value::Array(vec![pick]), None)
+            .status()
+            .as_u16(),
+        202
+    );
+    let waiting = poll_until(Duration::from_secs(60), || {
+        (tryton
+            .shipment_state("stock.shipment.out", "SO-WAIT")
+            .as_deref()
+            == Some("waiting"))
+        .then_some(())
+    });
+    assert!(
+        waiting.is_some(),
+        "the pick never reached Tryton\nrelay log:\n{}",
+        relay.log_tail()
+    );
+
+    // 60 adjustments of 12 other keys (6 SKUs, each in the storage zone and in bin A1).
+    let adjustments: Vec<Value> = (0..60)
+        .map(|i| {
+            let mut fields = json!({
+                "type": "adjust", "sku": format!("SKU-{:03}", 4 + i % 6), "qty": "1",
+                "reason": "found",
+            });
+            if (i / 6) % 2 == 1 {
+                fields["location"] = json!("A1");
+            }
+            event(&format!("adj-w-{i}"), fields)
+        })
+        .collect();
+    assert_eq!(
+        agent
+            .post_events(&Value::Array(adjustments), None)
+            .status()
+            .as_u16(),
+        202
+    );
+    // Well within the minute the waiting pick holds its own order back.
+    let posted = poll_until(Duration::from_secs(30), || {
+        let done = tryton.count(
+            "stock.shipment.internal",
+            json!([["reference", "like", "adj-w-%"], ["state", "=", "done"]]),
+        );
+        (done == 60).then_some(())
+    });
+    assert!(
+        posted.is_some(),
+        "{} of 60 adjustments reached Tryton while a pick waited for stock\nrelay log:\n{}",
+        tryton.count(
+            "stock.shipment.internal",
+            json!([["reference", "like", "adj-w-%"], ["state", "=", "done"]]),
+        ),
+        relay.log_tail()
+    );
+    assert_eq!(
+        tryton
+            .shipment_state("stock.shipment.out", "SO-WAIT")
+            .as_deref(),
+        Some("waiting")
+    );
+    let status: Value =
+        serde_json::from_str(&relay.cli(&["status", "--json"])).expect("status as JSON");
+    assert_eq!(status["delivery_paused"], json!(false), "{status}");
+    assert_eq!(
+        status["outbox_depth"],
+        json!(1),
+        "only the pick waits: {status}"
     );
 }

@@ -371,7 +371,13 @@ fn classify(
     } else {
         format!("POST {url}: HTTP {code}: {body}")
     };
-    if matches!(code, 408 | 425 | 429) || status.is_server_error() {
+    if matches!(code, 429 | 503) {
+        // The ERP as a whole asks for less: every key waits, not just this one.
+        Delivery::Throttled {
+            reason,
+            retry_after,
+        }
+    } else if matches!(code, 408 | 425) || status.is_server_error() {
         Delivery::Transient {
             reason,
             retry_after,
@@ -753,9 +759,15 @@ mod tests {
             |code: u16| classify(StatusCode::from_u16(code).unwrap(), None, "", None, "u");
         assert!(matches!(classify(201), Delivery::Posted { .. }));
         assert!(matches!(classify(409), Delivery::Posted { .. }));
-        for code in [408, 425, 429, 500, 502, 503, 504] {
+        for code in [408, 425, 500, 502, 504] {
             assert!(
                 matches!(classify(code), Delivery::Transient { .. }),
+                "{code}"
+            );
+        }
+        for code in [429, 503] {
+            assert!(
+                matches!(classify(code), Delivery::Throttled { .. }),
                 "{code}"
             );
         }

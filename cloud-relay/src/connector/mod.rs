@@ -1,23 +1,49 @@
-//! ERP connectors: what one delivery attempt of a group of events came to, and the connectors
-//! a relay can be configured with (one per relay).
+//! ERP connectors: the boundary of "how an event reaches one ERP". What one delivery attempt
+//! of a group of events came to, what a connector can take ([`Capabilities`]), and the
+//! connectors a relay can be configured with (one per relay).
 //!
 //! A connector receives the heads of several ordering keys at once (never two events of one
 //! key), may post them in one ERP call where the ERP allows, and answers one [`Delivery`] per
 //! event, in order. Every connector writes idempotently, keyed by the event id, because a
-//! delivery can be repeated after a crash or a timeout.
+//! delivery can be repeated after a crash or a timeout. The delivery engine knows connectors
+//! only through [`Sink`].
 
+pub mod body;
+pub mod http;
+pub mod ledger;
 pub mod tryton;
 
+use std::future::Future;
 use std::time::Duration;
+
+use backhaul_events::StampedEvent;
+use tokio::sync::Mutex;
+
+use crate::config::DeliveryConfig;
+use ledger::Ledger;
 
 /// The result of delivering one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     /// The ERP has the event; `erp_ref` names its record.
     Posted { erp_ref: String },
-    /// Worth retrying: connection errors, timeouts, 5xx, 429, "busy". `retry_after` is the
-    /// ERP's own hint, when it gave one.
+    /// The ERP answered, but this event cannot go yet (a pick waiting for stock that has not
+    /// been received): its key tries again after `retry_after`, every other key goes on, and
+    /// the ERP counts as answering.
+    Waiting {
+        reason: String,
+        retry_after: Duration,
+    },
+    /// This attempt failed (no connection, a timeout, a 5xx): its key backs off, at least
+    /// `retry_after` when the ERP gave that hint. When every event of a call fails so, the ERP
+    /// is taken as down: delivery pauses, then probes with one event.
     Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The ERP asks every caller to slow down (429, 503): delivery of every key pauses for
+    /// `retry_after`, or the engine's own back-off when the ERP gave no hint.
+    Throttled {
         reason: String,
         retry_after: Option<Duration>,
     },
@@ -26,13 +52,62 @@ pub enum Delivery {
     Permanent { reason: String },
 }
 
-pub mod body;
-pub mod http;
+impl Delivery {
+    /// The reason of an outcome that is not `Posted`.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Delivery::Posted { .. } => None,
+            Delivery::Waiting { reason, .. }
+            | Delivery::Transient { reason, .. }
+            | Delivery::Throttled { reason, .. }
+            | Delivery::Permanent { reason } => Some(reason),
+        }
+    }
+}
 
-use backhaul_events::StampedEvent;
-use tokio::sync::Mutex;
+/// What a connector records in the outbox in the same transaction as the deliveries it made,
+/// and reads back at start to reconcile what it wrote after the last commit (the ledger's file
+/// length). The engine and the outbox carry it without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitToken(pub u64);
 
-use crate::ledger::Ledger;
+/// One call's answers: one [`Delivery`] per event, in order, and the token to commit with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub results: Vec<Delivery>,
+    pub commit: Option<CommitToken>,
+}
+
+impl From<Vec<Delivery>> for Delivered {
+    fn from(results: Vec<Delivery>) -> Delivered {
+        Delivered {
+            results,
+            commit: None,
+        }
+    }
+}
+
+/// How the engine must drive a connector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Events in one call at most.
+    pub max_batch: usize,
+    /// Calls in flight at once at most.
+    pub max_concurrency: usize,
+    /// The outbox drains as one queue in arrival order instead of a queue per ordering key.
+    pub arrival_order: bool,
+    /// Whether `delivery.rate_per_sec` applies: an ERP to protect, not a local file.
+    pub rate_limited: bool,
+}
+
+/// A destination the delivery engine drains the outbox to.
+pub trait Sink: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// What this connector can take, given the `[delivery]` configuration.
+    fn capabilities(&self, configured: &DeliveryConfig) -> Capabilities;
+    /// Delivers events of distinct ordering keys.
+    fn deliver(&self, events: &[StampedEvent]) -> impl Future<Output = Delivered> + Send;
+}
 
 /// The connector a relay delivers to.
 pub enum Connector {
@@ -41,8 +116,8 @@ pub enum Connector {
     Tryton(tryton::TrytonConnector),
 }
 
-impl Connector {
-    pub fn name(&self) -> &'static str {
+impl Sink for Connector {
+    fn name(&self) -> &'static str {
         match self {
             Connector::Ledger(_) => "ledger",
             Connector::Http(_) => "http",
@@ -50,41 +125,40 @@ impl Connector {
         }
     }
 
-    /// Events per call: the configured batch, within what the connector can take.
-    pub fn max_batch(&self, configured: usize) -> usize {
+    fn capabilities(&self, configured: &DeliveryConfig) -> Capabilities {
         match self {
-            // One local append and fsync per call: bigger is better.
-            Connector::Ledger(_) => configured.max(5000),
-            Connector::Http(_) => configured,
-            Connector::Tryton(t) => configured.min(t.max_batch()).max(1),
+            // A local append-only file, one fsync per call: big calls, one at a time (its
+            // crash recovery needs the appends in commit order), in arrival order so each
+            // site's lines follow its sequence numbers (per-key order follows from that).
+            Connector::Ledger(_) => Capabilities {
+                max_batch: configured.max_batch.max(5000),
+                max_concurrency: 1,
+                arrival_order: true,
+                rate_limited: false,
+            },
+            Connector::Http(_) => Capabilities {
+                max_batch: configured.max_batch.max(1),
+                max_concurrency: configured.concurrency.max(1),
+                arrival_order: false,
+                rate_limited: true,
+            },
+            Connector::Tryton(t) => Capabilities {
+                max_batch: configured.max_batch.min(t.max_batch()).max(1),
+                max_concurrency: configured.concurrency.max(1),
+                arrival_order: false,
+                rate_limited: true,
+            },
         }
     }
 
-    /// Whether the outbox drains as one queue in arrival order instead of a queue per key.
-    /// The ledger is a local append-only file: keeping it in arrival order makes each site's
-    /// lines follow its sequence numbers, and per-key order follows from that.
-    pub fn single_queue(&self) -> bool {
-        matches!(self, Connector::Ledger(_))
-    }
-
-    /// Calls in flight at once. The ledger's crash recovery needs its appends in commit order.
-    pub fn max_concurrency(&self, configured: usize) -> usize {
-        match self {
-            Connector::Ledger(_) => 1,
-            _ => configured,
-        }
-    }
-
-    /// Delivers events of distinct ordering keys; one result each, in order, and for the
-    /// ledger the file length to commit with them.
-    pub async fn deliver(&self, events: &[StampedEvent]) -> (Vec<Delivery>, Option<u64>) {
+    async fn deliver(&self, events: &[StampedEvent]) -> Delivered {
         match self {
             Connector::Ledger(ledger) => {
                 let mut ledger = ledger.lock().await;
                 tokio::task::block_in_place(|| ledger.append(events))
             }
-            Connector::Http(http) => (http.deliver(events).await, None),
-            Connector::Tryton(tryton) => (tryton.deliver(events).await, None),
+            Connector::Http(http) => http.deliver(events).await.into(),
+            Connector::Tryton(tryton) => tryton.deliver(events).await.into(),
         }
     }
 }

@@ -51,9 +51,10 @@
 //!   needs nothing and the pick is posted as it is. A ship drives it on to `done` (pack, do);
 //!   a done shipment needs nothing.
 //! - When Tryton cannot reserve the stock (`assign_try` leaves the shipment `waiting`), the
-//!   pick or ship is transient: "waiting for stock", retried after `waiting_retry_ms`. The
-//!   ERP's stock disagrees with the floor, and a receipt or count of that SKU usually fixes it;
-//!   a key waiting too long ends in the dead-letter queue by the relay's own rules.
+//!   pick or ship waits: "waiting for stock", its order's key retried after
+//!   `waiting_retry_ms` while every other key goes on (the ERP answered; nothing is wrong with
+//!   it). The ERP's stock disagrees with the floor, and a receipt or count of that SKU usually
+//!   fixes it.
 //! - A shipment of the order that was cancelled in Tryton is not reused: when every shipment
 //!   of the order is cancelled, the event is refused permanently.
 //! - A shipment the connector creates picks from the location of the event that created it;
@@ -137,8 +138,9 @@
 //! - `UserWarning` → acknowledged with `res.user.warning.skip`, then the call is made again.
 //! - `[text, traceback]` → permanent: the request itself was wrong (a bug here, or a Tryton
 //!   setup this connector does not understand), with Tryton's text.
-//! - 401 → one fresh login and the call again. 429 → transient with Retry-After; 500, 502,
-//!   503, 504, connection errors and timeouts → transient. 403, 400 and 422 → permanent (the
+//! - 401 → one fresh login and the call again. 429, 503 and `RateLimitException` → throttled
+//!   (every key pauses, for Retry-After when given); 500, 502, 504, connection errors and
+//!   timeouts → transient (the event's key backs off). 403, 400 and 422 → permanent (the
 //!   request is wrong).
 //! - Problems of the setup rather than of one event (login refused, unknown database, the
 //!   warehouse or company missing) are transient, so the events wait in the outbox while the
@@ -501,7 +503,7 @@ impl Inner {
             retry_after: Some(SETUP_RETRY),
         };
         let rpc_failure = |e: RpcError, what: &str| match e {
-            RpcError::Transient { .. } => e.delivery(what),
+            RpcError::Transient { .. } | RpcError::Throttled { .. } => e.delivery(what),
             other => setup_failure(format!("{what}: {}", other.message())),
         };
         let company = self
@@ -674,7 +676,7 @@ impl Inner {
         }
         let what = "reading Tryton's date and closed stock periods";
         let failure = |e: RpcError| match e {
-            RpcError::Transient { .. } => e.delivery(what),
+            RpcError::Transient { .. } | RpcError::Throttled { .. } => e.delivery(what),
             // Most likely the user lacks the stock group: a setup problem, not the events'.
             other => Delivery::Transient {
                 reason: format!("{what}: {}", other.message()),
@@ -1498,14 +1500,14 @@ impl Inner {
                     Step::Reached => Delivery::Posted {
                         erp_ref: format!("{model}/{}", job.id),
                     },
-                    Step::Stuck => Delivery::Transient {
+                    Step::Stuck => Delivery::Waiting {
                         reason: format!(
                             "waiting for stock: Tryton cannot reserve the stock for {} \
                              ({model}/{} stays waiting)",
                             job.describe(flow),
                             job.id
                         ),
-                        retry_after: Some(Duration::from_millis(self.config.waiting_retry_ms)),
+                        retry_after: Duration::from_millis(self.config.waiting_retry_ms),
                     },
                     Step::Refused(why) => Delivery::Permanent {
                         reason: format!("{} ({model}/{}) {why}", job.describe(flow), job.id),
@@ -2124,6 +2126,11 @@ enum RpcError {
         reason: String,
         retry_after: Option<Duration>,
     },
+    /// Tryton (or a proxy before it) asks every caller to slow down: 429, 503.
+    Throttled {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     /// Tryton's `UserError`: its message.
     User(String),
     /// The request itself was wrong: `[text, traceback]`, 400, 403, 422.
@@ -2133,7 +2140,7 @@ enum RpcError {
 impl RpcError {
     fn message(&self) -> &str {
         match self {
-            RpcError::Transient { reason, .. } => reason,
+            RpcError::Transient { reason, .. } | RpcError::Throttled { reason, .. } => reason,
             RpcError::User(message) | RpcError::Request(message) => message,
         }
     }
@@ -2144,6 +2151,13 @@ impl RpcError {
                 reason,
                 retry_after,
             } => Delivery::Transient {
+                reason: format!("{what}: {reason}"),
+                retry_after: *retry_after,
+            },
+            RpcError::Throttled {
+                reason,
+                retry_after,
+            } => Delivery::Throttled {
                 reason: format!("{what}: {reason}"),
                 retry_after: *retry_after,
             },
@@ -2266,6 +2280,15 @@ impl Rpc {
                     retry_after,
                 });
             }
+            Answer::Failed(RpcError::Throttled {
+                reason,
+                retry_after,
+            }) => {
+                return Err(RpcError::Throttled {
+                    reason: format!("logging in: {reason}"),
+                    retry_after,
+                });
+            }
             Answer::Failed(e) => return Err(refused(e.message())),
         };
         let (Some(user_id), Some(token)) = (
@@ -2310,9 +2333,12 @@ impl Rpc {
         match status {
             StatusCode::OK => {}
             StatusCode::UNAUTHORIZED => return Answer::Unauthorized,
-            StatusCode::TOO_MANY_REQUESTS => {
-                return Answer::Failed(RpcError::Transient {
-                    reason: format!("Tryton is rate limiting (HTTP 429) {method}"),
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                return Answer::Failed(RpcError::Throttled {
+                    reason: format!(
+                        "Tryton is asking for fewer requests (HTTP {}) to {method}",
+                        status.as_u16()
+                    ),
                     retry_after,
                 });
             }
@@ -2387,7 +2413,11 @@ fn classify_error(method: &str, error: &Value) -> Answer {
             name: arg(0).to_string(),
             message: arg(1).to_string(),
         },
-        "ConcurrencyException" | "RateLimitException" => Answer::Failed(RpcError::Transient {
+        "ConcurrencyException" => Answer::Failed(RpcError::Transient {
+            reason: format!("Tryton answered {kind} to {method}"),
+            retry_after: None,
+        }),
+        "RateLimitException" => Answer::Failed(RpcError::Throttled {
             reason: format!("Tryton answered {kind} to {method}"),
             retry_after: None,
         }),

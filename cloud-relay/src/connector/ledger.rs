@@ -2,8 +2,11 @@
 //! epoch, sequence number and the canonical fields), fsynced, then removes it from the outbox.
 //!
 //! Exactly once across crashes: the outbox records how long the file was after each committed
-//! delivery. At start, complete lines past that length were written but not committed: their
-//! events are taken as delivered. A torn last line is cut off; its event is still in the outbox.
+//! delivery (the connector's [`CommitToken`]). At start, complete lines past that length were
+//! written but not committed: their events are taken as delivered. A torn last line is cut
+//! off; its event is still in the outbox. When the outbox cannot record a delivery, the
+//! engine stops the relay rather than deliver those events again, so the lines written are
+//! reconciled by this same recovery at the next start.
 
 use anyhow::Context;
 use backhaul_events::StampedEvent;
@@ -11,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::connector::Delivery;
+use crate::connector::{CommitToken, Delivered, Delivery};
 use crate::outbox::Outbox;
 
 pub struct Ledger {
@@ -34,7 +37,7 @@ impl Ledger {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open the ledger {}", path.display()))?;
-        let committed = outbox.ledger_committed_len()?;
+        let committed = outbox.committed_token()?.map_or(0, |token| token.0);
         let len = file.metadata()?.len();
         if len < committed {
             anyhow::bail!(
@@ -88,13 +91,13 @@ impl Ledger {
             }
         }
         tracing::info!(ledger = %self.path.display(), events = delivered.len(), "ledger lines written before a crash taken as delivered");
-        outbox.complete(&delivered, &[], Some(self.len))?;
+        outbox.complete(&delivered, &[], Some(CommitToken(self.len)))?;
         Ok(())
     }
 
     /// Appends the events, one line each, and fsyncs. On failure nothing of this call stays
     /// in the file. Returns the results and the file's length to commit with them.
-    pub fn append(&mut self, events: &[StampedEvent]) -> (Vec<Delivery>, Option<u64>) {
+    pub fn append(&mut self, events: &[StampedEvent]) -> Delivered {
         let committed = self.len;
         let mut buf = Vec::with_capacity(events.len() * 300);
         let mut offsets = Vec::with_capacity(events.len());
@@ -102,7 +105,7 @@ impl Ledger {
             offsets.push(committed + buf.len() as u64);
             if let Err(e) = serde_json::to_writer(&mut buf, &event.to_json()) {
                 let reason = format!("the event cannot be written as JSON: {e}");
-                return (vec![Delivery::Permanent { reason }; events.len()], None);
+                return vec![Delivery::Permanent { reason }; events.len()].into();
             }
             buf.push(b'\n');
         }
@@ -119,7 +122,10 @@ impl Ledger {
                         erp_ref: format!("ledger@{offset}"),
                     })
                     .collect();
-                (results, Some(self.len))
+                Delivered {
+                    results,
+                    commit: Some(CommitToken(self.len)),
+                }
             }
             Err(e) => {
                 // Whatever part of the write reached the file is not committed: cut it off so
@@ -131,7 +137,7 @@ impl Ledger {
                     reason,
                     retry_after: None,
                 };
-                (vec![transient; events.len()], None)
+                vec![transient; events.len()].into()
             }
         }
     }
