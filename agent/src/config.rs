@@ -7,6 +7,7 @@ use backhaul_events::config::{ByteSize, ConfigError, Secret, SecretSource, load_
 use backhaul_events::topics::check_site_id;
 use serde::{Deserialize, Deserializer};
 
+use crate::mqtt::{DEFAULT_MAX_SESSION_EXPIRY, MAX_SESSION_EXPIRY_SECS};
 use crate::passwd::MqttUsers;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +54,17 @@ pub struct SiteBrokerConfig {
     pub max_packet_size: ByteSize,
 }
 
+impl SiteBrokerConfig {
+    /// The client id used at the site broker: `client_id`, or `backhaul-agent-{site}`. This
+    /// default is the one agents have always used: the broker holds the persistent session's
+    /// unacknowledged scans under it, and a new default would strand them at an upgrade.
+    pub fn client_id(&self, site: &str) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("backhaul-agent-{site}"))
+    }
+}
+
 fn default_site_topic() -> String {
     "scans/{device}".into()
 }
@@ -69,7 +81,7 @@ pub struct UplinkConfig {
     /// The MQTT version spoken to the broker.
     #[serde(default)]
     pub protocol: UplinkProtocol,
-    /// Unique per agent; defaults to `backhaul-agent-{site}`.
+    /// Unique per agent; defaults to `backhaul-agent-{site}-uplink`.
     #[serde(default)]
     pub client_id: Option<String>,
     #[serde(default)]
@@ -101,6 +113,18 @@ pub struct UplinkConfig {
     pub reconnect_min_ms: u64,
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max_ms: u64,
+}
+
+impl UplinkConfig {
+    /// The client id used at the uplink's broker: `client_id`, or `backhaul-agent-{site}-uplink`,
+    /// distinct from the site broker's default so that both can share one broker without
+    /// taking each other's session over. The uplink's session is a clean one, so a changed
+    /// default strands nothing at the broker.
+    pub fn client_id(&self, site: &str) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("backhaul-agent-{site}-uplink"))
+    }
 }
 
 /// The MQTT version of the uplink: `"3.1.1"` (the default) or `"5"`.
@@ -207,6 +231,9 @@ pub struct MqttConfig {
     pub max_packet_size: ByteSize,
     /// Keep-alive asked of clients that ask for none (0), and the largest one granted.
     pub max_keep_alive_secs: u16,
+    /// How long a persistent session (3.1.1 clean session off, MQTT 5 session expiry) is kept
+    /// after its client disconnects; MQTT 5 clients asking for longer are granted this.
+    pub max_session_expiry_secs: u64,
     /// When true, a client may only publish to the topic of its own client id.
     pub own_device_topic_only: bool,
     /// Usernames and passwords of scanners; with neither these nor `password_file`, anonymous
@@ -238,6 +265,7 @@ impl Default for MqttConfig {
             max_connections: 1000,
             max_packet_size: ByteSize(64 << 10),
             max_keep_alive_secs: 300,
+            max_session_expiry_secs: DEFAULT_MAX_SESSION_EXPIRY.as_secs(),
             own_device_topic_only: false,
             users: Vec::new(),
             password_file: None,
@@ -407,9 +435,17 @@ impl AgentConfig {
                 "at least 1",
             ));
         }
+        if !(1..=MAX_SESSION_EXPIRY_SECS).contains(&self.mqtt.max_session_expiry_secs) {
+            return Err(ConfigError::invalid(
+                file,
+                "mqtt.max_session_expiry_secs",
+                format!("1 to {MAX_SESSION_EXPIRY_SECS} (seconds; 604800 is a week)"),
+            ));
+        }
         if let Some(uplink) = &self.uplink {
             uplink.check(file)?;
         }
+        self.check_client_ids(file)?;
         let packet = self.mqtt.max_packet_size.0;
         if !(1024..=256 << 20).contains(&packet) {
             return Err(ConfigError::invalid(
@@ -419,6 +455,42 @@ impl AgentConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The uplink and the site broker on one broker must not share a client id: the broker
+    /// would close one connection each time the other connects, and neither would keep a link.
+    fn check_client_ids(&self, file: &Path) -> Result<(), ConfigError> {
+        let (Some(uplink), Some(site_broker)) = (&self.uplink, &self.site_broker) else {
+            return Ok(());
+        };
+        // Names are compared as written: resolving them here would make the check depend on
+        // DNS at the time it runs.
+        let same_broker =
+            uplink.port == site_broker.port && uplink.host.eq_ignore_ascii_case(&site_broker.host);
+        let id = uplink.client_id(&self.site);
+        if !same_broker || id != site_broker.client_id(&self.site) {
+            return Ok(());
+        }
+        let named = |key: &str, explicit: bool| {
+            if explicit {
+                key.to_string()
+            } else {
+                format!("{key} (by default)")
+            }
+        };
+        Err(ConfigError::invalid(
+            file,
+            "site_broker.client_id",
+            format!(
+                "a client id other than uplink.client_id's: {} and {} are both {id:?} on {}:{}; \
+                 a broker keeps one connection per client id, so the uplink and the site broker \
+                 would keep taking each other's session over: give them different ids",
+                named("uplink.client_id", uplink.client_id.is_some()),
+                named("site_broker.client_id", site_broker.client_id.is_some()),
+                uplink.host,
+                uplink.port
+            ),
+        ))
     }
 }
 

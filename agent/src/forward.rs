@@ -138,11 +138,7 @@ impl Forwarder {
     /// The MQTT client and event loop of the configured protocol version, with the same
     /// session, size, window, credential and TLS settings for both.
     fn uplink(&self) -> anyhow::Result<(UplinkClient, UplinkEventLoop)> {
-        let client_id = self
-            .config
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("backhaul-agent-{}", self.site));
+        let client_id = self.config.client_id(&self.site);
         let (host, port) = (self.config.host.clone(), self.config.port);
         let keep_alive = Duration::from_secs(u64::from(self.config.keep_alive_secs.max(5)));
         let inflight = self.config.window.clamp(1, 1000) as u16 + 1;

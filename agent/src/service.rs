@@ -79,6 +79,7 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             log.clone(),
             metrics.clone(),
         );
+        endpoint.set_max_session_expiry(Duration::from_secs(config.mqtt.max_session_expiry_secs));
         tracing::info!(%listen, topic = %config.mqtt.topic, tls = config.mqtt.tls.is_some(), "MQTT endpoint listening");
         let serve = endpoint.clone().serve(listener, stop.clone());
         tasks.spawn("MQTT endpoint", async move {

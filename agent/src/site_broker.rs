@@ -69,11 +69,7 @@ pub struct SiteBrokerSource {
 
 impl SiteBrokerSource {
     fn options(&self) -> MqttOptions {
-        let client_id = self
-            .config
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("backhaul-agent-{}", self.site));
+        let client_id = self.config.client_id(&self.site);
         let mut options = MqttOptions::new(client_id, self.config.host.clone(), self.config.port);
         options.set_keep_alive(Duration::from_secs(u64::from(
             self.config.keep_alive_secs.max(5),

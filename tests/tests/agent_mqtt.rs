@@ -378,6 +378,15 @@ fn a_persistent_session_is_present_on_reconnect() {
         "MQTT 5 clean start off, expiry 3600"
     );
     client.disconnect();
+
+    // "Never expires" is capped at the documented mqtt.max_session_expiry_secs, a week.
+    let mut options = v5_options(agent.mqtt_addr(), "persistent-forever");
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(u32::MAX));
+    let (client, connack) = V5Client::connect(options).unwrap();
+    let granted = connack.properties.and_then(|p| p.session_expiry_interval);
+    assert_eq!(granted, Some(7 * 24 * 3600));
+    client.disconnect();
 }
 
 #[test]
@@ -752,4 +761,168 @@ fn connections_and_packets_over_the_limits_are_refused() {
     let log = log_by_id(&agent);
     assert_eq!(log.len(), 1);
     assert!(log.contains_key(id_of(&small)));
+}
+
+/// A CONNECT for MQTT 3.1.1 with `client_id`, clean session, keep-alive 60 s.
+fn connect_311(client_id: &str) -> Vec<u8> {
+    let mut variable = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3C];
+    variable.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    variable.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10];
+    push_remaining_length(variable.len(), &mut packet);
+    packet.extend_from_slice(&variable);
+    packet
+}
+
+/// Opens `count` connections at once (threads released together), each sending its CONNECT,
+/// and returns each CONNACK's return code with its socket, still open.
+fn connect_burst(addr: std::net::SocketAddr, count: usize, prefix: &str) -> Vec<(u8, TcpStream)> {
+    let start = Arc::new(std::sync::Barrier::new(count));
+    let threads: Vec<_> = (0..count)
+        .map(|i| {
+            let start = start.clone();
+            let connect = connect_311(&format!("{prefix}-{i}"));
+            std::thread::spawn(move || {
+                start.wait();
+                let mut stream = TcpStream::connect(addr).expect("TCP connect");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(15)))
+                    .unwrap();
+                stream.write_all(&connect).expect("CONNECT written");
+                let mut connack = [0u8; 4];
+                stream
+                    .read_exact(&mut connack)
+                    .expect("a CONNACK within 15 s");
+                assert_eq!(connack[..2], [0x20, 0x02], "not a CONNACK: {connack:?}");
+                (connack[3], stream)
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("a connecting thread"))
+        .collect()
+}
+
+#[test]
+fn a_burst_of_connects_never_passes_max_connections() {
+    const CAP: usize = 5;
+    const BURST: usize = 40;
+    let agent =
+        AgentProcess::start(AgentOptions::default().set("mqtt.max_connections", CAP as i64));
+    let addr = agent.mqtt_addr();
+    let connected = |agent: &AgentProcess| agent.status()["mqtt"]["connected_clients"].as_u64();
+
+    for round in 1..=2 {
+        let answers = connect_burst(addr, BURST, &format!("burst{round}"));
+        let accepted = answers.iter().filter(|(code, _)| *code == 0).count();
+        // 3: "connection refused, server unavailable".
+        let refused = answers.iter().filter(|(code, _)| *code == 3).count();
+        assert_eq!(
+            (accepted, refused),
+            (CAP, BURST - CAP),
+            "round {round}: {BURST} simultaneous CONNECTs with mqtt.max_connections = {CAP}: \
+             return codes {:?}",
+            answers.iter().map(|(code, _)| *code).collect::<Vec<_>>()
+        );
+        // The accepted ones are still connected, and counted as such.
+        assert_eq!(connected(&agent), Some(CAP as u64), "round {round}");
+        assert_eq!(
+            agent.metric("backhaul_agent_mqtt_connections"),
+            Some(CAP as f64),
+            "round {round}"
+        );
+
+        // They leave; their places are free again for the next round.
+        for (code, mut stream) in answers {
+            if code == 0 {
+                stream.write_all(&[0xE0, 0x00]).expect("DISCONNECT written");
+            }
+        }
+        poll_until(Duration::from_secs(10), || {
+            (connected(&agent) == Some(0)).then_some(())
+        })
+        .unwrap_or_else(|| panic!("round {round}: connections still counted after they left"));
+    }
+}
+
+#[test]
+fn persistent_sessions_expire_after_max_session_expiry() {
+    let agent = AgentProcess::start(AgentOptions::default().set("mqtt.max_session_expiry_secs", 2));
+    let addr = agent.mqtt_addr();
+    let granted_expiry = |connack: &rumqttc::v5::mqttbytes::v5::ConnAck| -> Option<u32> {
+        connack.properties.as_ref()?.session_expiry_interval
+    };
+
+    // MQTT 5: an expiry over the cap is granted the cap, and the CONNACK says so.
+    let mut retired_5 = v5_options(addr, "retired-5");
+    retired_5.set_clean_start(false);
+    retired_5.set_session_expiry_interval(Some(3600));
+    let (client, connack) = V5Client::connect(retired_5.clone()).unwrap();
+    assert!(!connack.session_present);
+    assert_eq!(granted_expiry(&connack), Some(2), "{connack:?}");
+    client.disconnect();
+    // Within the cap it is granted as asked, which the CONNACK then does not repeat.
+    let mut short_5 = v5_options(addr, "short-5");
+    short_5.set_clean_start(false);
+    short_5.set_session_expiry_interval(Some(1));
+    let (client, connack) = V5Client::connect(short_5).unwrap();
+    assert_eq!(granted_expiry(&connack), None, "{connack:?}");
+    client.disconnect();
+
+    // MQTT 3.1.1: a session without clean session is still resumed within the expiry.
+    let mut retired_311 = v4_options(addr, "retired-311");
+    retired_311.set_clean_session(false);
+    let (client, connack) = V4Client::connect(retired_311.clone()).unwrap();
+    assert!(!connack.session_present);
+    client.disconnect();
+    let (client, connack) = V4Client::connect(retired_311.clone()).unwrap();
+    assert!(connack.session_present, "resumed within the expiry");
+    client.disconnect();
+
+    // A client connected all along keeps its session: the expiry runs from the disconnect.
+    let mut staying = v4_options(addr, "staying-311");
+    staying.set_clean_session(false);
+    let (staying_client, _) = V4Client::connect(staying.clone()).unwrap();
+
+    // The sessions of clients that stay away are freed without them coming back.
+    let gone = ["retired-5", "short-5", "retired-311"];
+    let expired_in_log = |client: &str| {
+        agent
+            .stderr()
+            .lines()
+            .any(|line| line.contains("MQTT session expired") && line.contains(client))
+    };
+    poll_until(Duration::from_secs(30), || {
+        gone.iter()
+            .all(|client| expired_in_log(client))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the sessions of {gone:?} were never expired"));
+    assert!(
+        !expired_in_log("staying-311"),
+        "a connected client's session expired"
+    );
+
+    // Coming back later, they start afresh.
+    let (client, connack) = V4Client::connect(retired_311).unwrap();
+    assert!(
+        !connack.session_present,
+        "3.1.1: an expired session resumed"
+    );
+    client.disconnect();
+    let (client, connack) = V5Client::connect(retired_5).unwrap();
+    assert!(
+        !connack.session_present,
+        "MQTT 5: an expired session resumed"
+    );
+    client.disconnect();
+
+    staying_client.disconnect();
+    let (client, connack) = V4Client::connect(staying).unwrap();
+    assert!(
+        connack.session_present,
+        "the session of a client that stayed was lost"
+    );
+    client.disconnect();
 }

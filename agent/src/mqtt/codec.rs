@@ -80,6 +80,8 @@ pub enum Outgoing {
         refusal: Option<ConnectRefusal>,
         /// MQTT 5: the keep-alive the server imposes, when it differs from the client's.
         server_keep_alive: Option<u16>,
+        /// MQTT 5: the session expiry the server grants, when it differs from the client's.
+        session_expiry: Option<u32>,
         assigned_client_id: Option<String>,
         max_packet_size: u32,
     },
@@ -369,6 +371,7 @@ fn write_v5(packet: Outgoing, out: &mut BytesMut) -> Result<(), String> {
             session_present,
             refusal,
             server_keep_alive,
+            session_expiry,
             assigned_client_id,
             max_packet_size,
         } => {
@@ -381,7 +384,7 @@ fn write_v5(packet: Outgoing, out: &mut BytesMut) -> Result<(), String> {
                 Some(ConnectRefusal::ServerUnavailable) => v5::ConnectReturnCode::ServerBusy,
             };
             let properties = v5::ConnAckProperties {
-                session_expiry_interval: None,
+                session_expiry_interval: session_expiry,
                 receive_max: Some(1000),
                 max_qos: None,
                 retain_available: Some(0),

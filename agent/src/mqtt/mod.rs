@@ -3,9 +3,9 @@
 //! acknowledged only after the log's flush that holds it.
 //!
 //! What it owns: accepting connections (with a limit), authentication, sessions (client id
-//! takeover, session-present, QoS 2 state across reconnects), keep-alive, validation of each
-//! payload, and the `rejects/{device}` topic through which a scanner learns why an event was
-//! refused.
+//! takeover, session-present, QoS 2 state across reconnects, expiry of the ones whose client
+//! stays away), keep-alive, validation of each payload, and the `rejects/{device}` topic
+//! through which a scanner learns why an event was refused.
 
 pub mod codec;
 
@@ -19,9 +19,10 @@ use std::time::Duration;
 
 use backhaul_events::event::parse_event;
 use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,10 @@ use codec::{AckReason, ConnectRefusal, DisconnectReason, Incoming, Outgoing, Ver
 const MAX_PENDING_PER_CONNECTION: usize = 1000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REJECTS_PREFIX: &str = "rejects/";
+/// `mqtt.max_session_expiry_secs` until [`Endpoint::set_max_session_expiry`] says otherwise.
+pub const DEFAULT_MAX_SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The largest expiry an MQTT 5 CONNACK can grant: one more means "never expires".
+pub const MAX_SESSION_EXPIRY_SECS: u64 = u32::MAX as u64 - 1;
 
 /// Settings of the endpoint, from `[mqtt]` in the configuration.
 #[derive(Clone)]
@@ -54,10 +59,50 @@ pub struct MqttSettings {
 struct Session {
     /// QoS 2 packet ids whose PUBREC went out and whose PUBREL has not arrived.
     awaiting_release: HashSet<u16>,
-    /// Whether the state is kept when the client disconnects.
-    persistent: bool,
+    /// How long the state is kept once the client disconnects; zero for a clean session.
+    expiry: Duration,
     /// The connection using this session now, to take it over.
     active: Option<(u64, CancellationToken)>,
+    /// When the last connection ended, while no connection uses the session.
+    left_at: Option<Instant>,
+}
+
+impl Session {
+    fn persistent(&self) -> bool {
+        !self.expiry.is_zero()
+    }
+
+    /// Whether a scanner that stayed away has let the session run out: it is freed, not
+    /// resumed, so a renamed or retired scanner does not hold its state forever.
+    fn expired(&self, now: Instant) -> bool {
+        self.active.is_none()
+            && self
+                .left_at
+                .is_some_and(|left| now.saturating_duration_since(left) >= self.expiry)
+    }
+}
+
+/// A place among `mqtt.max_connections`, taken before a connection's task starts and given
+/// back when that task ends however it ends, so a burst of connects cannot pass the limit.
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    gauge: Gauge,
+}
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit, gauge: &Gauge) -> ConnectionSlot {
+        gauge.inc();
+        ConnectionSlot {
+            _permit: permit,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// A connection subscribed to its rejects topic: its id and its outgoing queue.
@@ -72,11 +117,15 @@ pub struct Endpoint {
     /// Connections subscribed to `rejects/{device}`, by device.
     reject_subscribers: Mutex<HashMap<String, Vec<RejectSubscriber>>>,
     next_connection: AtomicU64,
-    connections: AtomicU64,
+    /// One permit per connection that may be open: `mqtt.max_connections`.
+    connection_slots: Arc<Semaphore>,
+    /// `mqtt.max_session_expiry_secs`.
+    max_session_expiry_secs: AtomicU64,
 }
 
 impl Endpoint {
     pub fn new(settings: MqttSettings, log: EventLog, metrics: Arc<AgentMetrics>) -> Arc<Endpoint> {
+        let slots = settings.max_connections.min(Semaphore::MAX_PERMITS);
         Arc::new(Endpoint {
             settings,
             log,
@@ -84,19 +133,58 @@ impl Endpoint {
             sessions: Mutex::new(HashMap::new()),
             reject_subscribers: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
-            connections: AtomicU64::new(0),
+            connection_slots: Arc::new(Semaphore::new(slots)),
+            max_session_expiry_secs: AtomicU64::new(DEFAULT_MAX_SESSION_EXPIRY.as_secs()),
         })
     }
 
+    /// Sets `mqtt.max_session_expiry_secs`: the longest a persistent session outlives its
+    /// connection. Call it before [`Endpoint::serve`], which paces its expiry sweeps by it.
+    pub fn set_max_session_expiry(&self, max: Duration) {
+        let secs = max.as_secs().clamp(1, MAX_SESSION_EXPIRY_SECS);
+        self.max_session_expiry_secs.store(secs, Ordering::Relaxed);
+    }
+
+    fn max_session_expiry(&self) -> Duration {
+        Duration::from_secs(self.max_session_expiry_secs.load(Ordering::Relaxed))
+    }
+
+    /// Connections holding a place among `mqtt.max_connections`, from their accept on.
     pub fn connected_clients(&self) -> u64 {
-        self.connections.load(Ordering::Relaxed)
+        let slots = self.settings.max_connections.min(Semaphore::MAX_PERMITS);
+        slots.saturating_sub(self.connection_slots.available_permits()) as u64
+    }
+
+    /// Frees every session whose client has stayed away longer than its expiry.
+    fn expire_sessions(&self) {
+        let now = Instant::now();
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return;
+        };
+        sessions.retain(|client_id, session| {
+            let expired = session.expired(now);
+            if expired {
+                log_expired(client_id, session);
+            }
+            !expired
+        });
     }
 
     /// Accepts connections until `shutdown` is cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        // A session is also checked when its client comes back; the sweep is for the clients
+        // that never do, so it need not be prompt, only bounded.
+        let sweep_every = (self.max_session_expiry() / 4)
+            .clamp(Duration::from_millis(250), Duration::from_secs(15));
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = sweep.tick() => {
+                    self.expire_sessions();
+                    continue;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
                     Err(e) => {
@@ -107,18 +195,20 @@ impl Endpoint {
                     }
                 },
             };
-            if self.connections.load(Ordering::Relaxed) as usize >= self.settings.max_connections {
+            // The place is taken here, before the task is spawned: counted inside the task, a
+            // burst of connects would all pass the check before the first one was counted.
+            let Ok(permit) = self.connection_slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, max = self.settings.max_connections, "MQTT connection refused: too many connections");
                 let endpoint = self.clone();
                 tokio::spawn(async move { endpoint.refuse_busy(stream).await });
                 continue;
-            }
+            };
+            let slot = ConnectionSlot::new(permit, &self.metrics.mqtt_connections);
             let _ = stream.set_nodelay(true);
             let endpoint = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                endpoint.connections.fetch_add(1, Ordering::Relaxed);
-                endpoint.metrics.mqtt_connections.inc();
+                let _slot = slot;
                 let stream: Option<Box<dyn ClientStream>> = match &endpoint.settings.tls {
                     None => Some(Box::new(stream)),
                     Some(acceptor) => {
@@ -138,8 +228,6 @@ impl Endpoint {
                 if let Some(stream) = stream {
                     endpoint.handle(stream, peer, shutdown).await;
                 }
-                endpoint.metrics.mqtt_connections.dec();
-                endpoint.connections.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
@@ -166,6 +254,7 @@ impl Endpoint {
                 session_present: false,
                 refusal: Some(ConnectRefusal::ServerUnavailable),
                 server_keep_alive: None,
+                session_expiry: None,
                 assigned_client_id: None,
                 max_packet_size: self.settings.max_packet_size as u32,
             };
@@ -404,6 +493,7 @@ impl Connection {
             session_present: false,
             refusal: Some(refusal),
             server_keep_alive: None,
+            session_expiry: None,
             assigned_client_id: None,
             max_packet_size,
         };
@@ -418,10 +508,18 @@ impl Connection {
                 return Ok(false);
             }
         }
-        let persistent = match session_expiry {
-            None => !clean_start,
-            Some(expiry) => expiry > 0,
+        let max_expiry = self.endpoint.max_session_expiry();
+        let (expiry, capped) = match session_expiry {
+            None if clean_start => (Duration::ZERO, None),
+            None => (max_expiry, None),
+            // u32::MAX, "never expires", is capped like any other ask.
+            Some(asked) => {
+                let granted = Duration::from_secs(u64::from(asked)).min(max_expiry);
+                let granted_secs = u32::try_from(granted.as_secs()).unwrap_or(u32::MAX - 1);
+                (granted, (granted_secs != asked).then_some(granted_secs))
+            }
         };
+        let persistent = !expiry.is_zero();
         let mut assigned = None;
         let client_id = if client_id.is_empty() {
             if persistent && self.version == Version::V311 {
@@ -450,15 +548,20 @@ impl Connection {
                 .lock()
                 .map_err(|_| "session table poisoned")?;
             let session = sessions.entry(client_id.clone()).or_default();
+            if session.expired(Instant::now()) {
+                log_expired(&client_id, session);
+                *session = Session::default();
+            }
             if let Some((_, previous)) = session.active.take() {
                 previous.cancel();
             }
             let present =
-                !clean_start && (session.persistent || !session.awaiting_release.is_empty());
+                !clean_start && (session.persistent() || !session.awaiting_release.is_empty());
             if clean_start {
                 session.awaiting_release.clear();
             }
-            session.persistent = persistent;
+            session.expiry = expiry;
+            session.left_at = None;
             session.active = Some((self.id, self.cancel.clone()));
             present
         };
@@ -466,6 +569,7 @@ impl Connection {
             session_present,
             refusal: None,
             server_keep_alive: (granted != keep_alive).then_some(granted),
+            session_expiry: capped,
             assigned_client_id: assigned,
             max_packet_size,
         });
@@ -474,7 +578,8 @@ impl Connection {
         Ok(true)
     }
 
-    /// Drops the session unless it is persistent, and leaves the reject subscriptions.
+    /// Drops the session unless it is persistent (then its expiry starts now), and leaves the
+    /// reject subscriptions.
     fn release_session(&self) {
         if let Ok(mut sessions) = self.endpoint.sessions.lock()
             && let Some(session) = sessions.get_mut(&self.client_id)
@@ -484,7 +589,9 @@ impl Connection {
                 .is_some_and(|(id, _)| *id == self.id)
         {
             session.active = None;
-            if !session.persistent {
+            if session.persistent() {
+                session.left_at = Some(Instant::now());
+            } else {
                 sessions.remove(&self.client_id);
             }
         }
@@ -715,7 +822,14 @@ impl Connection {
     }
 }
 
-/// The JSON a scanner receives on `rejects/{device}`.
+fn log_expired(client_id: &str, session: &Session) {
+    tracing::info!(
+        client = %client_id,
+        expiry_secs = session.expiry.as_secs(),
+        "MQTT session expired: its client stayed away longer than the session expiry; its state is freed"
+    );
+}
+
 /// The device a topic names under a pattern like `scans/{device}`, if the topic matches it.
 pub fn device_in_topic<'t>(pattern: &str, topic: &'t str) -> Option<&'t str> {
     let pattern_levels: Vec<&str> = pattern.split('/').collect();
@@ -737,6 +851,7 @@ pub fn device_in_topic<'t>(pattern: &str, topic: &'t str) -> Option<&'t str> {
     device
 }
 
+/// The JSON a scanner receives on `rejects/{device}`.
 fn reject_notice(
     id: Option<&str>,
     topic: &str,
