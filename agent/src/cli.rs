@@ -91,12 +91,12 @@ pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
     println!("mqtt clients    {}", s["mqtt"]["connected_clients"]);
     if !link.is_null() {
         println!(
-            "ERP             {} posted, {} refused",
+            "ERP             {} posted since start, {} refusals kept (backhaul-agent rejects)",
             count(&link["erp_posted"]),
-            count(&link["erp_refused"])
+            count(&s["erp_refusals_stored"])
         );
         let hour_ago = backhaul_now_ms() - 3_600_000;
-        for refusal in link["erp_refusals"].as_array().into_iter().flatten() {
+        for refusal in s["erp_refusals"].as_array().into_iter().flatten() {
             if refusal["reported_at_ms"].as_i64().unwrap_or(0) >= hour_ago {
                 println!(
                     "  refused       {}: {}",

@@ -17,7 +17,10 @@ use backhaul_events::frame::Outcome;
 use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame, BatchRefusal};
 use backhaul_events::service::Backoff;
 use backhaul_events::service::Heartbeat;
-use backhaul_events::topics::{acks_topic, batches_topic, outcomes_topic};
+use backhaul_events::topics::{
+    acks_topic, batches_topic, outcomes_topic, refusal_acks_topic, refusals_topic,
+};
+use backhaul_events::{RefusalAckFrame, RefusalFrame};
 use bytes::Bytes;
 use rumqttc::{Outgoing, Transport, v5};
 use serde::Serialize;
@@ -55,12 +58,9 @@ pub struct LinkStatus {
     pub batches_resent: u64,
     pub events_forwarded: u64,
     pub reconnects: u64,
-    /// Events the relay reports posted to the ERP.
+    /// Events the relay reports posted to the ERP since the agent started (the ERP's
+    /// refusals are kept in the log: `EventLog::erp_refusals`).
     pub erp_posted: u64,
-    /// Events the relay reports refused by the ERP (dead-lettered).
-    pub erp_refused: u64,
-    /// The latest refusals, newest last.
-    pub erp_refusals: VecDeque<ErpRefusal>,
 }
 
 pub type SharedLinkStatus = Arc<Mutex<LinkStatus>>;
@@ -71,19 +71,8 @@ enum LinkEvent {
     Down(String),
     Ack(Vec<u8>),
     Outcomes(Vec<u8>),
+    Refusals(Vec<u8>),
 }
-
-/// An event the ERP refused for good, as the relay reported it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ErpRefusal {
-    pub id: String,
-    pub seq: u64,
-    pub reason: String,
-    pub reported_at_ms: i64,
-}
-
-/// How many ERP refusals the agent keeps to show.
-const KEPT_REFUSALS: usize = 1000;
 
 struct InFlight {
     first: u64,
@@ -228,27 +217,48 @@ impl Forwarder {
     }
 
     fn record_outcomes(&self, frame: OutcomeFrame) {
-        self.set_status(|s| {
-            for outcome in frame.outcomes {
-                match outcome.outcome {
-                    Outcome::Posted { .. } => s.erp_posted += 1,
-                    Outcome::DeadLettered { reason } => {
-                        s.erp_refused += 1;
-                        tracing::warn!(event = %outcome.id, seq = outcome.seq, %reason, "the ERP refused an event");
-                        s.erp_refusals.push_back(ErpRefusal {
-                            id: outcome.id,
-                            seq: outcome.seq,
-                            reason,
-                            reported_at_ms: now_ms(),
-                        });
-                        while s.erp_refusals.len() > KEPT_REFUSALS {
-                            s.erp_refusals.pop_front();
-                        }
-                    }
-                    Outcome::Stored | Outcome::Duplicate => {}
+        let posted = frame
+            .outcomes
+            .iter()
+            .filter(|o| matches!(o.outcome, Outcome::Posted { .. }))
+            .count() as u64;
+        self.set_status(|s| s.erp_posted += posted);
+    }
+
+    /// Stores the refusals the relay reports, then tells the relay it may forget them: the
+    /// warehouse learns of every refusal, however long the agent was away or down.
+    async fn take_refusals(&self, client: &UplinkClient, frame: RefusalFrame) {
+        let Some(through) = frame.refusals.iter().map(|r| r.number).max() else {
+            return;
+        };
+        for refusal in &frame.refusals {
+            tracing::warn!(event = %refusal.id, seq = refusal.seq, reason = %refusal.reason, "the ERP refused an event");
+        }
+        let log = self.log.clone();
+        let refusals = frame.refusals;
+        match tokio::task::spawn_blocking(move || log.store_erp_refusals(&refusals)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "ERP refusals could not be stored; the relay sends them again");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the refusal writer failed; the relay sends them again");
+                return;
+            }
+        }
+        let ack = RefusalAckFrame {
+            site: self.site.clone(),
+            through,
+        };
+        match ack.encode() {
+            Ok(payload) => {
+                if let Err(e) = client.try_publish(&refusal_acks_topic(&self.site), payload) {
+                    tracing::debug!(error = %e, "refusal acknowledgement not sent; the relay sends them again");
                 }
             }
-        });
+            Err(e) => tracing::error!(error = %e, "a refusal acknowledgement could not be encoded"),
+        }
     }
 
     /// Runs until `stop` is cancelled.
@@ -261,6 +271,7 @@ impl Forwarder {
             LinkTopics {
                 acks: acks_topic(&self.site),
                 outcomes: outcomes_topic(&self.site),
+                refusals: refusals_topic(&self.site),
             },
             link_tx,
             self.config.reconnect_min_ms,
@@ -407,6 +418,13 @@ impl Forwarder {
                             }
                             s.last_error = Some(error);
                         });
+                    }
+                    Some(LinkEvent::Refusals(payload)) => {
+                        match RefusalFrame::decode(&payload, MAX_FRAME_BYTES) {
+                            Ok(frame) if frame.site == self.site => self.take_refusals(&client, frame).await,
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "a refusal report could not be decoded"),
+                        }
                     }
                     Some(LinkEvent::Outcomes(payload)) => {
                         match OutcomeFrame::decode(&payload, MAX_FRAME_BYTES) {
@@ -756,6 +774,7 @@ fn connect_reason_text(code: v5::mqttbytes::v5::ConnectReturnCode) -> &'static s
 struct LinkTopics {
     acks: String,
     outcomes: String,
+    refusals: String,
 }
 
 /// Polls the MQTT event loop of either protocol version: reports the link going up (after the
@@ -773,6 +792,7 @@ async fn drive_link(
     let LinkTopics {
         acks: acks_topic,
         outcomes: outcomes_topic,
+        refusals: refusals_topic,
     } = topics;
     let mut backoff = Backoff::new(
         Duration::from_millis(backoff_min_ms),
@@ -788,7 +808,9 @@ async fn drive_link(
             Polled::Connected => {
                 backoff.reset();
                 subscribe_pkid = None;
-                if let Err(e) = client.try_subscribe(&[&acks_topic, &outcomes_topic]) {
+                if let Err(e) =
+                    client.try_subscribe(&[&acks_topic, &outcomes_topic, &refusals_topic])
+                {
                     let _ = link
                         .send(LinkEvent::Down(format!(
                             "cannot subscribe to {acks_topic}: {e}"
@@ -823,6 +845,8 @@ async fn drive_link(
                     LinkEvent::Outcomes(payload.to_vec())
                 } else if topic == acks_topic.as_bytes() {
                     LinkEvent::Ack(payload.to_vec())
+                } else if topic == refusals_topic.as_bytes() {
+                    LinkEvent::Refusals(payload.to_vec())
                 } else {
                     continue;
                 };

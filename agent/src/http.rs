@@ -278,6 +278,12 @@ fn by_transport(
 
 async fn status(State(state): State<HttpState>) -> Response {
     let stats = state.log.stats();
+    let log = state.log.clone();
+    let latest_refusals = tokio::task::spawn_blocking(move || log.erp_refusals(20))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     let oldest_age = stats
         .oldest_received_at_ms
         .map(|t| (now_ms() - t).max(0) as f64 / 1000.0);
@@ -317,13 +323,10 @@ async fn status(State(state): State<HttpState>) -> Response {
             "connected_clients": state.mqtt.as_ref().map(|m| m.connected_clients()).unwrap_or(0),
         },
         "rejects_stored": stats.rejects_stored,
-        "link": state.link.as_ref().and_then(|l| l.lock().ok().map(|l| {
-            let mut l = l.clone();
-            // The status page shows the latest few; /v1/rejects has them all.
-            let keep = l.erp_refusals.len().saturating_sub(20);
-            l.erp_refusals.drain(..keep);
-            l
-        })),
+        "link": state.link.as_ref().and_then(|l| l.lock().ok().map(|l| l.clone())),
+        "erp_refusals_stored": stats.erp_refusals_stored,
+        // The status page shows the latest few; /v1/rejects has them all.
+        "erp_refusals": latest_refusals,
         "site_broker": state.site_broker.as_ref().and_then(|b| b.lock().ok().map(|b| b.clone())),
     }))
     .into_response()
@@ -373,14 +376,11 @@ async fn rejects(State(state): State<HttpState>, Query(query): Query<RejectsQuer
                     value
                 })
                 .collect();
-            let refusals: Vec<_> = state
-                .link
-                .as_ref()
-                .and_then(|l| {
-                    l.lock()
-                        .ok()
-                        .map(|l| l.erp_refusals.iter().rev().take(limit).cloned().collect())
-                })
+            let log = state.log.clone();
+            let refusals = tokio::task::spawn_blocking(move || log.erp_refusals(limit))
+                .await
+                .ok()
+                .and_then(Result::ok)
                 .unwrap_or_default();
             axum::Json(json!({
                 "rejects": rejects,

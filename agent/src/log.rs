@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backhaul_events::service::Heartbeat;
-use backhaul_events::{Epoch, Event, Violation};
+use backhaul_events::{Epoch, Event, Refusal, Violation};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -24,6 +24,10 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const REJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("rejects");
+/// Events the ERP refused, as the relay reported them: the relay's time and number (big
+/// endian, so a re-sent refusal lands on itself and the oldest come first) → JSON
+/// [`ErpRefusal`]. Kept, like rejects, up to `max_rejects`.
+const ERP_REFUSALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("erp_refusals");
 
 const META_EPOCH: &str = "epoch";
 const META_NEXT_SEQ: &str = "next_seq";
@@ -128,6 +132,18 @@ pub enum RejectsPage {
     After(u64),
 }
 
+/// An event the ERP refused for good, as the relay reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErpRefusal {
+    pub id: String,
+    pub seq: u64,
+    pub reason: String,
+    /// When the relay dead-lettered it.
+    pub refused_at_ms: i64,
+    /// When this agent learned of it.
+    pub reported_at_ms: i64,
+}
+
 /// A snapshot of the log's state for status, metrics and the quota check.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LogStats {
@@ -140,6 +156,7 @@ pub struct LogStats {
     pub max_bytes: u64,
     pub quota_exceeded: bool,
     pub rejects_stored: u64,
+    pub erp_refusals_stored: u64,
     pub file_bytes: u64,
     pub flushes: u64,
     pub compactions: u64,
@@ -180,6 +197,7 @@ struct Shared {
     heartbeat: Mutex<Option<Heartbeat>>,
     /// Set once the writer thread has ended, however it ended.
     writer_ended: tokio::sync::watch::Sender<bool>,
+    max_rejects: u64,
 }
 
 /// Tells waiters the writer ended when the writer thread drops it: on return or in a panic.
@@ -256,6 +274,7 @@ impl EventLog {
             flush_observer: Mutex::new(None),
             heartbeat: Mutex::new(None),
             writer_ended: tokio::sync::watch::Sender::new(false),
+            max_rejects: options.max_rejects,
         });
         let (requests, receiver) = mpsc::channel();
         let writer_shared = shared.clone();
@@ -457,6 +476,59 @@ impl EventLog {
         Ok(out)
     }
 
+    /// Stores refusals the relay reported, durably, before the relay is told it may forget
+    /// them; a refusal already stored is stored once. The oldest beyond `max_rejects` go.
+    pub fn store_erp_refusals(&self, refusals: &[Refusal]) -> Result<(), LogError> {
+        let db = self.shared.db.read().map_err(|_| LogError::Closed)?;
+        let txn = db.begin_write().map_err(storage)?;
+        let stored = {
+            let mut table = txn.open_table(ERP_REFUSALS).map_err(storage)?;
+            for refusal in refusals {
+                let mut key = [0u8; 16];
+                key[..8].copy_from_slice(&refusal.at_ms.to_be_bytes());
+                key[8..].copy_from_slice(&refusal.number.to_be_bytes());
+                let record = ErpRefusal {
+                    id: refusal.id.clone(),
+                    seq: refusal.seq,
+                    reason: refusal.reason.clone(),
+                    refused_at_ms: refusal.at_ms,
+                    reported_at_ms: now_ms(),
+                };
+                if table.get(key.as_slice()).map_err(storage)?.is_some() {
+                    continue;
+                }
+                let json = serde_json::to_vec(&record).map_err(storage)?;
+                table
+                    .insert(key.as_slice(), json.as_slice())
+                    .map_err(storage)?;
+            }
+            while table.len().map_err(storage)? > self.shared.max_rejects {
+                table.pop_first().map_err(storage)?;
+            }
+            table.len().map_err(storage)?
+        };
+        txn.commit().map_err(storage)?;
+        if let Ok(mut stats) = self.shared.stats.lock() {
+            stats.erp_refusals_stored = stored;
+        }
+        Ok(())
+    }
+
+    /// The newest `limit` refusals, newest first.
+    pub fn erp_refusals(&self, limit: usize) -> Result<Vec<ErpRefusal>, LogError> {
+        let db = self.shared.db.read().map_err(|_| LogError::Closed)?;
+        let txn = db.begin_read().map_err(storage)?;
+        let table = txn.open_table(ERP_REFUSALS).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(storage)?.rev().take(limit) {
+            let (_, value) = entry.map_err(storage)?;
+            if let Ok(record) = serde_json::from_slice(value.value()) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     /// Gives the file's free pages back to the file system now.
     pub fn compact_now(&self) -> Result<bool, LogError> {
         compact(&self.shared)
@@ -557,15 +629,21 @@ fn initialise(
             .map_err(storage)?
             .len()
             .map_err(storage)?;
+        let erp_refusals_stored = txn
+            .open_table(ERP_REFUSALS)
+            .map_err(storage)?
+            .len()
+            .map_err(storage)?;
         (
             epoch,
             next_seq,
             live_bytes,
             oldest,
             backlog_events,
-            rejects_stored,
+            (rejects_stored, erp_refusals_stored),
         )
     };
+    let (rejects_stored, erp_refusals_stored) = rejects_stored;
     txn.commit().map_err(storage)?;
     let stats = LogStats {
         epoch: epoch.to_string(),
@@ -579,6 +657,7 @@ fn initialise(
         // not at the next refusal.
         quota_exceeded: live_bytes + (backhaul_events::MAX_EVENT_BYTES as u64) > options.max_bytes,
         rejects_stored,
+        erp_refusals_stored,
         file_bytes: file_len(path),
         flushes: 0,
         compactions: 0,

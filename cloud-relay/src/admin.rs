@@ -69,6 +69,8 @@ async fn sites(State(state): State<AdminState>) -> Response {
                 "site": s.site, "epoch": s.epoch, "highest_seq": s.highest_seq,
                 "last_seen_ms": s.last_seen_ms, "events_stored": s.events_stored,
                 "events_duplicate": s.events_duplicate, "events_delivered": s.events_delivered,
+                "events_dead_lettered": s.events_dead_lettered,
+                "refusals_unacknowledged": s.refusals_unacknowledged,
                 "outbox_depth": s.outbox_depth(),
             })
         })

@@ -1,7 +1,10 @@
 //! Batch intake: takes batch frames off the broker, checks them, stores them in the outbox
 //! (several batches share one durable commit), and only then publishes the acknowledgement
-//! the agent waits for before it deletes anything.
+//! the agent waits for before it deletes anything. It also carries the ERP's answers back:
+//! each site's refusals are sent until the site's agent acknowledges them (at once when they
+//! happen, again when the site is heard from, and every few seconds while any are left).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,8 +12,10 @@ use backhaul_events::config::Secret;
 use backhaul_events::frame::{AckFrame, BatchFrame, BatchRefusal};
 use backhaul_events::service::{Backoff, Heartbeat};
 use backhaul_events::topics::{
-    ALL_BATCHES_FILTER, acks_topic, outcomes_topic, site_of_batches_topic,
+    ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER, acks_topic, outcomes_topic, refusals_topic,
+    site_of_batches_topic, site_of_refusal_acks_topic,
 };
+use backhaul_events::{RefusalAckFrame, RefusalFrame};
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
@@ -27,6 +32,16 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// Decoded frames waiting for the outbox writer at most.
 const DECODED_AHEAD: usize = 64;
+/// Refusals in one frame at most.
+const REFUSALS_PER_FRAME: usize = 200;
+/// A site's unacknowledged refusals are sent again after this long.
+const REFUSALS_RESEND: Duration = Duration::from_secs(10);
+
+/// What the broker brought, decoded.
+enum Inbound {
+    Batch(BatchFrame, Instant),
+    RefusalAck(RefusalAckFrame),
+}
 
 struct Received {
     topic: String,
@@ -69,18 +84,22 @@ impl Intake {
         options
     }
 
-    fn filter(&self) -> String {
-        match &self.broker.shared_group {
-            Some(group) => format!("$share/{group}/{ALL_BATCHES_FILTER}"),
-            None => ALL_BATCHES_FILTER.to_string(),
-        }
+    /// The batches filter, and the refusal acknowledgements filter.
+    fn filters(&self) -> [String; 2] {
+        [ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER].map(|filter| {
+            match &self.broker.shared_group {
+                Some(group) => format!("$share/{group}/{filter}"),
+                None => filter.to_string(),
+            }
+        })
     }
 
     /// Runs until `stop`; ends with an error when the outbox cannot store batches.
     pub async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
         let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
         let (tx, mut rx) = mpsc::channel::<Received>(DECODED_AHEAD);
-        let filter = self.filter();
+        let filters = self.filters();
+        let filter = filters.join(", ");
         let metrics = self.metrics.clone();
         let poll_client = client.clone();
         let poll_stop = stop.clone();
@@ -96,8 +115,10 @@ impl Intake {
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
-                        if let Err(e) = poll_client.try_subscribe(filter.clone(), QoS::AtLeastOnce)
-                        {
+                        let subscriptions = filters
+                            .iter()
+                            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        if let Err(e) = poll_client.try_subscribe_many(subscriptions) {
                             tracing::error!(error = %e, "cannot subscribe to {filter}");
                         }
                     }
@@ -136,43 +157,66 @@ impl Intake {
 
         // Frames are decoded while the previous ones are being stored.
         let max_frame = self.broker.max_frame_size.0 as usize;
-        let (decoded_tx, mut decoded_rx) = mpsc::channel::<(BatchFrame, Instant)>(DECODED_AHEAD);
+        let (decoded_tx, mut decoded_rx) = mpsc::channel::<Inbound>(DECODED_AHEAD);
         let decode_metrics = self.metrics.clone();
         let decoder = tokio::spawn(async move {
             while let Some(received) = rx.recv().await {
-                if let Some(batch) = check(&decode_metrics, &received, max_frame)
-                    && decoded_tx.send((batch, received.at)).await.is_err()
+                if let Some(inbound) = check(&decode_metrics, &received, max_frame)
+                    && decoded_tx.send(inbound).await.is_err()
                 {
                     return;
                 }
             }
         });
         let mut beat = tokio::time::interval(Duration::from_secs(1));
+        let mut refusals_sent: HashMap<String, Instant> = HashMap::new();
         let result = loop {
             self.heartbeat.beat();
             let first = tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
-                _ = beat.tick() => continue,
+                _ = beat.tick() => {
+                    for site in self.outbox.sites_with_refusals() {
+                        if refusals_sent.get(&site).is_none_or(|at| at.elapsed() >= REFUSALS_RESEND) {
+                            self.publish_refusals(&client, &site, &mut refusals_sent).await;
+                        }
+                    }
+                    continue;
+                }
                 received = decoded_rx.recv() => match received {
-                    Some(r) => r,
+                    Some(Inbound::Batch(batch, at)) => (batch, at),
+                    Some(Inbound::RefusalAck(ack)) => {
+                        self.refusals_acknowledged(ack).await;
+                        continue;
+                    }
                     None => break Err(anyhow::anyhow!("the broker reader stopped")),
                 },
                 outcomes = self.outcomes.recv() => {
                     if let Some((site, outcomes)) = outcomes {
-                        self.publish_outcomes(&client, site, outcomes);
+                        let refused = outcomes
+                            .iter()
+                            .any(|o| matches!(o.outcome, backhaul_events::Outcome::DeadLettered { .. }));
+                        self.publish_outcomes(&client, site.clone(), outcomes);
+                        if refused {
+                            self.publish_refusals(&client, &site, &mut refusals_sent).await;
+                        }
                     }
                     continue;
                 }
             };
             let (mut batches, mut arrivals) = (vec![first.0], vec![first.1]);
+            let mut acks = Vec::new();
             while batches.len() < MAX_BATCHES_PER_COMMIT {
                 match decoded_rx.try_recv() {
-                    Ok((batch, at)) => {
+                    Ok(Inbound::Batch(batch, at)) => {
                         batches.push(batch);
                         arrivals.push(at);
                     }
+                    Ok(Inbound::RefusalAck(ack)) => acks.push(ack),
                     Err(_) => break,
                 }
+            }
+            for ack in acks {
+                self.refusals_acknowledged(ack).await;
             }
             let outbox = self.outbox.clone();
             let stored = tokio::task::spawn_blocking(move || {
@@ -245,11 +289,91 @@ impl Intake {
                     }
                 }
             }
+            // A site heard from is there to take its refusals.
+            let mut heard: Vec<String> = batches.iter().map(|b| b.site.clone()).collect();
+            heard.dedup();
+            for site in heard {
+                let due = refusals_sent
+                    .get(&site)
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+                if due
+                    && self
+                        .outbox
+                        .sites()
+                        .iter()
+                        .any(|s| s.site == site && s.refusals_unacknowledged > 0)
+                {
+                    self.publish_refusals(&client, &site, &mut refusals_sent)
+                        .await;
+                }
+            }
         };
         let _ = client.try_disconnect();
         poller.abort();
         decoder.abort();
         result
+    }
+
+    /// Sends the refusals the outbox keeps for `site`, oldest first.
+    async fn publish_refusals(
+        &self,
+        client: &AsyncClient,
+        site: &str,
+        sent: &mut HashMap<String, Instant>,
+    ) {
+        sent.insert(site.to_string(), Instant::now());
+        let outbox = self.outbox.clone();
+        let for_site = site.to_string();
+        let read =
+            tokio::task::spawn_blocking(move || outbox.refusals(&for_site, REFUSALS_PER_FRAME))
+                .await;
+        let refusals = match read {
+            Ok(Ok(refusals)) if !refusals.is_empty() => refusals,
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => {
+                tracing::error!(site, error = %e, "the refusals kept for the site cannot be read");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(site, error = %e, "the refusals reader failed");
+                return;
+            }
+        };
+        let frame = RefusalFrame {
+            site: site.to_string(),
+            refusals,
+        };
+        match frame.encode() {
+            Ok(payload) => {
+                if let Err(e) =
+                    client.try_publish(refusals_topic(site), QoS::AtLeastOnce, false, payload)
+                {
+                    tracing::debug!(site, error = %e, "refusals not sent; they go again later");
+                } else {
+                    tracing::debug!(
+                        site,
+                        refusals = frame.refusals.len(),
+                        "refusals sent to the site"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(site, error = %e, "refusals could not be encoded"),
+        }
+    }
+
+    async fn refusals_acknowledged(&self, ack: RefusalAckFrame) {
+        let outbox = self.outbox.clone();
+        let (site, through) = (ack.site.clone(), ack.through);
+        match tokio::task::spawn_blocking(move || outbox.acknowledge_refusals(&site, through)).await
+        {
+            Ok(Ok(forgotten)) => {
+                tracing::debug!(site = %ack.site, through, forgotten, "the site has its refusals")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(site = %ack.site, error = %e, "a refusal acknowledgement could not be recorded; the refusals go again")
+            }
+            Err(e) => tracing::error!(error = %e, "the refusal acknowledgement writer failed"),
+        }
     }
 
     fn publish_outcomes(
@@ -277,7 +401,20 @@ impl Intake {
 }
 
 /// Decodes and checks a frame; refused frames are counted, logged and never acknowledged.
-fn check(metrics: &RelayMetrics, received: &Received, max_frame: usize) -> Option<BatchFrame> {
+fn check(metrics: &RelayMetrics, received: &Received, max_frame: usize) -> Option<Inbound> {
+    if let Some(topic_site) = site_of_refusal_acks_topic(&received.topic) {
+        return match RefusalAckFrame::decode(&received.payload, max_frame) {
+            Ok(ack) if ack.site == topic_site => Some(Inbound::RefusalAck(ack)),
+            Ok(ack) => {
+                tracing::warn!(topic_site, frame_site = %ack.site, "refusal acknowledgement ignored: its site does not match its topic");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(site = topic_site, error = %e, "refusal acknowledgement ignored");
+                None
+            }
+        };
+    }
     let Some(topic_site) = site_of_batches_topic(&received.topic) else {
         tracing::warn!(topic = %received.topic, "message on a topic that is not a site's batches topic ignored");
         return None;
@@ -307,5 +444,5 @@ fn check(metrics: &RelayMetrics, received: &Received, max_frame: usize) -> Optio
         tracing::warn!(topic_site, frame_site = %batch.site, "batch frame refused: its site does not match its topic");
         return None;
     }
-    Some(batch)
+    Some(Inbound::Batch(batch, received.at))
 }

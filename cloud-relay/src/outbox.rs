@@ -3,7 +3,8 @@
 //!
 //! What it owns: per-site and per-epoch progress (the highest sequence number stored without a
 //! gap, which is what an acknowledgement promises), deduplication by event id within a site,
-//! the queue per ordering key, and the connector's [`CommitToken`] committed with deliveries.
+//! the queue per ordering key, the connector's [`CommitToken`] committed with deliveries, and
+//! each site's refusals until its agent has them.
 //!
 //! Intake is the hot path: per event it writes two records with increasing keys, the event and
 //! its id in the deduplication window. Nothing on disk is keyed by event id or ordering key,
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use backhaul_events::{
-    BatchFrame, BatchRefusal, Epoch, Event, EventOutcome, Outcome, StampedEvent,
+    BatchFrame, BatchRefusal, Epoch, Event, EventOutcome, Outcome, Refusal, StampedEvent,
 };
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -43,6 +44,9 @@ const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Events the ERP refused for good, by their outbox sequence number (so replay keeps order).
 const DLQ: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Refusals kept for each site until its agent acknowledges them: site, 0, number (big
+/// endian) → postcard [`Refusal`].
+const REFUSALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("refusals");
 
 const META_NEXT_OUTBOX_SEQ: &str = "next_outbox_seq";
 /// The connector's commit token (named when the ledger was its only user).
@@ -81,6 +85,12 @@ pub struct SiteRecord {
     pub events_delivered: u64,
     #[serde(default)]
     pub events_dead_lettered: u64,
+    /// The number of the site's latest refusal.
+    #[serde(default)]
+    pub refusals_numbered: u64,
+    /// Refusals kept until the site's agent acknowledges them.
+    #[serde(default)]
+    pub refusals_unacknowledged: u64,
 }
 
 impl SiteRecord {
@@ -443,6 +453,7 @@ impl Outbox {
             txn.open_table(META).map_err(storage)?;
             txn.open_table(EPOCHS).map_err(storage)?;
             txn.open_table(DLQ).map_err(storage)?;
+            txn.open_table(REFUSALS).map_err(storage)?;
             let table = txn.open_table(SITES).map_err(storage)?;
             for entry in table.iter().map_err(storage)? {
                 let (key, value) = entry.map_err(storage)?;
@@ -806,6 +817,7 @@ impl Outbox {
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
             let mut dlq = txn.open_table(DLQ).map_err(storage)?;
+            let mut refusals = txn.open_table(REFUSALS).map_err(storage)?;
             // The bytes of the record taken out, if it was still there.
             let mut take_out = |outbox_seq: u64| -> Result<Option<u64>, OutboxError> {
                 let removed = outbox.remove(outbox_seq).map_err(storage)?;
@@ -834,6 +846,22 @@ impl Outbox {
                     held_bytes += json.len() as u64;
                     if let Some(record) = sites.get_mut(&event.site) {
                         record.events_dead_lettered += 1;
+                        record.refusals_numbered += 1;
+                        record.refusals_unacknowledged += 1;
+                        let refusal = Refusal {
+                            number: record.refusals_numbered,
+                            seq: event.seq,
+                            id: event.event.id.clone(),
+                            reason: reason.clone(),
+                            at_ms: letter.at_ms,
+                        };
+                        let bytes = postcard::to_stdvec(&refusal).map_err(storage)?;
+                        refusals
+                            .insert(
+                                refusal_key(&event.site, refusal.number).as_slice(),
+                                bytes.as_slice(),
+                            )
+                            .map_err(storage)?;
                     }
                 }
             }
@@ -953,6 +981,74 @@ impl Outbox {
         state.held_bytes = held_bytes;
         state.seen.apply(recorded, Vec::new());
         Ok(taken)
+    }
+}
+
+fn refusal_key(site: &str, number: u64) -> Vec<u8> {
+    site_key(site, &number.to_be_bytes())
+}
+
+impl Outbox {
+    /// The sites with refusals their agents have not acknowledged yet.
+    pub fn sites_with_refusals(&self) -> Vec<String> {
+        self.sites()
+            .into_iter()
+            .filter(|s| s.refusals_unacknowledged > 0)
+            .map(|s| s.site)
+            .collect()
+    }
+
+    /// The oldest `limit` refusals kept for `site`.
+    pub fn refusals(&self, site: &str, limit: usize) -> Result<Vec<Refusal>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(REFUSALS).map_err(storage)?;
+        let (from, to) = (refusal_key(site, 0), refusal_key(site, u64::MAX));
+        let mut out = Vec::new();
+        for entry in table
+            .range(from.as_slice()..=to.as_slice())
+            .map_err(storage)?
+            .take(limit)
+        {
+            let (_, value) = entry.map_err(storage)?;
+            out.push(postcard::from_bytes(value.value()).map_err(storage)?);
+        }
+        Ok(out)
+    }
+
+    /// The site's agent has every refusal up to `through`: they are forgotten. Returns how
+    /// many were.
+    pub fn acknowledge_refusals(&self, site: &str, through: u64) -> Result<u64, OutboxError> {
+        let mut state = self.lock_state()?;
+        let Some(record) = state.sites.get(site) else {
+            return Ok(0);
+        };
+        if record.refusals_unacknowledged == 0 {
+            return Ok(0);
+        }
+        let mut record = record.clone();
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_quick_repair(true);
+        let mut forgotten = 0;
+        {
+            let mut table = txn.open_table(REFUSALS).map_err(storage)?;
+            let (from, to) = (refusal_key(site, 0), refusal_key(site, through));
+            let keys: Vec<Vec<u8>> = table
+                .range(from.as_slice()..=to.as_slice())
+                .map_err(storage)?
+                .map(|entry| entry.map(|(key, _)| key.value().to_vec()))
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            for key in keys {
+                table.remove(key.as_slice()).map_err(storage)?;
+                forgotten += 1;
+            }
+            record.refusals_unacknowledged =
+                record.refusals_unacknowledged.saturating_sub(forgotten);
+            write_sites(&txn, [&record])?;
+        }
+        txn.commit().map_err(storage)?;
+        state.sites.insert(site.to_string(), record);
+        Ok(forgotten)
     }
 }
 

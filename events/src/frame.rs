@@ -1,5 +1,7 @@
-//! The binary frames between agent and relay: a batch of logged events, and the relay's
-//! acknowledgement. Each frame is one version byte followed by postcard.
+//! The binary frames between agent and relay: a batch of logged events, the relay's
+//! acknowledgement, what the ERP did with the events, the refusals the relay keeps for a site
+//! until its agent acknowledges them, and that acknowledgement. Each frame is one version byte
+//! followed by postcard.
 //!
 //! Decoding takes bytes from the network, so it never panics, refuses frames over a size
 //! limit before looking inside, and checks that a batch is consistent with itself.
@@ -113,6 +115,63 @@ impl OutcomeFrame {
 
     pub fn decode(bytes: &[u8], max_len: usize) -> Result<OutcomeFrame, FrameError> {
         let frame: OutcomeFrame = decode(bytes, max_len)?;
+        check_site_id(&frame.site)
+            .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
+        Ok(frame)
+    }
+}
+
+/// An event the ERP refused for good. The relay numbers each site's refusals and keeps them
+/// until the site's agent acknowledges them, so the warehouse learns of every one, however
+/// long its agent was away.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Increasing per site at the relay; what the agent acknowledges.
+    pub number: u64,
+    /// The event's sequence number in the agent's log, and its id.
+    pub seq: u64,
+    pub id: String,
+    /// The ERP's reason.
+    pub reason: String,
+    /// When the relay dead-lettered the event (ms since the Unix epoch).
+    pub at_ms: i64,
+}
+
+/// Refusals the relay still keeps for a site, oldest first, on the site's refusals topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalFrame {
+    pub site: String,
+    pub refusals: Vec<Refusal>,
+}
+
+impl RefusalFrame {
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8], max_len: usize) -> Result<RefusalFrame, FrameError> {
+        let frame: RefusalFrame = decode(bytes, max_len)?;
+        check_site_id(&frame.site)
+            .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
+        Ok(frame)
+    }
+}
+
+/// The agent has every refusal of its site up to `through` on its disk: the relay may forget
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalAckFrame {
+    pub site: String,
+    pub through: u64,
+}
+
+impl RefusalAckFrame {
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8], max_len: usize) -> Result<RefusalAckFrame, FrameError> {
+        let frame: RefusalAckFrame = decode(bytes, max_len)?;
         check_site_id(&frame.site)
             .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
         Ok(frame)

@@ -19,6 +19,25 @@ pub fn outcomes_topic(site: &str) -> String {
     format!("{PREFIX}{site}/outcomes")
 }
 
+/// Where the relay sends the refusals it keeps for a site until the agent acknowledges them.
+pub fn refusals_topic(site: &str) -> String {
+    format!("{PREFIX}{site}/refusals")
+}
+
+/// Where an agent acknowledges the refusals it has stored.
+pub fn refusal_acks_topic(site: &str) -> String {
+    format!("{PREFIX}{site}/refusal-acks")
+}
+
+/// The filter a relay subscribes to for every site's refusal acknowledgements.
+pub const ALL_REFUSAL_ACKS_FILTER: &str = "backhaul/v1/sites/+/refusal-acks";
+
+/// The site a refusal-acks topic belongs to, or `None` if the topic is not one.
+pub fn site_of_refusal_acks_topic(topic: &str) -> Option<&str> {
+    let site = topic.strip_prefix(PREFIX)?.strip_suffix("/refusal-acks")?;
+    check_site_id(site).ok().map(|()| site)
+}
+
 /// The site a batches topic belongs to, or `None` if the topic is not a batches topic.
 pub fn site_of_batches_topic(topic: &str) -> Option<&str> {
     let site = topic.strip_prefix(PREFIX)?.strip_suffix("/batches")?;

@@ -260,7 +260,9 @@ fn a_refused_event_waits_in_the_dlq_without_blocking_others_and_replays_once_fix
             .unwrap()
             .contains("unknown product SKU-BAD")
     }));
-    assert_eq!(agent.status()["link"]["erp_refused"], 2);
+    assert_eq!(agent.status()["erp_refusals_stored"], 2);
+    let sites = relay.sites();
+    assert_eq!(sites["sites"][0]["events_dead_lettered"], 2, "{sites}");
 
     // Fix the master data, replay, and the events are posted once.
     erp.accept_sku("SKU-BAD");
@@ -406,4 +408,95 @@ fn a_body_mapping_posts_the_erps_own_shape_with_exact_numbers_and_dates() {
         posted.contains_key(&format!("{device}-3")),
         "no receipt was posted"
     );
+}
+
+/// The warehouse learns of every refusal however long its agent was away: the relay keeps a
+/// site's refusals until the agent has them on disk, and the agent keeps them across a kill.
+#[test]
+fn a_refusal_made_while_the_agent_is_down_reaches_it_and_survives_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let erp = ErpStandIn::start();
+    erp.refuse_sku("SKU-BAD");
+    // The ERP is down while the events arrive, so nothing is refused before the agent stops.
+    erp.set_mode(Mode::Fail);
+    let broker_port = backhaul_tests::free_port();
+    let relay = relay(dir.path(), broker_port, &erp);
+    let mut agent = agent(broker_port, "away");
+    let events: Vec<serde_json::Value> = ["away-good", "away-bad"]
+        .iter()
+        .map(|id| {
+            let sku = if id.ends_with("bad") {
+                "SKU-BAD"
+            } else {
+                "SKU-OK"
+            };
+            serde_json::json!({"v":1, "id": id, "type":"receive", "ts": backhaul_tests::events::TS,
+                "sku": sku, "qty": 1, "location": format!("L-{id}")})
+        })
+        .collect();
+    assert_eq!(
+        agent
+            .post_events(&serde_json::Value::Array(events), None)
+            .status()
+            .as_u16(),
+        202
+    );
+    let acknowledged = poll_until(Duration::from_secs(30), || {
+        (agent.status()["backlog"]["events"] == 0).then_some(())
+    });
+    assert!(acknowledged.is_some(), "{}", agent.status());
+    assert!(agent.terminate().success());
+
+    erp.set_mode(Mode::Ok);
+    let refused = poll_until(Duration::from_secs(30), || {
+        let sites = relay.sites();
+        (sites["sites"][0]["events_dead_lettered"] == 1).then_some(sites)
+    })
+    .expect("the bad receipt is dead-lettered");
+    assert_eq!(
+        refused["sites"][0]["refusals_unacknowledged"], 1,
+        "{refused}"
+    );
+
+    agent.restart();
+    let listed = |agent: &AgentProcess| {
+        poll_until(Duration::from_secs(30), || {
+            let rejects = agent.get_json("/v1/rejects");
+            let list = rejects["erp_refusals"].as_array()?.clone();
+            (list.len() == 1).then_some(list)
+        })
+    };
+    let refusals = listed(&agent).expect("the refusal made while the agent was down is listed");
+    assert_eq!(refusals[0]["id"], "away-bad");
+    assert!(
+        refusals[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unknown product SKU-BAD"),
+        "{refusals:?}"
+    );
+    let text = agent_cli(&agent, &["rejects"]);
+    assert!(text.contains("away-bad"), "{text}");
+    // The agent has it on disk: the relay forgets it.
+    let forgotten = poll_until(Duration::from_secs(30), || {
+        let sites = relay.sites();
+        (sites["sites"][0]["refusals_unacknowledged"] == 0).then_some(())
+    });
+    assert!(forgotten.is_some(), "{}", relay.sites());
+
+    // Killed after receiving it: still there, and no copy of it.
+    agent.kill9();
+    agent.restart();
+    let refusals = listed(&agent).expect("the refusal survives a SIGKILL");
+    assert_eq!(refusals[0]["id"], "away-bad");
+    assert_eq!(agent.status()["erp_refusals_stored"], 1);
+}
+
+fn agent_cli(agent: &AgentProcess, args: &[&str]) -> String {
+    let output = std::process::Command::new(backhaul_tests::binary("backhaul-agent"))
+        .args(args)
+        .args(["--url", &agent.http_url()])
+        .output()
+        .expect("backhaul-agent runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
