@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use backhaul_events::{
     BatchFrame, BatchRefusal, Epoch, Event, EventOutcome, Outcome, Refusal, StampedEvent,
@@ -135,9 +135,19 @@ pub struct Outbox {
     options: OutboxOptions,
     path: PathBuf,
     /// Held by every writer for its whole transaction: the site table is read, changed and
-    /// written back, and the id index must change only with what was committed.
+    /// written back, and the id index must change only with what was committed. Only the
+    /// writers' blocking threads take it; readers use `published`, so no async task ever
+    /// waits for a disk flush.
     state: Mutex<WriterState>,
+    /// What the last commit left, for readers (status, metrics, admin).
+    published: RwLock<Published>,
     frontier: Mutex<Frontier>,
+}
+
+#[derive(Default)]
+struct Published {
+    sites: Arc<BTreeMap<String, SiteRecord>>,
+    held_bytes: u64,
 }
 
 struct WriterState {
@@ -474,6 +484,10 @@ impl Outbox {
             db,
             options,
             path,
+            published: RwLock::new(Published {
+                sites: Arc::new(sites.clone()),
+                held_bytes,
+            }),
             state: Mutex::new(WriterState {
                 sites,
                 seen,
@@ -494,15 +508,25 @@ impl Outbox {
     }
 
     pub fn sites(&self) -> Vec<SiteRecord> {
-        self.state
-            .lock()
-            .map(|s| s.sites.values().cloned().collect())
+        self.published
+            .read()
+            .map(|p| p.sites.values().cloned().collect())
             .unwrap_or_default()
     }
 
     /// Bytes of the waiting events and dead letters, which `max_bytes` caps.
     pub fn held_bytes(&self) -> u64 {
-        self.state.lock().map(|s| s.held_bytes).unwrap_or(0)
+        self.published.read().map(|p| p.held_bytes).unwrap_or(0)
+    }
+
+    /// Makes what a writer committed visible to readers.
+    fn publish(&self, state: &WriterState) {
+        if let Ok(mut published) = self.published.write() {
+            *published = Published {
+                sites: Arc::new(state.sites.clone()),
+                held_bytes: state.held_bytes,
+            };
+        }
     }
 
     /// Whether the last look for work found only held-back keys among the oldest waiting
@@ -557,6 +581,7 @@ impl Outbox {
         txn.commit().map_err(storage)?;
         state.sites = sites;
         state.held_bytes = held_bytes;
+        self.publish(&state);
         state.seen.apply(recorded, forgotten);
         Ok(results)
     }
@@ -875,6 +900,7 @@ impl Outbox {
         txn.commit().map_err(storage)?;
         state.sites = sites;
         state.held_bytes = held_bytes;
+        self.publish(&state);
         drop(state);
         let mut frontier = self
             .frontier
@@ -979,6 +1005,7 @@ impl Outbox {
         txn.commit().map_err(storage)?;
         state.sites = sites;
         state.held_bytes = held_bytes;
+        self.publish(&state);
         state.seen.apply(recorded, Vec::new());
         Ok(taken)
     }
@@ -1048,6 +1075,7 @@ impl Outbox {
         }
         txn.commit().map_err(storage)?;
         state.sites.insert(site.to_string(), record);
+        self.publish(&state);
         Ok(forgotten)
     }
 }
@@ -1087,6 +1115,32 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readers_never_wait_for_a_writer_in_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = OutboxOptions {
+            cache_size: 1 << 20,
+            dedup_ids: 100,
+            frontier_events: 100,
+            max_bytes: 1 << 20,
+        };
+        let outbox = Outbox::open(dir.path(), options).unwrap();
+        // A writer holds its lock for as long as a slow disk takes to flush.
+        let writing = outbox.lock_state().unwrap();
+        let (done, answered) = std::sync::mpsc::channel();
+        let reader = outbox.clone();
+        std::thread::spawn(move || {
+            let _ = done.send((reader.sites().len(), reader.held_bytes()));
+        });
+        let answer = answered.recv_timeout(std::time::Duration::from_secs(10));
+        drop(writing);
+        assert_eq!(
+            answer,
+            Ok((0, 0)),
+            "sites() and held_bytes() waited for the writer"
+        );
+    }
 
     #[test]
     fn a_stamped_reference_encodes_like_the_stamped_event() {
