@@ -7,14 +7,14 @@
 //! timeout, every unacknowledged batch is read again from the log and re-sent, and the relay
 //! drops what it already has.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backhaul_events::Epoch;
 use backhaul_events::OutcomeFrame;
 use backhaul_events::config::Secret;
 use backhaul_events::frame::Outcome;
-use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame, BatchRefusal};
+use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame};
 use backhaul_events::service::Backoff;
 use backhaul_events::service::Heartbeat;
 use backhaul_events::topics::{
@@ -29,11 +29,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{UplinkConfig, UplinkProtocol};
+
+mod window;
 use crate::log::{EventLog, now_ms};
 use crate::metrics::AgentMetrics;
-
-/// How long after the relay refuses a batch as a gap everything unacknowledged is re-sent.
-const GAP_RESEND_DELAY: Duration = Duration::from_secs(1);
+use window::{Window, WindowSettings};
 
 /// Largest frame the agent sends or accepts; batches are far smaller, acks tiny.
 const MAX_FRAME_BYTES: usize = 8 << 20;
@@ -72,13 +72,6 @@ enum LinkEvent {
     Ack(Vec<u8>),
     Outcomes(Vec<u8>),
     Refusals(Vec<u8>),
-}
-
-struct InFlight {
-    first: u64,
-    last: u64,
-    events: u64,
-    sent_at: Instant,
 }
 
 pub struct Forwarder {
@@ -261,6 +254,128 @@ impl Forwarder {
         }
     }
 
+    /// Reads the batch from `from` out of the log and publishes it; whether one went (a full
+    /// client queue means the link is going down: the batch goes again after the reconnect).
+    async fn send_batch(
+        &self,
+        client: &UplinkClient,
+        topic: &str,
+        epoch: Epoch,
+        window: &mut Window,
+        from: u64,
+    ) -> anyhow::Result<bool> {
+        let records = {
+            let log = self.log.clone();
+            let (max_events, max_bytes) = (
+                self.config.batch_max_events,
+                self.config.batch_max_bytes.0 as usize,
+            );
+            tokio::task::spawn_blocking(move || log.read_from(from, max_events, max_bytes))
+                .await??
+        };
+        let (Some(first), Some(last)) = (records.first().map(|r| r.0), records.last().map(|r| r.0))
+        else {
+            // Acknowledged and deleted meanwhile: skip ahead.
+            window.skip_to(self.log.stats().next_seq);
+            return Ok(false);
+        };
+        let events = records.len() as u64;
+        let frame = BatchFrame {
+            site: self.site.clone(),
+            epoch,
+            acked_through: window.acked_through(),
+            first_seq: first,
+            last_seq: last,
+            events: records
+                .into_iter()
+                .map(|(seq, r)| BatchEntry {
+                    seq,
+                    received_at_ms: r.received_at_ms,
+                    event: r.event,
+                })
+                .collect(),
+            signature: None,
+        };
+        if let Err(e) = client.try_publish(topic, frame.encode()?) {
+            tracing::debug!(error = %e, "batch not queued");
+            return Ok(false);
+        }
+        let resend = window.sent(first, last, events, Instant::now());
+        self.metrics.batches_sent.inc();
+        self.metrics.events_forwarded.inc_by(events);
+        let (batches, in_flight) = (window.batches_in_flight(), window.events_in_flight());
+        self.set_status(|s| {
+            s.batches_sent += 1;
+            s.events_forwarded += events;
+            s.batches_in_flight = batches;
+            s.events_in_flight = in_flight;
+            if resend {
+                s.batches_resent += 1;
+            }
+        });
+        Ok(true)
+    }
+
+    /// An acknowledgement from the relay: the log deletes what it covers, and the status says
+    /// whether the relay is taking batches.
+    fn take_ack(&self, payload: &[u8], epoch: Epoch, window: &mut Window) {
+        let ack = match AckFrame::decode(payload, MAX_FRAME_BYTES) {
+            Ok(ack) => ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "an acknowledgement could not be decoded");
+                return;
+            }
+        };
+        if ack.site != self.site || ack.epoch != epoch {
+            tracing::debug!(site = %ack.site, epoch = %ack.epoch, "acknowledgement for another log ignored");
+            return;
+        }
+        let answer = window.acknowledged(ack.acked_through, ack.refused, Instant::now());
+        if answer.relay_full {
+            self.set_status(|s| {
+                if s.state != "relay full" {
+                    s.state = "relay full";
+                    s.since_ms = now_ms();
+                }
+                s.last_error = Some("the relay's outbox is full (outbox.max_bytes) while the ERP catches up: events wait here and are offered again".into());
+            });
+        }
+        let Some(through) = answer.delete_through else {
+            return;
+        };
+        match self.log.request_ack_through(through) {
+            Ok(deleted) => {
+                window.deleted_through(through, Instant::now());
+                let metrics = self.metrics.clone();
+                tokio::spawn(async move {
+                    match deleted.await {
+                        Ok(deleted) => {
+                            metrics.events_acked.inc_by(deleted);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "acknowledged events could not be deleted; they are re-sent after a restart")
+                        }
+                    }
+                });
+                self.metrics.last_ack_ms.set(now_ms());
+                let (batches, in_flight) = (window.batches_in_flight(), window.events_in_flight());
+                self.set_status(|s| {
+                    if s.state == "stalled" || s.state == "relay full" {
+                        s.state = "up";
+                        s.since_ms = now_ms();
+                    }
+                    s.acked_through = through;
+                    s.last_ack_ms = Some(now_ms());
+                    s.batches_in_flight = batches;
+                    s.events_in_flight = in_flight;
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "acknowledged events could not be queued for deletion")
+            }
+        }
+    }
+
     /// Runs until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let (client, eventloop) = self.uplink()?;
@@ -283,118 +398,35 @@ impl Forwarder {
         let mut appends = self.log.watch_appends();
         let stats = self.log.stats();
         // Everything before the oldest event in the log was acknowledged and deleted.
-        let mut acked_through = stats.oldest_seq.unwrap_or(stats.next_seq).saturating_sub(1);
-        let mut next_to_send = acked_through + 1;
-        let mut highest_sent = acked_through;
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        let mut ready = false;
-        let linger = Duration::from_millis(self.config.linger_ms);
-        let ack_timeout = Duration::from_secs(self.config.ack_timeout_secs);
-        let mut linger_until: Option<Instant> = None;
-        let mut last_progress = Instant::now();
-        let mut gap_resend_at: Option<Instant> = None;
-        let mut full_refused_at: Option<Instant> = None;
+        let acked_through = stats.oldest_seq.unwrap_or(stats.next_seq).saturating_sub(1);
+        let settings = WindowSettings {
+            capacity: self.config.window,
+            batch_max_events: self.config.batch_max_events as u64,
+            linger: Duration::from_millis(self.config.linger_ms),
+            ack_timeout: Duration::from_secs(self.config.ack_timeout_secs),
+        };
+        let mut window = Window::new(settings, acked_through, Instant::now());
         self.set_status(|s| s.acked_through = acked_through);
         let mut beat = tokio::time::interval(Duration::from_secs(1));
 
         loop {
             self.heartbeat.beat();
             // Send while the window has room and the log has events.
-            while ready && in_flight.len() < self.config.window {
-                let next_seq = self.log.stats().next_seq;
-                if next_to_send >= next_seq {
+            while let Some(from) = window.next_batch(self.log.stats().next_seq, Instant::now()) {
+                if !self
+                    .send_batch(&client, &topic, epoch, &mut window, from)
+                    .await?
+                {
                     break;
                 }
-                let available = next_seq - next_to_send;
-                if available < self.config.batch_max_events as u64 && !linger.is_zero() {
-                    let deadline = *linger_until.get_or_insert_with(|| Instant::now() + linger);
-                    if Instant::now() < deadline {
-                        break;
-                    }
-                }
-                linger_until = None;
-                let records = {
-                    let log = self.log.clone();
-                    let (from, max_events, max_bytes) = (
-                        next_to_send,
-                        self.config.batch_max_events,
-                        self.config.batch_max_bytes.0 as usize,
-                    );
-                    tokio::task::spawn_blocking(move || log.read_from(from, max_events, max_bytes))
-                        .await??
-                };
-                let (Some(first), Some(last)) =
-                    (records.first().map(|r| r.0), records.last().map(|r| r.0))
-                else {
-                    // Acknowledged and deleted meanwhile: skip ahead.
-                    next_to_send = next_seq;
-                    break;
-                };
-                let events = records.len() as u64;
-                let frame = BatchFrame {
-                    site: self.site.clone(),
-                    epoch,
-                    acked_through,
-                    first_seq: first,
-                    last_seq: last,
-                    events: records
-                        .into_iter()
-                        .map(|(seq, r)| BatchEntry {
-                            seq,
-                            received_at_ms: r.received_at_ms,
-                            event: r.event,
-                        })
-                        .collect(),
-                    signature: None,
-                };
-                let payload = frame.encode()?;
-                if let Err(e) = client.try_publish(&topic, payload) {
-                    // The client's queue is full or closed: the link is going down; the batch
-                    // goes again after the reconnect.
-                    tracing::debug!(error = %e, "batch not queued");
-                    break;
-                }
-                let resend = first <= highest_sent;
-                highest_sent = highest_sent.max(last);
-                in_flight.push_back(InFlight {
-                    first,
-                    last,
-                    events,
-                    sent_at: Instant::now(),
-                });
-                next_to_send = last + 1;
-                self.metrics.batches_sent.inc();
-                self.metrics.events_forwarded.inc_by(events);
-                let in_flight_events: u64 = in_flight.iter().map(|b| b.events).sum();
-                self.set_status(|s| {
-                    s.batches_sent += 1;
-                    s.events_forwarded += events;
-                    s.batches_in_flight = in_flight.len();
-                    s.events_in_flight = in_flight_events;
-                    if resend {
-                        s.batches_resent += 1;
-                    }
-                });
             }
-
-            // A slow link acknowledges late but steadily: only a wait without any progress
-            // sends everything again.
-            let ack_deadline = in_flight
-                .front()
-                .map(|b| b.sent_at.max(last_progress) + ack_timeout);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 event = link_rx.recv() => match event {
                     None => break,
                     Some(LinkEvent::Ready) => {
-                        ready = true;
-                        gap_resend_at = None;
-                        // Everything not acknowledged goes again, from the log.
-                        if !in_flight.is_empty() {
-                            self.metrics.batch_resends.inc_by(in_flight.len() as u64);
-                        }
-                        in_flight.clear();
-                        next_to_send = acked_through + 1;
+                        let resent = window.link_up();
+                        self.metrics.batch_resends.inc_by(resent as u64);
                         self.metrics.link_up.set(1);
                         self.set_status(|s| {
                             s.state = "up";
@@ -405,10 +437,9 @@ impl Forwarder {
                         tracing::info!(host = %self.config.host, port = self.config.port, "uplink connected");
                     }
                     Some(LinkEvent::Down(error)) => {
-                        if ready {
+                        if window.link_down() {
                             tracing::warn!(error = %error, "uplink down");
                         }
-                        ready = false;
                         self.metrics.link_up.set(0);
                         self.set_status(|s| {
                             if s.state != "down" {
@@ -433,112 +464,36 @@ impl Forwarder {
                             Err(e) => tracing::warn!(error = %e, "an outcome report could not be decoded"),
                         }
                     }
-                    Some(LinkEvent::Ack(payload)) => {
-                        let ack = match AckFrame::decode(&payload, MAX_FRAME_BYTES) {
-                            Ok(ack) => ack,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "an acknowledgement could not be decoded");
-                                continue;
-                            }
-                        };
-                        if ack.site != self.site || ack.epoch != epoch {
-                            tracing::debug!(site = %ack.site, epoch = %ack.epoch, "acknowledgement for another log ignored");
-                            continue;
-                        }
-                        match ack.refused {
-                            Some(BatchRefusal::Gap) => {
-                                // The relay holds less than the batch builds on: batches sent
-                                // while it was away never reached it. Acknowledgements of
-                                // earlier batches may still be on their way, so wait a moment.
-                                gap_resend_at.get_or_insert_with(|| Instant::now() + GAP_RESEND_DELAY);
-                            }
-                            Some(BatchRefusal::OutboxFull) => {
-                                // Back-pressure: the events stay here and go again after the
-                                // ack timeout, by when deliveries may have made room.
-                                full_refused_at = Some(Instant::now());
-                                self.set_status(|s| {
-                                    if s.state != "relay full" {
-                                        s.state = "relay full";
-                                        s.since_ms = now_ms();
-                                    }
-                                    s.last_error = Some("the relay's outbox is full (outbox.max_bytes) while the ERP catches up: events wait here and are offered again".into());
-                                });
-                            }
-                            None => {}
-                        }
-                        if ack.acked_through <= acked_through {
-                            continue;
-                        }
-                        let through = ack.acked_through.min(next_to_send.saturating_sub(1).max(acked_through));
-                        if through <= acked_through {
-                            continue;
-                        }
-                        match self.log.request_ack_through(through) {
-                            Ok(deleted) => {
-                                acked_through = through;
-                                last_progress = Instant::now();
-                                while in_flight.front().is_some_and(|b| b.last <= through) {
-                                    in_flight.pop_front();
-                                }
-                                let metrics = self.metrics.clone();
-                                tokio::spawn(async move {
-                                    match deleted.await {
-                                        Ok(deleted) => {
-                                            metrics.events_acked.inc_by(deleted);
-                                        }
-                                        Err(e) => tracing::error!(error = %e, "acknowledged events could not be deleted; they are re-sent after a restart"),
-                                    }
-                                });
-                                self.metrics.last_ack_ms.set(now_ms());
-                                let in_flight_events: u64 = in_flight.iter().map(|b| b.events).sum();
-                                self.set_status(|s| {
-                                    if s.state == "stalled" || s.state == "relay full" {
-                                        s.state = "up";
-                                        s.since_ms = now_ms();
-                                    }
-                                    s.acked_through = through;
-                                    s.last_ack_ms = Some(now_ms());
-                                    s.batches_in_flight = in_flight.len();
-                                    s.events_in_flight = in_flight_events;
-                                });
-                            }
-                            Err(e) => tracing::error!(error = %e, "acknowledged events could not be queued for deletion"),
-                        }
-                    }
+                    Some(LinkEvent::Ack(payload)) => self.take_ack(&payload, epoch, &mut window),
                 },
-                _ = sleep_until_opt(gap_resend_at), if gap_resend_at.is_some() && ready => {
-                    gap_resend_at = None;
-                    tracing::info!(from = acked_through + 1, "the relay is missing earlier batches: re-sending from the log");
-                    self.metrics.batch_resends.inc_by(in_flight.len() as u64);
-                    in_flight.clear();
-                    next_to_send = acked_through + 1;
+                _ = sleep_until_opt(window.gap_resend_at()), if window.gap_resend_at().is_some() => {
+                    let resent = window.resend_after_gap();
+                    tracing::info!(from = window.acked_through() + 1, "the relay is missing earlier batches: re-sending from the log");
+                    self.metrics.batch_resends.inc_by(resent as u64);
                 }
                 _ = appends.changed() => {}
                 _ = beat.tick() => {}
-                _ = sleep_until_opt(linger_until), if linger_until.is_some() => {}
-                _ = sleep_until_opt(ack_deadline), if ack_deadline.is_some() && ready => {
-                    if let Some(front) = in_flight.front() {
-                        tracing::warn!(first = front.first, last = front.last, "no acknowledgement in {:?}: re-sending from the log", ack_timeout);
-                    }
+                _ = sleep_until_opt(window.linger_until()), if window.linger_until().is_some() => {}
+                _ = sleep_until_opt(window.ack_deadline()), if window.ack_deadline().is_some() => {
+                    let Some(timed_out) = window.timed_out(Instant::now()) else {
+                        continue;
+                    };
+                    tracing::warn!(first = timed_out.first, last = timed_out.last, "no acknowledgement in {:?}: re-sending from the log", settings.ack_timeout);
                     // Connected is not forwarding: say so until an acknowledgement comes. A
                     // relay that answers "full" is not stalled, it holds back.
-                    let answering_full = full_refused_at.is_some_and(|at| at.elapsed() < ack_timeout);
-                    self.set_status(|s| {
-                        if answering_full {
-                            return;
-                        }
-                        if s.state != "stalled" {
-                            s.state = "stalled";
-                            s.since_ms = now_ms();
-                        }
-                        s.last_error = Some(format!(
-                            "connected, but the relay has acknowledged nothing for {} s: batches are re-sent; check that the relay runs and subscribes to this broker",
-                            ack_timeout.as_secs()
-                        ));
-                    });
-                    self.metrics.batch_resends.inc_by(in_flight.len() as u64);
-                    in_flight.clear();
-                    next_to_send = acked_through + 1;
+                    if !timed_out.relay_full {
+                        self.set_status(|s| {
+                            if s.state != "stalled" {
+                                s.state = "stalled";
+                                s.since_ms = now_ms();
+                            }
+                            s.last_error = Some(format!(
+                                "connected, but the relay has acknowledged nothing for {} s: batches are re-sent; check that the relay runs and subscribes to this broker",
+                                settings.ack_timeout.as_secs()
+                            ));
+                        });
+                    }
+                    self.metrics.batch_resends.inc_by(timed_out.resent as u64);
                 }
             }
         }
