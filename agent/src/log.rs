@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 
 use backhaul_events::service::Heartbeat;
 use backhaul_events::{Epoch, Event, Refusal, Violation};
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -156,6 +153,10 @@ pub struct LogStats {
     pub max_bytes: u64,
     pub quota_exceeded: bool,
     pub rejects_stored: u64,
+    /// Bytes of the stored rejects, which count in the disk quota.
+    pub rejects_bytes: u64,
+    /// Rejects answered but not kept, because acknowledged events filled the quota.
+    pub rejects_not_kept: u64,
     pub erp_refusals_stored: u64,
     pub file_bytes: u64,
     pub flushes: u64,
@@ -624,11 +625,13 @@ fn initialise(
         };
         let backlog_events = events.len().map_err(storage)?;
         txn.open_table(IDS).map_err(storage)?;
-        let rejects_stored = txn
-            .open_table(REJECTS)
-            .map_err(storage)?
-            .len()
-            .map_err(storage)?;
+        let rejects = txn.open_table(REJECTS).map_err(storage)?;
+        let rejects_stored = rejects.len().map_err(storage)?;
+        let mut rejects_bytes = 0u64;
+        for entry in rejects.iter().map_err(storage)? {
+            rejects_bytes += entry.map_err(storage)?.1.value().len() as u64;
+        }
+        drop(rejects);
         let erp_refusals_stored = txn
             .open_table(ERP_REFUSALS)
             .map_err(storage)?
@@ -640,10 +643,10 @@ fn initialise(
             live_bytes,
             oldest,
             backlog_events,
-            (rejects_stored, erp_refusals_stored),
+            (rejects_stored, rejects_bytes, erp_refusals_stored),
         )
     };
-    let (rejects_stored, erp_refusals_stored) = rejects_stored;
+    let (rejects_stored, rejects_bytes, erp_refusals_stored) = rejects_stored;
     txn.commit().map_err(storage)?;
     let stats = LogStats {
         epoch: epoch.to_string(),
@@ -657,6 +660,8 @@ fn initialise(
         // not at the next refusal.
         quota_exceeded: live_bytes + (backhaul_events::MAX_EVENT_BYTES as u64) > options.max_bytes,
         rejects_stored,
+        rejects_bytes,
+        rejects_not_kept: 0,
         erp_refusals_stored,
         file_bytes: file_len(path),
         flushes: 0,
@@ -796,6 +801,7 @@ impl Writer {
                 events: txn.open_table(EVENTS).map_err(storage)?,
                 ids: txn.open_table(IDS).map_err(storage)?,
                 meta: txn.open_table(META).map_err(storage)?,
+                rejects: txn.open_table(REJECTS).map_err(storage)?,
             };
             for request in batch {
                 outcomes.push(match request {
@@ -803,7 +809,7 @@ impl Writer {
                         Outcome::Appended(self.append(&mut tables, events, &mut stats)?)
                     }
                     Request::Reject { record, .. } => {
-                        self.reject(&txn, &mut tables, record, &mut stats)?;
+                        self.reject(&mut tables, record, &mut stats)?;
                         Outcome::Rejected
                     }
                     Request::AckThrough { seq, .. } => {
@@ -866,7 +872,10 @@ impl Writer {
         stats: &mut LogStats,
     ) -> Result<Vec<Appended>, LogError> {
         let Tables {
-            events: table, ids, ..
+            events: table,
+            ids,
+            rejects,
+            ..
         } = tables;
         let mut out = Vec::with_capacity(events.len());
         let mut buf = Vec::with_capacity(512);
@@ -882,6 +891,20 @@ impl Writer {
             };
             buf = postcard::to_extend(&record, std::mem::take(&mut buf)).map_err(storage)?;
             let size = buf.len() as u64 + event.id.len() as u64 + PER_EVENT_OVERHEAD;
+            // Rejects share the quota but never keep a good event out.
+            while stats.backlog_bytes + stats.rejects_bytes + size > self.options.max_bytes
+                && stats.rejects_bytes > 0
+            {
+                match rejects.pop_first().map_err(storage)? {
+                    Some((_, value)) => {
+                        stats.rejects_bytes = stats
+                            .rejects_bytes
+                            .saturating_sub(value.value().len() as u64);
+                        stats.rejects_stored = stats.rejects_stored.saturating_sub(1);
+                    }
+                    None => stats.rejects_bytes = 0,
+                }
+            }
             if stats.backlog_bytes + size > self.options.max_bytes {
                 stats.quota_exceeded = true;
                 out.push(Appended::QuotaExceeded);
@@ -903,22 +926,36 @@ impl Writer {
         Ok(out)
     }
 
+    /// Keeps a refused event for inspection. Rejects count in the disk quota beside the
+    /// backlog but always give way to it: the oldest go to make room, and a reject that finds
+    /// the quota full of acknowledged events is not kept (it was answered and counted).
     fn reject(
         &self,
-        txn: &WriteTransaction,
         tables: &mut Tables<'_>,
         record: &RejectRecord,
         stats: &mut LogStats,
     ) -> Result<(), LogError> {
+        let bytes = serde_json::to_vec(record).map_err(storage)?;
+        let size = bytes.len() as u64;
+        while stats.backlog_bytes + stats.rejects_bytes + size > self.options.max_bytes {
+            if !tables.drop_oldest_reject(stats)? {
+                stats.rejects_not_kept += 1;
+                return Ok(());
+            }
+        }
         let key = read_u64(&tables.meta, META_NEXT_REJECT)?.unwrap_or(1);
         write_u64(&mut tables.meta, META_NEXT_REJECT, key + 1)?;
-        let mut table = txn.open_table(REJECTS).map_err(storage)?;
-        let bytes = serde_json::to_vec(record).map_err(storage)?;
-        table.insert(key, bytes.as_slice()).map_err(storage)?;
-        while table.len().map_err(storage)? > self.options.max_rejects {
-            table.pop_first().map_err(storage)?;
+        tables
+            .rejects
+            .insert(key, bytes.as_slice())
+            .map_err(storage)?;
+        stats.rejects_bytes += size;
+        stats.rejects_stored += 1;
+        while stats.rejects_stored > self.options.max_rejects {
+            if !tables.drop_oldest_reject(stats)? {
+                break;
+            }
         }
-        stats.rejects_stored = table.len().map_err(storage)?;
         Ok(())
     }
 
@@ -1006,6 +1043,23 @@ struct Tables<'txn> {
     events: redb::Table<'txn, u64, &'static [u8]>,
     ids: redb::Table<'txn, &'static str, u64>,
     meta: redb::Table<'txn, &'static str, &'static [u8]>,
+    rejects: redb::Table<'txn, u64, &'static [u8]>,
+}
+
+impl Tables<'_> {
+    /// Forgets the oldest reject; false when there is none.
+    fn drop_oldest_reject(&mut self, stats: &mut LogStats) -> Result<bool, LogError> {
+        match self.rejects.pop_first().map_err(storage)? {
+            Some((_, value)) => {
+                stats.rejects_bytes = stats
+                    .rejects_bytes
+                    .saturating_sub(value.value().len() as u64);
+                stats.rejects_stored = stats.rejects_stored.saturating_sub(1);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
 }
 
 /// [`LoggedEvent`] by reference: the same postcard bytes, without copying the event.

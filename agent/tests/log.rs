@@ -204,6 +204,57 @@ fn rejects_are_kept_newest_first_and_bounded() {
 }
 
 #[test]
+fn rejects_count_in_the_quota_and_give_way_to_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(LogOptions {
+        max_bytes: 1 << 20,
+        max_rejects: 10_000,
+        ..options(dir.path())
+    })
+    .unwrap();
+    let rt = runtime();
+    // A flood of 16 KiB rejects: far more than the quota holds.
+    let payload = vec![b'x'; 16 << 10];
+    for i in 0..200 {
+        let record = RejectRecord::new(
+            "mqtt",
+            format!("flood-{i}"),
+            &payload,
+            vec![Violation::new("event", "is not valid JSON")],
+        );
+        rt.block_on(log.record_reject(record)).unwrap();
+    }
+    let stats = log.stats();
+    assert!(stats.rejects_bytes <= 1 << 20, "{stats:?}");
+    assert!(stats.rejects_stored < 200, "{stats:?}");
+    assert_eq!(log.recent_rejects(1).unwrap()[0].sender, "flood-199");
+    // Good events still fill the quota: the rejects make room.
+    let mut stored = 0;
+    for chunk in 0..60 {
+        let events = (0..100).map(|i| event(&format!("q{chunk}-{i}"))).collect();
+        let results = rt.block_on(log.append(events)).unwrap();
+        stored += results
+            .iter()
+            .filter(|r| matches!(r, Appended::Stored { .. }))
+            .count();
+    }
+    let stats = log.stats();
+    assert!(
+        stats.backlog_bytes > (1 << 20) * 9 / 10,
+        "events got only part of the quota: {stats:?}"
+    );
+    assert!(
+        stats.backlog_bytes + stats.rejects_bytes <= 1 << 20,
+        "{stats:?}"
+    );
+    assert!(
+        stats.quota_exceeded,
+        "the quota was never reached: {stats:?}"
+    );
+    assert!(stored > 4000, "{stored} events stored");
+}
+
+#[test]
 fn deleted_space_is_given_back_to_the_file_system() {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(options(dir.path())).unwrap();

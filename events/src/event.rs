@@ -204,15 +204,49 @@ const KNOWN_FIELDS: [&str; 19] = [
     "serial", "reason", "carrier", "tracking", "po", "attrs", "site",
 ];
 
+/// Violations listed per event at most; the rest are counted. A 16 KiB event of unknown
+/// fields would otherwise answer with thousands, and a large POST with megabytes.
+pub const MAX_VIOLATIONS: usize = 20;
+/// Characters of a field's path shown in a violation at most (unknown names come from the
+/// sender and may be as long as the event; an `attrs.` path shows 64 of its name).
+const MAX_FIELD_NAME_CHARS: usize = 80;
+
 /// Collects violations while the fields are read one by one.
 struct Checker<'a> {
     fields: BTreeMap<&'a str, &'a RawValue>,
     violations: Vec<Violation>,
+    /// Violations found beyond [`MAX_VIOLATIONS`].
+    unlisted: usize,
 }
 
 impl<'a> Checker<'a> {
     fn fail(&mut self, field: &str, rule: impl Into<String>) {
+        if self.violations.len() >= MAX_VIOLATIONS {
+            self.unlisted += 1;
+            return;
+        }
+        let field = if field.chars().count() > MAX_FIELD_NAME_CHARS {
+            let mut cut: String = field.chars().take(MAX_FIELD_NAME_CHARS).collect();
+            cut.push('…');
+            cut
+        } else {
+            field.to_string()
+        };
         self.violations.push(Violation::new(field, rule));
+    }
+
+    /// The violations, with a last one counting those not listed.
+    fn into_violations(mut self) -> Violations {
+        if self.unlisted > 0 {
+            self.violations.push(Violation::new(
+                WHOLE_EVENT,
+                format!(
+                    "{} more violations not listed (at most {MAX_VIOLATIONS} are)",
+                    self.unlisted
+                ),
+            ));
+        }
+        Violations(self.violations)
     }
 
     /// The raw value of a field, treating JSON `null` as absent.
@@ -296,6 +330,7 @@ fn parse_fields(raw_fields: RawFields<'_>) -> Result<Event, Violations> {
     let mut checker = Checker {
         fields: BTreeMap::new(),
         violations: Vec::new(),
+        unlisted: 0,
     };
     for (key, value) in &raw_fields.0 {
         if !KNOWN_FIELDS.contains(&key.as_str()) {
@@ -397,7 +432,7 @@ fn parse_fields(raw_fields: RawFields<'_>) -> Result<Event, Violations> {
     }
 
     if !checker.violations.is_empty() {
-        return Err(Violations(checker.violations));
+        return Err(checker.into_violations());
     }
     match (id, kind, ts, sku, qty) {
         (Some(id), Some(kind), Some(ts), Some(sku), Some(qty)) => Ok(Event {

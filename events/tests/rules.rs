@@ -890,3 +890,37 @@ fn to_json_is_canonical() {
     let event = Event { attrs, ..event };
     assert_eq!(event.to_json()["attrs"], json!({"shift": "B"}));
 }
+
+#[test]
+fn a_flood_of_violations_lists_the_first_twenty_and_counts_the_rest() {
+    // 16 KiB of unknown fields: thousands of violations before the cap.
+    let mut event = valid("pick");
+    let mut n = 0;
+    while event.to_string().len() < MAX_EVENT_BYTES - 40 {
+        event[format!("x{n}")] = json!(1);
+        n += 1;
+    }
+    let found = violations_of(event.to_string().as_bytes());
+    assert_eq!(found.len(), 21, "{found:?}");
+    assert_eq!(found[0], "x0: is not a field of the v1 event");
+    assert_eq!(
+        found[20],
+        format!(
+            "event: {} more violations not listed (at most 20 are)",
+            n - 20
+        )
+    );
+    assert!(n > 1000, "only {n} unknown fields");
+    // A field's name is cut where the sender made it long.
+    let long_name = "n".repeat(5000);
+    let mut event = valid("pick");
+    event[&long_name] = json!(1);
+    let found = violations_of(event.to_string().as_bytes());
+    assert_eq!(
+        found,
+        [format!(
+            "{}…: is not a field of the v1 event",
+            "n".repeat(80)
+        )]
+    );
+}

@@ -463,3 +463,48 @@ fn a_full_quota_refuses_with_back_pressure_and_takes_events_again_with_room() {
     assert_stored_as_sent(&mqtt_event, &log[id_of(&mqtt_event)], Some("scanner-q5"));
     assert_stored_as_sent(&held_event, &log[id_of(&held_event)], Some("scanner-q4"));
 }
+
+/// A POST of events made of nothing but unknown fields: each answer lists 20 violations and
+/// counts the rest, so the answer and the reject store stay small however the body is built.
+#[test]
+fn a_flood_of_violations_gets_a_bounded_answer() {
+    let agent = AgentProcess::start_default();
+    let events: Vec<Value> = (0..150)
+        .map(|n| {
+            let mut event = pick(&unique_id("flood"), "SO-1");
+            let mut i = 0;
+            while event.to_string().len() < 16_000 {
+                event[format!("u{i}")] = json!(1);
+                i += 1;
+            }
+            assert!(i > 1000, "event {n} has only {i} unknown fields");
+            event
+        })
+        .collect();
+    let body = serde_json::to_vec(&events).unwrap();
+    let response = agent.post_events_raw(body.clone(), None);
+    let text = response.text().unwrap();
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["rejected"], 150, "{}", &text[..text.len().min(500)]);
+    for result in answer["results"].as_array().unwrap() {
+        let violations = result["violations"].as_array().unwrap();
+        assert_eq!(violations.len(), 21);
+        let last = violations[20]["message"].as_str().unwrap();
+        assert!(
+            last.starts_with("event: ") && last.contains("more violations not listed"),
+            "{last}"
+        );
+    }
+    eprintln!(
+        "a POST of {} bytes answered with {} bytes",
+        body.len(),
+        text.len()
+    );
+    assert!(
+        text.len() < body.len(),
+        "the answer ({} bytes) is larger than the request",
+        text.len()
+    );
+    let stats = agent.status();
+    assert_eq!(stats["rejects_stored"], 150, "{stats}");
+}
