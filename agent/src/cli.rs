@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use anyhow::anyhow;
+use backhaul_events::admin::{AgentStatus, EventsAnswer, Reject, RejectsAnswer};
 use backhaul_events::admin_client::{AdminClient, age};
 use serde_json::Value;
 
@@ -19,91 +21,97 @@ pub fn admin_url(url: Option<String>, config: Option<&std::path::Path>) -> anyho
     Ok("http://127.0.0.1:8787".into())
 }
 
-fn count(value: &Value) -> u64 {
-    value.as_u64().unwrap_or(0)
-}
-
 fn bytes(n: u64) -> String {
     backhaul_events::config::ByteSize(n).to_string()
 }
 
 pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
     let client = AdminClient::new(base)?;
-    let s = client.get("/v1/status")?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let sent = client.get("/v1/status")?;
+        println!("{}", serde_json::to_string_pretty(&sent)?);
         return Ok(());
     }
-    let link = &s["link"];
-    let oldest = s["backlog"]["oldest_age_seconds"]
-        .as_f64()
+    let s: AgentStatus = client.get_json("/v1/status")?;
+    let oldest = s
+        .backlog
+        .oldest_age_seconds
         .map(|a| format!("{a:.1}s"))
         .unwrap_or_else(|| "-".into());
-    println!(
-        "site            {} (epoch {})",
-        s["site"].as_str().unwrap_or("?"),
-        s["epoch"].as_str().unwrap_or("?")
-    );
-    if link.is_null() {
-        println!("link            not configured (no [uplink]): events are only kept here");
-    } else {
-        println!(
-            "link            {} since {}{}",
-            link["state"].as_str().unwrap_or("?"),
-            age(link["since_ms"].as_i64()),
-            link["last_error"]
-                .as_str()
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default()
-        );
-        println!(
-            "last ack        {}   acknowledged through seq {}   {} batches in flight",
-            age(link["last_ack_ms"].as_i64()),
-            link["acked_through"],
-            link["batches_in_flight"]
-        );
+    println!("site            {} (epoch {})", s.site, s.epoch);
+    match &s.link {
+        None => {
+            println!("link            not configured (no [uplink]): events are only kept here")
+        }
+        Some(link) => {
+            println!(
+                "link            {} since {}{}",
+                link.state,
+                age(Some(link.since_ms)),
+                link.last_error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+            println!(
+                "last ack        {}   acknowledged through seq {}   {} batches in flight",
+                age(link.last_ack_ms),
+                link.acked_through,
+                link.batches_in_flight
+            );
+        }
     }
     println!(
         "backlog         {} events, {}, oldest {oldest}",
-        count(&s["backlog"]["events"]),
-        bytes(count(&s["backlog"]["bytes"]))
+        s.backlog.events,
+        bytes(s.backlog.bytes)
     );
     println!(
         "disk quota      {} of {} ({:.1}%){}",
-        bytes(count(&s["quota"]["used_bytes"])),
-        bytes(count(&s["quota"]["max_bytes"])),
-        s["quota"]["used_ratio"].as_f64().unwrap_or(0.0) * 100.0,
-        if s["quota"]["exceeded"] == true {
+        bytes(s.quota.used_bytes),
+        bytes(s.quota.max_bytes),
+        s.quota.used_ratio * 100.0,
+        if s.quota.exceeded {
             "  FULL: producers are refused"
         } else {
             ""
         }
     );
-    let ingest = &s["ingest"];
+    let ingest = &s.ingest;
     println!(
-        "ingested        mqtt {} http {}   duplicates {}   rejected {}   refused (quota) {}",
-        count(&ingest["accepted"]["mqtt"]),
-        count(&ingest["accepted"]["http"]),
-        count(&ingest["duplicates"]["mqtt"]) + count(&ingest["duplicates"]["http"]),
-        count(&ingest["rejected"]["mqtt"]) + count(&ingest["rejected"]["http"]),
-        count(&ingest["quota_refusals"]["mqtt"]) + count(&ingest["quota_refusals"]["http"])
+        "ingested        mqtt {} http {} site broker {}   duplicates {}   rejected {}   refused (quota) {}",
+        ingest.accepted.mqtt,
+        ingest.accepted.http,
+        ingest.accepted.site_broker,
+        ingest.duplicates.total(),
+        ingest.rejected.total(),
+        ingest.quota_refusals.total()
     );
-    println!("mqtt clients    {}", s["mqtt"]["connected_clients"]);
-    if !link.is_null() {
+    println!("mqtt clients    {}", s.mqtt.connected_clients);
+    if let Some(broker) = &s.site_broker {
+        println!(
+            "site broker     {} since {}{}",
+            broker.state,
+            age(Some(broker.since_ms)),
+            broker
+                .last_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(link) = &s.link {
         println!(
             "ERP             {} posted since start, {} refusals kept (backhaul-agent rejects)",
-            count(&link["erp_posted"]),
-            count(&s["erp_refusals_stored"])
+            link.erp_posted, s.erp_refusals_stored
         );
         let hour_ago = backhaul_now_ms() - 3_600_000;
-        for refusal in s["erp_refusals"].as_array().into_iter().flatten() {
-            if refusal["reported_at_ms"].as_i64().unwrap_or(0) >= hour_ago {
-                println!(
-                    "  refused       {}: {}",
-                    refusal["id"].as_str().unwrap_or("?"),
-                    refusal["reason"].as_str().unwrap_or("")
-                );
-            }
+        for refusal in s
+            .erp_refusals
+            .iter()
+            .filter(|r| r.reported_at_ms >= hour_ago)
+        {
+            println!("  refused       {}: {}", refusal.id, refusal.reason);
         }
     }
     Ok(())
@@ -116,23 +124,12 @@ fn backhaul_now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn print_reject(r: &Value) {
-    let reasons: Vec<String> = r["violations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|v| {
-            format!(
-                "{}: {}",
-                v["field"].as_str().unwrap_or("?"),
-                v["rule"].as_str().unwrap_or("?")
-            )
-        })
-        .collect();
+fn print_reject(r: &Reject) {
+    let reasons: Vec<String> = r.violations.iter().map(ToString::to_string).collect();
     println!(
         "{:<10} {:<40} {}",
-        age(r["at_ms"].as_i64()),
-        r["sender"].as_str().unwrap_or("?"),
+        age(Some(r.at_ms)),
+        r.sender,
         reasons.join("; ")
     );
 }
@@ -141,64 +138,84 @@ fn print_reject(r: &Value) {
 /// printing new rejects as they come.
 pub fn rejects(base: &str, as_json: bool, follow: bool) -> anyhow::Result<()> {
     let client = AdminClient::new(base)?;
-    let answer = client.get("/v1/rejects?limit=100")?;
+    let first_path = "/v1/rejects?limit=100";
+    let sent = client.get(first_path)?;
     if as_json && !follow {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        println!("{}", serde_json::to_string_pretty(&sent)?);
         return Ok(());
     }
-    let list = answer["rejects"].as_array().cloned().unwrap_or_default();
-    println!("rejected at the edge ({} shown, newest last):", list.len());
-    for r in list.iter().rev() {
-        print_reject(r);
-    }
-    let refusals = answer["erp_refusals"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    println!("refused by the ERP ({} shown):", refusals.len());
-    for r in refusals.iter().rev() {
+    let answer: RejectsAnswer = client.decode(first_path, &sent)?;
+    if as_json {
+        // JSON lines from the start, oldest first, so a script can read every line.
+        print_sent_lines(&sent, answer.rejects.len(), true);
+    } else {
         println!(
-            "{:<10} {:<40} {}",
-            age(r["reported_at_ms"].as_i64()),
-            r["id"].as_str().unwrap_or("?"),
-            r["reason"].as_str().unwrap_or("")
+            "rejected at the edge ({} shown, newest last):",
+            answer.rejects.len()
         );
+        for r in answer.rejects.iter().rev() {
+            print_reject(r);
+        }
+        println!("refused by the ERP ({} shown):", answer.erp_refusals.len());
+        for r in answer.erp_refusals.iter().rev() {
+            println!(
+                "{:<10} {:<40} {}",
+                age(Some(r.reported_at_ms)),
+                r.id,
+                r.reason
+            );
+        }
     }
     if !follow {
         return Ok(());
     }
     // Follow by id, so a flood of more than a page a second shows every reject.
-    let mut newest = list.first().and_then(|r| r["id"].as_u64()).unwrap_or(0);
+    let mut newest = answer.rejects.first().map(|r| r.id).unwrap_or(0);
     loop {
-        let answer = client.get(&format!("/v1/rejects?after={newest}&limit=1000"))?;
-        let fresh = answer["rejects"].as_array().cloned().unwrap_or_default();
-        for r in &fresh {
-            newest = newest.max(r["id"].as_u64().unwrap_or(newest));
-            if as_json {
-                println!("{r}");
-            } else {
-                print_reject(r);
-            }
+        let path = format!("/v1/rejects?after={newest}&limit=1000");
+        let sent = client.get(&path)?;
+        let page: RejectsAnswer = client.decode(&path, &sent)?;
+        if let Some(last) = page.rejects.iter().map(|r| r.id).max() {
+            newest = newest.max(last);
         }
-        if fresh.len() < 1000 {
+        if as_json {
+            print_sent_lines(&sent, page.rejects.len(), false);
+        } else {
+            page.rejects.iter().for_each(print_reject);
+        }
+        if page.rejects.len() < 1000 {
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+}
+
+/// Prints the `rejects` of an answer as the agent sent them, one per line; `newest_first`
+/// says the page is in that order (a listing) rather than oldest first (following).
+fn print_sent_lines(sent: &Value, count: usize, newest_first: bool) {
+    // The answer was decoded already, so `rejects` is an array of `count` items.
+    let lines = (0..count).map(|i| &sent["rejects"][i]);
+    if newest_first {
+        lines.rev().for_each(|line| println!("{line}"));
+    } else {
+        lines.for_each(|line| println!("{line}"));
     }
 }
 
 /// Events as they are accepted (durable), one JSON line each, until interrupted.
 pub fn tail(base: &str) -> anyhow::Result<()> {
     let client = AdminClient::new(base)?;
-    let status = client.get("/v1/status")?;
+    let status: AgentStatus = client.get_json("/v1/status")?;
     // Start at what arrives from now on.
-    let mut after = status["backlog"]["next_seq"]
-        .as_u64()
-        .unwrap_or(1)
-        .saturating_sub(1);
+    let mut after = status.backlog.next_seq.saturating_sub(1);
     loop {
-        let answer = client.get(&format!("/v1/tail?after={after}"))?;
-        for event in answer["events"].as_array().into_iter().flatten() {
-            after = after.max(event["seq"].as_u64().unwrap_or(after));
+        let path = format!("/v1/tail?after={after}");
+        let answer: EventsAnswer = client.get_json(&path)?;
+        for event in &answer.events {
+            let seq = event
+                .get("seq")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| anyhow!("{base}{path} sent an event without a seq: {event}"))?;
+            after = after.max(seq);
             println!("{event}");
         }
         std::thread::sleep(Duration::from_millis(250));

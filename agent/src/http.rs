@@ -1,5 +1,6 @@
 //! The agent's HTTP side: `POST /v1/events` for the WMS (202 only after the flush), and the
-//! admin endpoints `/healthz`, `/readyz`, `/metrics`, `/v1/status`, `/v1/rejects`, `/v1/log`.
+//! admin endpoints `/healthz`, `/readyz`, `/metrics`, `/v1/status`, `/v1/rejects`, `/v1/log`,
+//! `/v1/tail`, whose answers are the types of `backhaul_events::admin`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +11,10 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use backhaul_events::admin::{
+    self, AgentStatus, Backlog, ByTransport, EventsAnswer, Ingest, LogFile, MqttListener, Quota,
+    RejectsAnswer,
+};
 use backhaul_events::config::Secret;
 use backhaul_events::event::{MAX_EVENT_BYTES, parse_event_value};
 use backhaul_events::{Event, Violation};
@@ -56,7 +61,10 @@ pub fn router(state: HttpState) -> Router {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+    let answer = admin::ErrorAnswer {
+        error: message.into(),
+    };
+    (status, axum::Json(answer)).into_response()
 }
 
 fn violations_json(violations: &[Violation]) -> Vec<Value> {
@@ -268,68 +276,172 @@ fn by_transport(
         TransportLabel,
         prometheus_client::metrics::counter::Counter,
     >,
-) -> Value {
-    json!({
-        "mqtt": family.get_or_create(&MQTT).get(),
-        "http": family.get_or_create(&HTTP).get(),
-        "site_broker": family.get_or_create(&SITE_BROKER).get(),
-    })
+) -> ByTransport {
+    ByTransport {
+        mqtt: family.get_or_create(&MQTT).get(),
+        http: family.get_or_create(&HTTP).get(),
+        site_broker: family.get_or_create(&SITE_BROKER).get(),
+    }
+}
+
+// The conversions below take the internal records apart without `..`, so a field added to
+// one of them does not compile until it is put on the wire here (or deliberately left out).
+
+fn link_wire(link: &crate::forward::LinkStatus) -> admin::LinkStatus {
+    let crate::forward::LinkStatus {
+        state,
+        since_ms,
+        last_error,
+        last_ack_ms,
+        acked_through,
+        batches_in_flight,
+        events_in_flight,
+        batches_sent,
+        batches_resent,
+        events_forwarded,
+        reconnects,
+        erp_posted,
+    } = link;
+    admin::LinkStatus {
+        state: (*state).to_string(),
+        since_ms: *since_ms,
+        last_error: last_error.clone(),
+        last_ack_ms: *last_ack_ms,
+        acked_through: *acked_through,
+        batches_in_flight: *batches_in_flight as u64,
+        events_in_flight: *events_in_flight,
+        batches_sent: *batches_sent,
+        batches_resent: *batches_resent,
+        events_forwarded: *events_forwarded,
+        reconnects: *reconnects,
+        erp_posted: *erp_posted,
+    }
+}
+
+fn site_broker_wire(status: &crate::site_broker::SiteBrokerStatus) -> admin::SiteBrokerStatus {
+    let crate::site_broker::SiteBrokerStatus {
+        state,
+        since_ms,
+        last_error,
+    } = status;
+    admin::SiteBrokerStatus {
+        state: (*state).to_string(),
+        since_ms: *since_ms,
+        last_error: last_error.clone(),
+    }
+}
+
+fn refusal_wire(refusal: crate::log::ErpRefusal) -> admin::ErpRefusal {
+    let crate::log::ErpRefusal {
+        id,
+        seq,
+        reason,
+        refused_at_ms,
+        reported_at_ms,
+    } = refusal;
+    admin::ErpRefusal {
+        id,
+        seq,
+        reason,
+        refused_at_ms,
+        reported_at_ms,
+    }
+}
+
+fn reject_wire(id: u64, record: RejectRecord) -> admin::Reject {
+    let RejectRecord {
+        at_ms,
+        transport,
+        sender,
+        payload,
+        payload_truncated,
+        violations,
+    } = record;
+    admin::Reject {
+        id,
+        at_ms,
+        transport,
+        sender,
+        payload,
+        payload_truncated,
+        violations,
+    }
+}
+
+/// The latest `limit` ERP refusals, newest first; none when the log cannot be read, because
+/// the pages that show them must still answer.
+async fn latest_refusals(log: &EventLog, limit: usize) -> Vec<admin::ErpRefusal> {
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || log.erp_refusals(limit))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+        .into_iter()
+        .map(refusal_wire)
+        .collect()
 }
 
 async fn status(State(state): State<HttpState>) -> Response {
     let stats = state.log.stats();
-    let log = state.log.clone();
-    let latest_refusals = tokio::task::spawn_blocking(move || log.erp_refusals(20))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+    // The status page shows the latest few; /v1/rejects has them all.
+    let erp_refusals = latest_refusals(&state.log, 20).await;
     let oldest_age = stats
         .oldest_received_at_ms
         .map(|t| (now_ms() - t).max(0) as f64 / 1000.0);
     let metrics = &state.metrics;
-    axum::Json(json!({
-        "site": state.site,
-        "epoch": stats.epoch,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "backlog": {
-            "events": stats.backlog_events,
-            "bytes": stats.backlog_bytes,
-            "oldest_seq": stats.oldest_seq,
-            "oldest_age_seconds": oldest_age,
-            "next_seq": stats.next_seq,
+    let answer = AgentStatus {
+        site: state.site.clone(),
+        epoch: stats.epoch.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        backlog: Backlog {
+            events: stats.backlog_events,
+            bytes: stats.backlog_bytes,
+            oldest_seq: stats.oldest_seq,
+            oldest_age_seconds: oldest_age,
+            next_seq: stats.next_seq,
         },
-        "quota": {
-            "max_bytes": stats.max_bytes,
-            "used_bytes": stats.backlog_bytes,
-            "used_ratio": stats.backlog_bytes as f64 / stats.max_bytes.max(1) as f64,
-            "exceeded": stats.quota_exceeded,
+        quota: Quota {
+            max_bytes: stats.max_bytes,
+            used_bytes: stats.backlog_bytes,
+            rejects_bytes: stats.rejects_bytes,
+            used_ratio: stats.backlog_bytes as f64 / stats.max_bytes.max(1) as f64,
+            exceeded: stats.quota_exceeded,
         },
-        "log": {
-            "path": state.log.path().display().to_string(),
-            "file_bytes": stats.file_bytes,
-            "flushes": stats.flushes,
-            "compactions": stats.compactions,
+        log: LogFile {
+            path: state.log.path().display().to_string(),
+            file_bytes: stats.file_bytes,
+            flushes: stats.flushes,
+            compactions: stats.compactions,
         },
-        "ingest": {
-            "accepted": by_transport(&metrics.accepted),
-            "duplicates": by_transport(&metrics.duplicates),
-            "rejected": by_transport(&metrics.rejected),
-            "quota_refusals": by_transport(&metrics.quota_refusals),
+        ingest: Ingest {
+            accepted: by_transport(&metrics.accepted),
+            duplicates: by_transport(&metrics.duplicates),
+            rejected: by_transport(&metrics.rejected),
+            quota_refusals: by_transport(&metrics.quota_refusals),
         },
-        "mqtt": {
-            "listen": state.mqtt_listen,
-            "connected_clients": state.mqtt.as_ref().map(|m| m.connected_clients()).unwrap_or(0),
+        mqtt: MqttListener {
+            listen: state.mqtt_listen.clone(),
+            connected_clients: state
+                .mqtt
+                .as_ref()
+                .map(|m| m.connected_clients())
+                .unwrap_or(0),
         },
-        "rejects_stored": stats.rejects_stored,
-        "link": state.link.as_ref().and_then(|l| l.lock().ok().map(|l| l.clone())),
-        "erp_refusals_stored": stats.erp_refusals_stored,
-        // The status page shows the latest few; /v1/rejects has them all.
-        "erp_refusals": latest_refusals,
-        "site_broker": state.site_broker.as_ref().and_then(|b| b.lock().ok().map(|b| b.clone())),
-    }))
-    .into_response()
+        rejects_stored: stats.rejects_stored,
+        link: state
+            .link
+            .as_ref()
+            .and_then(|l| l.lock().ok().map(|l| link_wire(&l))),
+        erp_refusals_stored: stats.erp_refusals_stored,
+        erp_refusals,
+        site_broker: state
+            .site_broker
+            .as_ref()
+            .and_then(|b| b.lock().ok().map(|b| site_broker_wire(&b))),
+    };
+    axum::Json(answer).into_response()
 }
 
 #[derive(Deserialize)]
@@ -366,28 +478,15 @@ async fn rejects(State(state): State<HttpState>, Query(query): Query<RejectsQuer
                 RejectsPage::Before(_) if list.len() == limit => list.last().map(|(id, _)| *id),
                 _ => None,
             };
-            let rejects: Vec<Value> = list
-                .into_iter()
-                .map(|(id, record)| {
-                    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
-                    if let Value::Object(map) = &mut value {
-                        map.insert("id".into(), id.into());
-                    }
-                    value
-                })
-                .collect();
-            let log = state.log.clone();
-            let refusals = tokio::task::spawn_blocking(move || log.erp_refusals(limit))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
-            axum::Json(json!({
-                "rejects": rejects,
-                "next_before": next_before,
-                "erp_refusals": refusals,
-            }))
-            .into_response()
+            let answer = RejectsAnswer {
+                rejects: list
+                    .into_iter()
+                    .map(|(id, record)| reject_wire(id, record))
+                    .collect(),
+                next_before,
+                erp_refusals: latest_refusals(&state.log, limit).await,
+            };
+            axum::Json(answer).into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -406,9 +505,10 @@ async fn read_log(State(state): State<HttpState>, Query(query): Query<LogQuery>)
     let log = state.log.clone();
     let read = tokio::task::spawn_blocking(move || log.read_from(from, limit, usize::MAX)).await;
     match read {
-        Ok(Ok(records)) => {
-            axum::Json(json!({ "events": stamped_json(&state, records) })).into_response()
-        }
+        Ok(Ok(records)) => axum::Json(EventsAnswer {
+            events: stamped_json(&state, records),
+        })
+        .into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -426,7 +526,10 @@ async fn tail(State(state): State<HttpState>, Query(query): Query<TailQuery>) ->
         query.after.unwrap_or(0),
         query.limit.unwrap_or(1000).min(1000),
     );
-    axum::Json(json!({ "events": stamped_json(&state, records) })).into_response()
+    axum::Json(EventsAnswer {
+        events: stamped_json(&state, records),
+    })
+    .into_response()
 }
 
 /// Logged events as the stamped JSON records the admin API answers with.

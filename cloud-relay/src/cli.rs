@@ -2,8 +2,11 @@
 //! admin API of a running relay, so they work the same on the machine or from afar (`--url`).
 
 use anyhow::bail;
+use backhaul_events::admin::{
+    DeadLetter, DeadLettersAnswer, DiscardAnswer, DiscardRequest, RelayStatus, ReplayAnswer,
+    ReplayRequest, SitesAnswer,
+};
 use backhaul_events::admin_client::{AdminClient, age};
-use serde_json::{Value, json};
 
 /// Where a command finds the relay: `--url`, or the admin address in `--config`, or the
 /// default admin address.
@@ -22,15 +25,23 @@ fn client(base: &str) -> anyhow::Result<AdminClient> {
     Ok(AdminClient::new(base)?)
 }
 
+/// Prints what the relay sent, as it sent it: `--json` output is for scripts, which should
+/// see every field, including those this build of the command does not know.
+fn print_sent(client: &AdminClient, path: &str) -> anyhow::Result<()> {
+    let sent = client.get(path)?;
+    println!("{}", serde_json::to_string_pretty(&sent)?);
+    Ok(())
+}
+
 pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let status = client(base)?.get("/v1/status")?;
+    let client = client(base)?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-        return Ok(());
+        return print_sent(&client, "/v1/status");
     }
+    let status: RelayStatus = client.get_json("/v1/status")?;
     println!(
         "broker          {}",
-        if status["broker_connected"] == true {
+        if status.broker_connected {
             "connected"
         } else {
             "NOT CONNECTED"
@@ -38,90 +49,85 @@ pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
     );
     println!(
         "delivery        {}",
-        if status["delivery_paused"] == true {
+        if status.delivery_paused {
             "PAUSED (every ERP call failing; probing)"
         } else {
             "running"
         }
     );
-    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
     println!(
         "outbox          {} events waiting, {:.1} of {:.1} MiB{}",
-        status["outbox_depth"],
-        mib(&status["outbox_bytes"]),
-        mib(&status["outbox_max_bytes"]),
-        if status["outbox_full"] == true {
+        status.outbox_depth,
+        mib(status.outbox_bytes),
+        mib(status.outbox_max_bytes),
+        if status.outbox_full {
             " (full: batches are refused; the agents keep their events)"
         } else {
             ""
         }
     );
-    println!("dead letters    {}", status["dlq_events"]);
+    println!("dead letters    {}", status.dlq_events);
     println!(
         "received        {} events in {} batches ({} duplicates dropped)",
-        status["events_received"], status["batches_received"], status["events_duplicate"]
+        status.events_received, status.batches_received, status.events_duplicate
     );
     println!(
         "delivered       {} events, {} retries, {} dead-lettered",
-        status["events_delivered"], status["delivery_retries"], status["events_dead_lettered"]
+        status.events_delivered, status.delivery_retries, status.events_dead_lettered
     );
     Ok(())
 }
 
 pub fn sites(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let sites = client(base)?.get("/v1/sites")?;
+    let client = client(base)?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&sites)?);
-        return Ok(());
+        return print_sent(&client, "/v1/sites");
     }
+    let answer: SitesAnswer = client.get_json("/v1/sites")?;
     println!(
         "{:<20} {:>12} {:>10} {:>10} {:>12}  {:<12} epoch",
         "site", "highest seq", "outbox", "dead", "delivered", "last seen"
     );
-    for site in sites["sites"].as_array().into_iter().flatten() {
+    for site in &answer.sites {
         println!(
             "{:<20} {:>12} {:>10} {:>10} {:>12}  {:<12} {}",
-            site["site"].as_str().unwrap_or("?"),
-            site["highest_seq"],
-            site["outbox_depth"],
-            site["events_dead_lettered"].as_u64().unwrap_or(0),
-            site["events_delivered"],
-            age(site["last_seen_ms"].as_i64()),
-            site["epoch"].as_str().unwrap_or("")
+            site.site,
+            site.highest_seq,
+            site.outbox_depth,
+            site.events_dead_lettered,
+            site.events_delivered,
+            age(Some(site.last_seen_ms)),
+            site.epoch
         );
     }
     Ok(())
 }
 
 pub fn dlq_list(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let list = client(base)?.get("/v1/dlq?limit=1000")?;
+    let client = client(base)?;
+    let path = "/v1/dlq?limit=1000";
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
-        return Ok(());
+        return print_sent(&client, path);
     }
-    let letters = list["dead_letters"].as_array().cloned().unwrap_or_default();
-    println!("{} dead letters", list["total"]);
-    if letters.is_empty() {
+    let list: DeadLettersAnswer = client.get_json(path)?;
+    println!("{} dead letters", list.total);
+    if list.dead_letters.is_empty() {
         return Ok(());
     }
     println!(
         "{:>8}  {:<12} {:<36} {:<8} {:>5}  reason",
         "id", "site", "event", "type", "tries"
     );
-    for l in letters {
-        let reason: String = l["reason"]
-            .as_str()
-            .unwrap_or("")
-            .chars()
-            .take(100)
-            .collect();
+    for l in &list.dead_letters {
+        let reason: String = l.reason.chars().take(100).collect();
         println!(
             "{:>8}  {:<12} {:<36} {:<8} {:>5}  {}",
-            l["id"],
-            l["site"].as_str().unwrap_or("?"),
-            l["event_id"].as_str().unwrap_or("?"),
-            l["type"].as_str().unwrap_or("?"),
-            l["attempts"],
+            l.id,
+            l.site,
+            l.event_id,
+            l.kind.as_str(),
+            l.attempts,
             reason
         );
     }
@@ -129,7 +135,7 @@ pub fn dlq_list(base: &str, as_json: bool) -> anyhow::Result<()> {
 }
 
 pub fn dlq_show(base: &str, id: u64) -> anyhow::Result<()> {
-    let letter = client(base)?.get(&format!("/v1/dlq/{id}"))?;
+    let letter: DeadLetter = client(base)?.get_json(&format!("/v1/dlq/{id}"))?;
     println!("{}", serde_json::to_string_pretty(&letter)?);
     Ok(())
 }
@@ -138,15 +144,16 @@ pub fn dlq_replay(base: &str, ids: &[u64], all: bool) -> anyhow::Result<()> {
     if ids.is_empty() && !all {
         bail!("name the dead letters to replay, or use --all");
     }
-    let body = if all {
-        json!({"all": true})
-    } else {
-        json!({"ids": ids})
+    let request = ReplayRequest {
+        ids: if all { Vec::new() } else { ids.to_vec() },
+        all,
     };
-    let answer = client(base)?.post("/v1/dlq/replay", &body)?;
-    let replayed = answer["replayed"].as_array().map(Vec::len).unwrap_or(0);
-    println!("{replayed} dead letters sent back for delivery, in their original order");
-    report_missing(ids, &answer["replayed"]);
+    let answer: ReplayAnswer = client(base)?.post_json("/v1/dlq/replay", &request)?;
+    println!(
+        "{} dead letters sent back for delivery, in their original order",
+        answer.replayed.len()
+    );
+    report_missing(ids, &answer.replayed);
     Ok(())
 }
 
@@ -154,20 +161,14 @@ pub fn dlq_discard(base: &str, ids: &[u64]) -> anyhow::Result<()> {
     if ids.is_empty() {
         bail!("name the dead letters to discard");
     }
-    let answer = client(base)?.post("/v1/dlq/discard", &json!({"ids": ids}))?;
-    let discarded = answer["discarded"].as_array().map(Vec::len).unwrap_or(0);
-    println!("{discarded} dead letters discarded");
-    report_missing(ids, &answer["discarded"]);
+    let request = DiscardRequest { ids: ids.to_vec() };
+    let answer: DiscardAnswer = client(base)?.post_json("/v1/dlq/discard", &request)?;
+    println!("{} dead letters discarded", answer.discarded.len());
+    report_missing(ids, &answer.discarded);
     Ok(())
 }
 
-fn report_missing(asked: &[u64], done: &Value) {
-    let done: Vec<u64> = done
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_u64)
-        .collect();
+fn report_missing(asked: &[u64], done: &[u64]) {
     let missing: Vec<&u64> = asked.iter().filter(|id| !done.contains(id)).collect();
     if !missing.is_empty() {
         eprintln!("not in the dead-letter queue: {missing:?}");

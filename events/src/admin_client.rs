@@ -1,9 +1,15 @@
 //! A small blocking client for the services' admin APIs, shared by the `status`, `rejects`,
-//! `tail`, `sites` and `dlq` commands of both binaries (feature `admin-client`).
+//! `tail`, `sites` and `dlq` commands of both binaries (feature `admin-client`). It decodes
+//! answers into the types of [`crate::admin`], so an answer without a field the command needs
+//! is an error that names the field.
 
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::admin::ErrorAnswer;
 
 /// Why an admin request failed, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +27,15 @@ pub enum AdminError {
         url: String,
         status: u16,
         source: reqwest::Error,
+    },
+    // The cause (which field, where) follows in the error chain the binaries print.
+    #[error(
+        "{url} answered JSON this command does not understand \
+         (is the service the same version as this command?)"
+    )]
+    Unexpected {
+        url: String,
+        source: serde_path_to_error::Error<serde_json::Error>,
     },
     #[error("cannot start the HTTP client: {0}")]
     Setup(String),
@@ -55,18 +70,43 @@ impl AdminClient {
         &self.base
     }
 
-    /// GETs `path` (like `/v1/status`) and returns its JSON.
+    /// GETs `path` (like `/v1/status`) and returns its JSON as it was sent, for `--json`.
     pub fn get(&self, path: &str) -> Result<Value, AdminError> {
-        let url = format!("{}{path}", self.base);
+        let url = self.url(path);
         self.runtime
             .block_on(async { read(&url, self.inner.get(&url).send().await).await })
     }
 
-    /// POSTs JSON to `path` and returns the JSON answer.
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value, AdminError> {
-        let url = format!("{}{path}", self.base);
-        self.runtime
-            .block_on(async { read(&url, self.inner.post(&url).json(body).send().await).await })
+    /// GETs `path` and decodes the answer into one of the [`crate::admin`] types.
+    pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, AdminError> {
+        let answer = self.get(path)?;
+        self.decode(path, &answer)
+    }
+
+    /// POSTs `body` as JSON to `path` and decodes the answer.
+    pub fn post_json<B, T>(&self, path: &str, body: &B) -> Result<T, AdminError>
+    where
+        B: Serialize + ?Sized,
+        T: DeserializeOwned,
+    {
+        let url = self.url(path);
+        let answer = self
+            .runtime
+            .block_on(async { read(&url, self.inner.post(&url).json(body).send().await).await })?;
+        self.decode(path, &answer)
+    }
+
+    /// Decodes an answer `get` returned from `path`, for a command that needs both what was
+    /// sent and its fields.
+    pub fn decode<T: DeserializeOwned>(&self, path: &str, answer: &Value) -> Result<T, AdminError> {
+        serde_path_to_error::deserialize(answer).map_err(|source| AdminError::Unexpected {
+            url: self.url(path),
+            source,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
     }
 }
 
@@ -88,10 +128,13 @@ async fn read(
             source,
         })?;
     if !(200..300).contains(&status) {
+        let message = ErrorAnswer::deserialize(&body)
+            .map(|answer| answer.error)
+            .unwrap_or_else(|_| format!("(no message) {body}"));
         return Err(AdminError::Refused {
             url: url.to_string(),
             status,
-            message: body["error"].as_str().unwrap_or("(no message)").to_string(),
+            message,
         });
     }
     Ok(body)

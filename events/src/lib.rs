@@ -1,8 +1,10 @@
 //! The public contract of Backhaul: the canonical warehouse event (its v1 JSON form and
 //! validation), the record the agent stamps on each accepted event, the postcard wire frames
-//! between agent and relay, the MQTT topic names, and the configuration vocabulary (secrets,
-//! byte sizes, precise config errors) that both services share.
+//! between agent and relay, the MQTT topic names, the answers and requests of both services'
+//! admin APIs, and the configuration vocabulary (secrets, byte sizes, precise config errors)
+//! that both services share.
 
+pub mod admin;
 #[cfg(feature = "admin-client")]
 pub mod admin_client;
 pub mod config;

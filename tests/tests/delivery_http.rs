@@ -263,6 +263,27 @@ fn a_refused_event_waits_in_the_dlq_without_blocking_others_and_replays_once_fix
     assert_eq!(agent.status()["erp_refusals_stored"], 2);
     let sites = relay.sites();
     assert_eq!(sites["sites"][0]["events_dead_lettered"], 2, "{sites}");
+    // The operator's table once showed 0 dead letters for every site: it read a field the
+    // server did not send. Columns: site, highest seq, outbox, dead, delivered, last seen.
+    let table = relay.cli(&["sites"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .map(|line| line.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(header.get(4), Some(&"dead"), "{table}");
+    let row: Vec<&str> = table
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|words| words.first() == Some(&"dlq"))
+        .unwrap_or_default();
+    assert_eq!(row.get(3), Some(&"2"), "dead letters of site dlq: {table}");
+    // The other typed answers read by the commands: one dead letter, and the agent's status.
+    let first = listed["dead_letters"][0]["id"].to_string();
+    let shown = relay.cli(&["dlq", "show", &first]);
+    assert!(shown.contains("unknown product SKU-BAD"), "{shown}");
+    let status = agent_cli(&agent, &["status"]);
+    assert!(status.contains("2 refusals kept"), "{status}");
 
     // Fix the master data, replay, and the events are posted once.
     erp.accept_sku("SKU-BAD");
