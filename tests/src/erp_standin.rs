@@ -38,7 +38,11 @@ pub struct Request {
     pub body: Value,
     /// The body exactly as received (JSON numbers keep every digit here).
     pub text: String,
+    /// The status the stand-in answered; 0 for a request it held and closed unanswered.
     pub status: u16,
+    /// The index in [`ErpStandIn::effects`] of the effect this request made; `None` when it
+    /// made none (a failure, a hung request, or a key already there, answered 200).
+    pub effect: Option<usize>,
 }
 
 #[derive(Default)]
@@ -212,6 +216,7 @@ fn record(
         body,
         text,
         status,
+        effect: None,
     });
     // Listed in arrival order, however long a request was held.
     s.requests.sort_by_key(|r| r.at);
@@ -227,19 +232,20 @@ fn effect(
 ) -> (u16, String, String) {
     let mut s = state.lock().unwrap();
     let sku = body["sku"].as_str().unwrap_or("");
-    let (status, text) = if s.unknown_skus.iter().any(|u| u == sku) {
-        (422, format!(r#"{{"error":"unknown product {sku}"}}"#))
+    let (status, text, effect) = if s.unknown_skus.iter().any(|u| u == sku) {
+        (422, format!(r#"{{"error":"unknown product {sku}"}}"#), None)
     } else if let Some(index) = s.keys.get(key) {
         (
             200,
             format!(r#"{{"id":"ERP-{index}","note":"already there"}}"#),
+            None,
         )
     } else {
         let index = s.effects.len();
         s.effects.push(body.clone());
         s.effect_texts.push(received.to_string());
         s.keys.insert(key.to_string(), index);
-        (201, format!(r#"{{"id":"ERP-{index}"}}"#))
+        (201, format!(r#"{{"id":"ERP-{index}"}}"#), Some(index))
     };
     if status < 400 {
         s.requests.push(Request {
@@ -248,6 +254,7 @@ fn effect(
             body: body.clone(),
             text: received.to_string(),
             status,
+            effect,
         });
         s.requests.sort_by_key(|r| r.at);
     }

@@ -111,6 +111,7 @@ pub mod erp_standin;
 pub mod events;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod pipeline;
 pub mod proxy;
 pub mod relay;
 pub mod rss;

@@ -2,14 +2,19 @@
 //! standing for the WAN. Scanners publish steadily and record every id that got a PUBACK;
 //! after each scenario every acknowledged id is in the relay's ledger exactly once, each site's
 //! events in sequence order, and the agent's log has drained.
+//!
+//! The pipeline, the scanners and the delivery checks are `backhaul_tests::pipeline`'s.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use backhaul_tests::agent::{AgentOptions, AgentProcess};
+use backhaul_tests::agent::AgentProcess;
 use backhaul_tests::mosquitto::Mosquitto;
+use backhaul_tests::pipeline::{
+    Order, Pipeline, agent_options, assert_agent_drained, assert_delivered, assert_once_in_order,
+    start_scanners, stop_scanners, wait_for_scanner_acks,
+};
 use backhaul_tests::poll_until;
-use backhaul_tests::proxy::TcpProxy;
 use backhaul_tests::relay::RelayProcess;
 use backhaul_tests::scanner::{Scanner, pick_event};
 use serde_json::Value;
@@ -17,118 +22,29 @@ use serde_json::Value;
 /// Scans per second of each scanner.
 const RATE: u32 = 150;
 
-/// Faster reactions than the production defaults, so each scenario takes seconds.
-fn agent_options(site: &str, broker_port: u16) -> AgentOptions {
-    AgentOptions::default()
-        .uplink("127.0.0.1", broker_port)
-        .set("site", site)
-        .set("uplink.client_id", format!("agent-{site}-{broker_port}"))
-        .set("uplink.ack_timeout_secs", 3)
-        .set("uplink.keep_alive_secs", 5)
-        .set("uplink.reconnect_min_ms", 50)
-        .set("uplink.reconnect_max_ms", 1000)
-        .set("uplink.linger_ms", 10)
-}
-
-struct Pipeline {
-    broker: Mosquitto,
-    proxy: TcpProxy,
-    relay: RelayProcess,
-    agent: AgentProcess,
-    _dir: tempfile::TempDir,
-}
-
-fn pipeline(site: &str) -> Pipeline {
-    pipeline_over(site, "3.1.1")
-}
-
-/// The pipeline with the agent's uplink on MQTT `protocol` ("3.1.1" or "5"); the relay speaks
-/// 3.1.1 to the same broker either way.
-fn pipeline_over(site: &str, protocol: &str) -> Pipeline {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start();
-    let proxy = TcpProxy::start(broker.addr());
-    let relay = RelayProcess::start(&dir.path().join("relay"), broker.port(), false);
-    let agent =
-        AgentProcess::start(agent_options(site, proxy.port()).set("uplink.protocol", protocol));
-    Pipeline {
-        broker,
-        proxy,
-        relay,
-        agent,
-        _dir: dir,
-    }
-}
-
 fn scanners(agent: &AgentProcess, site: &str, count: usize) -> Vec<Scanner> {
-    (0..count)
-        .map(|i| {
-            Scanner::start(
-                agent.mqtt_addr(),
-                &format!("{site}-scanner-{i}"),
-                RATE,
-                pick_event,
-            )
-        })
-        .collect()
-}
-
-fn stop_all(scanners: Vec<Scanner>) -> Vec<String> {
-    scanners.into_iter().flat_map(Scanner::stop).collect()
+    start_scanners(agent, site, count, RATE)
 }
 
 /// Waits until the scanners have `more` further acknowledgements (they keep running).
 fn wait_for_acks(scanners: &[Scanner], more: usize) {
-    let start: usize = scanners.iter().map(Scanner::acked_count).sum();
-    let reached = poll_until(Duration::from_secs(30), || {
-        let now: usize = scanners.iter().map(Scanner::acked_count).sum();
-        (now >= start + more).then_some(())
-    });
-    assert!(
-        reached.is_some(),
-        "scanners stalled at {start} acknowledgements"
-    );
+    wait_for_scanner_acks(scanners, more, Duration::from_secs(30));
 }
 
-/// Every acknowledged id reaches the ledger exactly once, nothing else appears twice, and each
-/// site's lines are in sequence order within an epoch.
+/// Every acknowledged id reaches the ledger exactly once, each site's lines are in sequence
+/// order within an epoch, and no event crosses into another site (`sites`: device id prefix →
+/// the site its events belong to).
 fn assert_exactly_once_in_order(
     relay: &RelayProcess,
     acked: &[String],
     sites: &HashMap<&str, &str>,
 ) {
-    let wanted: HashSet<&str> = acked.iter().map(String::as_str).collect();
-    let complete = poll_until(Duration::from_secs(90), || {
-        let ledger = relay.ledger();
-        let have: HashSet<String> = ledger
-            .iter()
-            .filter_map(|l| l["id"].as_str().map(str::to_string))
-            .collect();
-        wanted.iter().all(|id| have.contains(*id)).then_some(ledger)
-    });
-    let Some(ledger) = complete else {
-        let have: HashSet<String> = relay
-            .ledger()
-            .iter()
-            .filter_map(|l| l["id"].as_str().map(str::to_string))
-            .collect();
-        let missing: Vec<&&str> = wanted
-            .iter()
-            .filter(|id| !have.contains(**id))
-            .take(10)
-            .collect();
-        panic!(
-            "{} of {} acknowledged events never reached the ledger, e.g. {missing:?}\nrelay log:\n{}",
-            wanted.iter().filter(|id| !have.contains(**id)).count(),
-            wanted.len(),
-            relay.log_tail()
-        );
-    };
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    let mut last_seq: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for line in &ledger {
+    let mut names: Vec<&str> = sites.values().copied().collect();
+    names.sort_unstable();
+    let scenario = names.join("+");
+    let delivered = assert_delivered(&scenario, acked, || relay.ledger(), relay, Order::PerSite);
+    for line in &delivered.records {
         let id = line["id"].as_str().expect("ledger line has an id");
-        *seen.entry(id).or_default() += 1;
         let site = line["site"].as_str().expect("ledger line has a site");
         let device_site = sites
             .iter()
@@ -137,39 +53,7 @@ fn assert_exactly_once_in_order(
         if let Some(expected) = device_site {
             assert_eq!(site, expected, "event {id} crossed into site {site}");
         }
-        let epoch = line["epoch"].as_str().unwrap_or_default().to_string();
-        let seq = line["seq"].as_u64().expect("ledger line has a seq");
-        let key = (site.to_string(), epoch);
-        if let Some(previous) = last_seq.get(&key) {
-            assert!(
-                seq > *previous,
-                "site {site}: seq {seq} after {previous} in the ledger"
-            );
-        }
-        last_seq.insert(key, seq);
     }
-    let duplicated: Vec<(&&str, &usize)> = seen.iter().filter(|(_, n)| **n > 1).take(10).collect();
-    assert!(
-        duplicated.is_empty(),
-        "events in the ledger more than once: {duplicated:?}"
-    );
-    println!(
-        "{} acknowledged events, {} ledger lines, 0 lost, 0 duplicated",
-        wanted.len(),
-        ledger.len()
-    );
-}
-
-fn assert_agent_drained(agent: &AgentProcess) {
-    let drained = poll_until(Duration::from_secs(30), || {
-        let status = agent.status();
-        (status["backlog"]["events"].as_u64() == Some(0)).then_some(())
-    });
-    assert!(
-        drained.is_some(),
-        "the agent's log never drained: {}",
-        agent.status()
-    );
 }
 
 fn site_map(site: &'static str) -> HashMap<&'static str, &'static str> {
@@ -189,7 +73,7 @@ fn wan_cut_and_stall_over_mqtt5_lose_nothing() {
 /// Scanners publish steadily while the link between agent and broker is cut, restored, stalled
 /// and restored again, with the agent's uplink on MQTT `protocol`.
 fn wan_cut_and_stall(site: &'static str, protocol: &str) {
-    let p = pipeline_over(site, protocol);
+    let p = Pipeline::start_with(site, |o| o.set("uplink.protocol", protocol), None, &[]);
     let s = scanners(&p.agent, site, 2);
     wait_for_acks(&s, 200);
     p.proxy.cut();
@@ -209,7 +93,7 @@ fn wan_cut_and_stall(site: &'static str, protocol: &str) {
     wait_for_acks(&s, 300);
     p.proxy.restore();
     wait_for_acks(&s, 200);
-    let acked = stop_all(s);
+    let acked = stop_scanners(s);
     assert_exactly_once_in_order(&p.relay, &acked, &site_map(site));
     assert_agent_drained(&p.agent);
     // Mosquitto logs each client's protocol: p2 is 3.1.1, p5 is 5.
@@ -245,7 +129,7 @@ fn a_refused_mqtt5_connection_shows_the_reason() {
 
 #[test]
 fn agent_killed_repeatedly_loses_nothing() {
-    let mut p = pipeline("akill");
+    let mut p = Pipeline::start("akill");
     let s = scanners(&p.agent, "akill", 2);
     for round in 0..5u64 {
         wait_for_acks(&s, 100 + ((round * 37) % 150) as usize);
@@ -253,14 +137,14 @@ fn agent_killed_repeatedly_loses_nothing() {
         p.agent.restart();
     }
     wait_for_acks(&s, 200);
-    let acked = stop_all(s);
+    let acked = stop_scanners(s);
     assert_exactly_once_in_order(&p.relay, &acked, &site_map("akill"));
     assert_agent_drained(&p.agent);
 }
 
 #[test]
 fn relay_killed_repeatedly_loses_nothing() {
-    let mut p = pipeline("rkill");
+    let mut p = Pipeline::start("rkill");
     let s = scanners(&p.agent, "rkill", 2);
     for round in 0..5u64 {
         wait_for_acks(&s, 100 + ((round * 53) % 150) as usize);
@@ -269,14 +153,14 @@ fn relay_killed_repeatedly_loses_nothing() {
         p.relay.restart();
     }
     wait_for_acks(&s, 200);
-    let acked = stop_all(s);
+    let acked = stop_scanners(s);
     assert_exactly_once_in_order(&p.relay, &acked, &site_map("rkill"));
     assert_agent_drained(&p.agent);
 }
 
 #[test]
 fn broker_killed_and_restarted_loses_nothing() {
-    let mut p = pipeline("bkill");
+    let mut p = Pipeline::start("bkill");
     let s = scanners(&p.agent, "bkill", 2);
     for _ in 0..2 {
         wait_for_acks(&s, 200);
@@ -285,7 +169,7 @@ fn broker_killed_and_restarted_loses_nothing() {
         p.broker.restart();
     }
     wait_for_acks(&s, 200);
-    let acked = stop_all(s);
+    let acked = stop_scanners(s);
     assert_exactly_once_in_order(&p.relay, &acked, &site_map("bkill"));
     assert_agent_drained(&p.agent);
 }
@@ -300,7 +184,7 @@ fn two_sites_through_the_embedded_broker_never_cross() {
     let mut s = scanners(&east, "east", 1);
     s.extend(scanners(&west, "west", 1));
     wait_for_acks(&s, 600);
-    let acked = stop_all(s);
+    let acked = stop_scanners(s);
     let sites = HashMap::from([("east", "east"), ("west", "west")]);
     assert_exactly_once_in_order(&relay, &acked, &sites);
     assert_agent_drained(&east);
@@ -317,21 +201,7 @@ fn two_sites_through_the_embedded_broker_never_cross() {
 /// The ids in a ledger, checking that none is there twice and that each epoch's sequence
 /// numbers rise.
 fn ledger_ids_once_in_order(relay: &RelayProcess) -> HashSet<String> {
-    let mut ids = HashSet::new();
-    let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
-    for line in relay.ledger() {
-        let id = line["id"]
-            .as_str()
-            .expect("ledger line has an id")
-            .to_string();
-        let epoch = line["epoch"].as_str().unwrap_or_default().to_string();
-        let seq = line["seq"].as_u64().expect("ledger line has a seq");
-        if let Some(previous) = last_seq.insert(epoch, seq) {
-            assert!(seq > previous, "seq {seq} after {previous} in the ledger");
-        }
-        assert!(ids.insert(id.clone()), "{id} is in the ledger twice");
-    }
-    ids
+    assert_once_in_order("aside", &relay.ledger(), Order::PerSite).0
 }
 
 #[test]
@@ -355,7 +225,7 @@ fn a_relay_on_an_empty_outbox_gets_everything_not_yet_acknowledged() {
     wait_for_acks(&s, 300);
     let second = RelayProcess::start(&dir.path().join("second"), broker.port(), false);
     wait_for_acks(&s, 600);
-    let acked = stop_all(s);
+    let acked = stop_scanners(s);
     assert_agent_drained(&agent);
     // What the first outbox had acknowledged but not yet written to its ledger when it was
     // killed is still in it: let it finish (the agent has nothing left to send).
