@@ -926,3 +926,101 @@ fn persistent_sessions_expire_after_max_session_expiry() {
     );
     client.disconnect();
 }
+
+/// A PUBLISH packet (QoS 1, packet id 1) in MQTT 3.1.1, or in 5 with an empty property list.
+fn publish_packet(topic: &[u8], payload: &[u8], v5: bool) -> Vec<u8> {
+    let mut variable = (topic.len() as u16).to_be_bytes().to_vec();
+    variable.extend_from_slice(topic);
+    variable.extend_from_slice(&[0x00, 0x01]);
+    if v5 {
+        variable.push(0x00);
+    }
+    variable.extend_from_slice(payload);
+    let mut packet = vec![0x32];
+    push_remaining_length(variable.len(), &mut packet);
+    packet.extend_from_slice(&variable);
+    packet
+}
+
+/// A CONNECT at any protocol level (5 gets an empty property list).
+fn connect_at_level(level: u8, client_id: &str) -> Vec<u8> {
+    let mut variable = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02, 0x00, 0x3C];
+    if level == 5 {
+        variable.push(0x00);
+    }
+    variable.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    variable.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10];
+    push_remaining_length(variable.len(), &mut packet);
+    packet.extend_from_slice(&variable);
+    packet
+}
+
+/// What MQTT requires of a server, for clients that break it: CONNACK 0x01 for a protocol
+/// level it does not speak; the connection closed for a wildcard or NUL in a PUBLISH topic
+/// (with DISCONNECT 0x90 in MQTT 5); DISCONNECT 0x95 before closing an MQTT 5 client over the
+/// maximum packet size; and the event's device rules applied to the topic's device.
+#[test]
+fn hostile_topics_levels_and_sizes_get_the_answers_mqtt_requires() {
+    let agent = AgentProcess::start(AgentOptions::default().set("mqtt.max_packet_size", "4 KiB"));
+    let addr = agent.mqtt_addr();
+    let good = to_bytes(&pick(&unique_id("hostile"), "SO-1"));
+
+    // A DISCONNECT in the same write as its CONNECT closes the connection at once.
+    let answer = send_and_expect_close(addr, &[&[connect_311("bye"), vec![0xE0, 0x00]].concat()]);
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x00]);
+
+    // Level 6 does not exist: return code 0x01 (unacceptable protocol version), then closed.
+    let answer = send_and_expect_close(addr, &[&connect_at_level(6, "level-6")]);
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x01]);
+
+    // Wildcards and NUL in a PUBLISH topic close the connection, with no PUBACK.
+    for topic in [&b"scans/a+b"[..], b"scans/#", b"scans/nul\0l"] {
+        let connect = connect_311("wild");
+        let answer = send_and_expect_close(addr, &[&connect, &publish_packet(topic, &good, false)]);
+        assert_eq!(
+            answer,
+            [0x20, 0x02, 0x00, 0x00],
+            "only the CONNACK for {topic:?}"
+        );
+        let connect = connect_at_level(5, "wild5");
+        let answer = send_and_expect_close(addr, &[&connect, &publish_packet(topic, &good, true)]);
+        assert!(
+            answer.ends_with(&[0xE0, 0x02, 0x90, 0x00]),
+            "DISCONNECT 0x90 for {topic:?}: {answer:?}"
+        );
+    }
+
+    // Over max_packet_size in MQTT 5: DISCONNECT 0x95 (packet too large), then closed.
+    let big = vec![b'x'; 5000];
+    let answer = send_and_expect_close(
+        addr,
+        &[
+            &connect_at_level(5, "too-big"),
+            &publish_packet(b"scans/too-big", &big, true),
+        ],
+    );
+    assert!(
+        answer.ends_with(&[0xE0, 0x02, 0x95, 0x00]),
+        "DISCONNECT 0x95: {answer:?}"
+    );
+
+    // The topic's device follows the event's device rules: at most 256 characters.
+    let (mut client, _) = V5Client::connect(v5_options(addr, "long-device")).unwrap();
+    let long_topic = format!("scans/{}", "d".repeat(300));
+    let ack = client.publish(&long_topic, 1, good.clone()).unwrap();
+    assert_eq!(ack.reason, PubAckReason::TopicNameInvalid, "{ack:?}");
+    assert_eq!(
+        ack.reason_string.as_deref(),
+        Some("topic: the device must be at most 256 characters (got 300)")
+    );
+    let ack = client.publish("scans/ok-device", 1, good).unwrap();
+    assert!(ack.is_success(), "{ack:?}");
+    let log = log_by_id(&agent);
+    assert_eq!(
+        log.len(),
+        1,
+        "only the event under a valid device is logged"
+    );
+    assert!(log.values().all(|e| e["device"] == "ok-device"), "{log:?}");
+}

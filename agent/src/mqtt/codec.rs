@@ -70,6 +70,8 @@ pub enum ConnectRefusal {
     BadCredentials,
     BadClientId,
     ServerUnavailable,
+    /// A protocol level other than 3.1.1 (4) and 5.
+    UnsupportedProtocolVersion,
 }
 
 /// A packet to a client.
@@ -122,6 +124,10 @@ pub enum DisconnectReason {
     ServerShuttingDown,
     KeepAliveTimeout,
     ProtocolError,
+    /// A PUBLISH topic with a wildcard or NUL (0x90).
+    TopicNameInvalid,
+    /// A packet over the maximum packet size the CONNACK announced (0x95).
+    PacketTooLarge,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +340,9 @@ fn write_v4(packet: Outgoing, out: &mut BytesMut) -> Result<(), String> {
                 Some(ConnectRefusal::ServerUnavailable) => {
                     v4::ConnectReturnCode::ServiceUnavailable
                 }
+                Some(ConnectRefusal::UnsupportedProtocolVersion) => {
+                    v4::ConnectReturnCode::RefusedProtocolVersion
+                }
             };
             v4::ConnAck::new(code, session_present && refusal.is_none()).write(out)
         }
@@ -382,6 +391,9 @@ fn write_v5(packet: Outgoing, out: &mut BytesMut) -> Result<(), String> {
                     v5::ConnectReturnCode::ClientIdentifierNotValid
                 }
                 Some(ConnectRefusal::ServerUnavailable) => v5::ConnectReturnCode::ServerBusy,
+                Some(ConnectRefusal::UnsupportedProtocolVersion) => {
+                    v5::ConnectReturnCode::UnsupportedProtocolVersion
+                }
             };
             let properties = v5::ConnAckProperties {
                 session_expiry_interval: session_expiry,
@@ -463,6 +475,8 @@ fn write_v5(packet: Outgoing, out: &mut BytesMut) -> Result<(), String> {
                 }
                 DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
                 DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+                DisconnectReason::TopicNameInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
+                DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
             };
             // Written by hand: rumqttc 0.25's writer follows a reason code without properties
             // with a property length byte that its remaining length does not count

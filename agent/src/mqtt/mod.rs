@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::log::{Appended, EventLog, LogError, RejectRecord};
 use crate::metrics::{AgentMetrics, MQTT};
 use crate::passwd::MqttUsers;
-use codec::{AckReason, ConnectRefusal, DisconnectReason, Incoming, Outgoing, Version};
+use codec::{AckReason, CodecError, ConnectRefusal, DisconnectReason, Incoming, Outgoing, Version};
 
 /// How many publishes of one connection may wait for their flush before the connection is not
 /// read further.
@@ -295,7 +295,7 @@ impl Endpoint {
                 "MQTT connection closed: the same client id connected again (session taken over)"
             ),
             Ok(Closed::Shutdown) => {}
-            Err(reason) => {
+            Ok(Closed::Violation(reason)) | Err(reason) => {
                 self.metrics.mqtt_protocol_errors.inc();
                 tracing::warn!(client = %connection.client_id, %peer, version = connection.version.name(), "MQTT connection closed: {reason}");
             }
@@ -324,8 +324,22 @@ impl Endpoint {
     fn device_of(&self, topic: &str, client_id: &str) -> Result<String, AckReason> {
         let pattern = &self.settings.topic;
         let device = device_in_topic(pattern, topic).ok_or_else(|| {
-            AckReason::TopicNameInvalid(format!("topic: {topic:?} does not match {pattern:?}"))
+            let shown: String = topic.chars().take(64).collect();
+            AckReason::TopicNameInvalid(format!("topic: {shown:?} does not match {pattern:?}"))
         })?;
+        // The topic's device becomes the event's device: the same rules apply.
+        let chars = device.chars().count();
+        if chars > backhaul_events::MAX_STRING_CHARS {
+            return Err(AckReason::TopicNameInvalid(format!(
+                "topic: the device must be at most {} characters (got {chars})",
+                backhaul_events::MAX_STRING_CHARS
+            )));
+        }
+        if device.chars().any(char::is_control) {
+            return Err(AckReason::TopicNameInvalid(
+                "topic: the device must not contain control characters".into(),
+            ));
+        }
         if self.settings.own_device_topic_only && device != client_id {
             return Err(AckReason::NotAuthorized(format!(
                 "topic: client {client_id:?} may only publish to its own device topic, not to device {device:?}"
@@ -339,6 +353,9 @@ enum Closed {
     ByClient,
     TakenOver,
     Shutdown,
+    /// The client broke the protocol where MQTT says the connection must close (a wildcard in
+    /// a PUBLISH topic, a packet over the announced maximum): answered, then closed.
+    Violation(String),
 }
 
 type PendingAck = Pin<Box<dyn Future<Output = Option<Outgoing>> + Send>>;
@@ -385,6 +402,20 @@ impl Connection {
             closing = self.handle_buffered(&reject_tx)?;
         }
         loop {
+            // A closing connection still answers what it already took in, so every publish
+            // that reached the log gets its acknowledgement if the socket is still there.
+            // Checked first: the packets that came with the CONNECT may already close it.
+            if let Some(closed) = &closing
+                && self.pending.is_empty()
+            {
+                if matches!(closed, Closed::Shutdown) {
+                    self.queue(Outgoing::Disconnect {
+                        reason: DisconnectReason::ServerShuttingDown,
+                    });
+                }
+                let _ = self.flush().await;
+                return Ok(closing.take().unwrap_or(Closed::ByClient));
+            }
             let can_read = closing.is_none() && self.pending.len() < MAX_PENDING_PER_CONNECTION;
             let keep_alive_deadline = last_heard + self.keep_alive + self.keep_alive / 2;
             let front = async {
@@ -436,19 +467,6 @@ impl Connection {
                     }
                 }
             }
-            // A closing connection still answers what it already took in, so every publish
-            // that reached the log gets its acknowledgement if the socket is still there.
-            if let Some(closed) = &closing
-                && self.pending.is_empty()
-            {
-                if matches!(closed, Closed::Shutdown) {
-                    self.queue(Outgoing::Disconnect {
-                        reason: DisconnectReason::ServerShuttingDown,
-                    });
-                }
-                let _ = self.flush().await;
-                return Ok(closing.take().unwrap_or(Closed::ByClient));
-            }
         }
     }
 
@@ -465,6 +483,24 @@ impl Connection {
                     };
                 }
                 Ok(None) => {}
+                Err(CodecError::UnsupportedLevel(level)) => {
+                    // MQTT 3.1.1 §3.1.2.2: answer return code 0x01, then close. A 3.1.1
+                    // CONNACK is what a client of any level can read.
+                    let mut out = BytesMut::new();
+                    let ack = Outgoing::ConnAck {
+                        session_present: false,
+                        refusal: Some(ConnectRefusal::UnsupportedProtocolVersion),
+                        server_keep_alive: None,
+                        session_expiry: None,
+                        assigned_client_id: None,
+                        max_packet_size: max as u32,
+                    };
+                    if codec::write(Version::V311, ack, &mut out).is_ok() {
+                        let _ = self.stream.write_all(&out).await;
+                        let _ = self.stream.flush().await;
+                    }
+                    return Err(CodecError::UnsupportedLevel(level).to_string());
+                }
                 Err(e) => return Err(e.to_string()),
             }
             match self.stream.read_buf(&mut self.read_buf).await {
@@ -612,9 +648,29 @@ impl Connection {
             let packet = match codec::read(self.version, &mut self.read_buf, max) {
                 Ok(Some(packet)) => packet,
                 Ok(None) => return Ok(None),
+                Err(e @ CodecError::TooLarge(_)) => {
+                    // MQTT 5 §3.2.2.3.6: DISCONNECT 0x95 before closing.
+                    self.queue(Outgoing::Disconnect {
+                        reason: DisconnectReason::PacketTooLarge,
+                    });
+                    self.read_buf.clear();
+                    return Ok(Some(Closed::Violation(e.to_string())));
+                }
                 Err(e) => return Err(e.to_string()),
             };
             match packet {
+                Incoming::Publish { topic, .. } if topic.contains(['+', '#', '\0']) => {
+                    // MQTT 3.1.1 §3.3.2.1 and 5 §3.3.2.1: a protocol violation that closes
+                    // the connection, not a refused event.
+                    self.queue(Outgoing::Disconnect {
+                        reason: DisconnectReason::TopicNameInvalid,
+                    });
+                    self.read_buf.clear();
+                    return Ok(Some(Closed::Violation(format!(
+                        "PUBLISH topic {:?} holds a wildcard or NUL",
+                        topic.chars().take(64).collect::<String>()
+                    ))));
+                }
                 Incoming::Publish {
                     topic,
                     qos,
