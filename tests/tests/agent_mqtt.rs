@@ -1024,3 +1024,73 @@ fn hostile_topics_levels_and_sizes_get_the_answers_mqtt_requires() {
     );
     assert!(log.values().all(|e| e["device"] == "ok-device"), "{log:?}");
 }
+
+/// Sockets opened and left idle (a port scanner, a hostile device) have their own small budget
+/// and a short deadline: logged-in scanners are never refused because of them.
+#[test]
+fn idle_sockets_never_keep_logged_in_scanners_out() {
+    const CAP: usize = 5;
+    let agent =
+        AgentProcess::start(AgentOptions::default().set("mqtt.max_connections", CAP as i64));
+    let addr = agent.mqtt_addr();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // 200 sockets from another loopback address, none of which ever sends a CONNECT.
+    let idle: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..200 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            held.push(
+                socket
+                    .connect(addr)
+                    .await
+                    .expect("the kernel accepts the socket"),
+            );
+        }
+        held
+    });
+
+    // Every place among mqtt.max_connections is there for scanners that log in.
+    let scanners: Vec<V4Client> = (0..CAP)
+        .map(|i| {
+            V4Client::connect(v4_options(addr, &format!("busy-{i}")))
+                .unwrap_or_else(|e| {
+                    panic!("scanner {i} refused while idle sockets are held: {e:?}")
+                })
+                .0
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for (i, mut scanner) in scanners.into_iter().enumerate() {
+        let event = pick(&unique_id("busy"), "SO-1");
+        scanner
+            .publish(&format!("scans/busy-{i}"), 1, to_bytes(&event))
+            .expect("a PUBACK while idle sockets are held");
+        ids.push(id_of(&event).to_string());
+        scanner.disconnect();
+    }
+    wait_until_logged(&agent, &ids);
+
+    // The agent closes every idle socket: those over the budget at once, the rest at the
+    // CONNECT deadline.
+    let closed = rt.block_on(async {
+        let mut closed = 0;
+        for mut socket in idle {
+            let mut buf = [0u8; 16];
+            let read = tokio::time::timeout(
+                Duration::from_secs(30),
+                tokio::io::AsyncReadExt::read(&mut socket, &mut buf),
+            )
+            .await;
+            if matches!(read, Ok(Ok(0)) | Ok(Err(_))) {
+                closed += 1;
+            }
+        }
+        closed
+    });
+    assert_eq!(closed, 200, "idle sockets the agent closed");
+    assert_eq!(agent.status()["mqtt"]["connected_clients"], 0);
+}

@@ -11,7 +11,7 @@ pub mod codec;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use backhaul_events::event::parse_event;
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,16 @@ use codec::{AckReason, CodecError, ConnectRefusal, DisconnectReason, Incoming, O
 /// How many publishes of one connection may wait for their flush before the connection is not
 /// read further.
 const MAX_PENDING_PER_CONNECTION: usize = 1000;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a socket may take from its accept to a complete CONNECT (and TLS handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Sockets that have not sent their CONNECT yet, at most. They have their own budget, apart
+/// from `mqtt.max_connections`, so that sockets opened and left idle (a port scanner, a
+/// hostile device, a client stuck in its TLS setup) never keep logged-in scanners out.
+const PENDING_CONNECTS: usize = 256;
+/// Sockets without a CONNECT yet from one source address, at most: room for a whole site's
+/// scanners reconnecting at once behind one address, while one address alone cannot take
+/// the budget.
+const PENDING_CONNECTS_PER_ADDRESS: usize = 64;
 const REJECTS_PREFIX: &str = "rejects/";
 /// `mqtt.max_session_expiry_secs` until [`Endpoint::set_max_session_expiry`] says otherwise.
 pub const DEFAULT_MAX_SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -105,6 +114,44 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// A socket's place among those waiting for their CONNECT; given back when dropped.
+struct PendingSlot {
+    _permit: OwnedSemaphorePermit,
+    address: IpAddr,
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PendingSlot {
+    /// A place for a socket from `address`, if the budget and the address's share allow.
+    fn take(endpoint: &Endpoint, address: IpAddr) -> Option<PendingSlot> {
+        let permit = endpoint.pending_slots.clone().try_acquire_owned().ok()?;
+        let mut by_address = endpoint.pending_by_address.lock().ok()?;
+        let count = by_address.entry(address).or_insert(0);
+        if *count >= PENDING_CONNECTS_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(PendingSlot {
+            _permit: permit,
+            address,
+            by_address: endpoint.pending_by_address.clone(),
+        })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        if let Ok(mut by_address) = self.by_address.lock()
+            && let Some(count) = by_address.get_mut(&self.address)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// A connection subscribed to its rejects topic: its id and its outgoing queue.
 type RejectSubscriber = (u64, mpsc::Sender<Outgoing>);
 
@@ -117,8 +164,13 @@ pub struct Endpoint {
     /// Connections subscribed to `rejects/{device}`, by device.
     reject_subscribers: Mutex<HashMap<String, Vec<RejectSubscriber>>>,
     next_connection: AtomicU64,
-    /// One permit per connection that may be open: `mqtt.max_connections`.
+    /// One permit per connection that may be open: `mqtt.max_connections`, taken once the
+    /// CONNECT is read.
     connection_slots: Arc<Semaphore>,
+    /// One permit per socket still waiting for its CONNECT.
+    pending_slots: Arc<Semaphore>,
+    /// Sockets still waiting for their CONNECT, by source address.
+    pending_by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// `mqtt.max_session_expiry_secs`.
     max_session_expiry_secs: AtomicU64,
 }
@@ -134,6 +186,8 @@ impl Endpoint {
             reject_subscribers: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             connection_slots: Arc::new(Semaphore::new(slots)),
+            pending_slots: Arc::new(Semaphore::new(PENDING_CONNECTS)),
+            pending_by_address: Arc::new(Mutex::new(HashMap::new())),
             max_session_expiry_secs: AtomicU64::new(DEFAULT_MAX_SESSION_EXPIRY.as_secs()),
         })
     }
@@ -149,7 +203,7 @@ impl Endpoint {
         Duration::from_secs(self.max_session_expiry_secs.load(Ordering::Relaxed))
     }
 
-    /// Connections holding a place among `mqtt.max_connections`, from their accept on.
+    /// Connections holding a place among `mqtt.max_connections`, from their CONNECT on.
     pub fn connected_clients(&self) -> u64 {
         let slots = self.settings.max_connections.min(Semaphore::MAX_PERMITS);
         slots.saturating_sub(self.connection_slots.available_permits()) as u64
@@ -195,20 +249,17 @@ impl Endpoint {
                     }
                 },
             };
-            // The place is taken here, before the task is spawned: counted inside the task, a
-            // burst of connects would all pass the check before the first one was counted.
-            let Ok(permit) = self.connection_slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, max = self.settings.max_connections, "MQTT connection refused: too many connections");
-                let endpoint = self.clone();
-                tokio::spawn(async move { endpoint.refuse_busy(stream).await });
+            // Until its CONNECT arrives a socket holds only a place among the pending ones,
+            // taken here before the task is spawned so a burst cannot pass the budget.
+            let Some(pending) = PendingSlot::take(&self, peer.ip()) else {
+                self.metrics.mqtt_protocol_errors.inc();
+                tracing::debug!(%peer, "MQTT socket closed at once: too many sockets waiting for their CONNECT");
                 continue;
             };
-            let slot = ConnectionSlot::new(permit, &self.metrics.mqtt_connections);
             let _ = stream.set_nodelay(true);
             let endpoint = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let _slot = slot;
                 let stream: Option<Box<dyn ClientStream>> = match &endpoint.settings.tls {
                     None => Some(Box::new(stream)),
                     Some(acceptor) => {
@@ -226,41 +277,9 @@ impl Endpoint {
                     }
                 };
                 if let Some(stream) = stream {
-                    endpoint.handle(stream, peer, shutdown).await;
+                    endpoint.handle(stream, peer, shutdown, pending).await;
                 }
             });
-        }
-    }
-
-    /// Answers a connection over the limit with "server unavailable" once its CONNECT is read.
-    async fn refuse_busy(&self, mut stream: TcpStream) {
-        let mut buf = BytesMut::with_capacity(1024);
-        let read = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                match codec::connect_version(&buf, self.settings.max_packet_size) {
-                    Ok(Some(version)) => return Some(version),
-                    Ok(None) => {}
-                    Err(_) => return None,
-                }
-                if stream.read_buf(&mut buf).await.ok()? == 0 {
-                    return None;
-                }
-            }
-        })
-        .await;
-        if let Ok(Some(version)) = read {
-            let mut out = BytesMut::new();
-            let ack = Outgoing::ConnAck {
-                session_present: false,
-                refusal: Some(ConnectRefusal::ServerUnavailable),
-                server_keep_alive: None,
-                session_expiry: None,
-                assigned_client_id: None,
-                max_packet_size: self.settings.max_packet_size as u32,
-            };
-            if codec::write(version, ack, &mut out).is_ok() {
-                let _ = stream.write_all(&out).await;
-            }
         }
     }
 
@@ -269,11 +288,14 @@ impl Endpoint {
         stream: Box<dyn ClientStream>,
         peer: SocketAddr,
         shutdown: CancellationToken,
+        pending: PendingSlot,
     ) {
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let mut connection = Connection {
             endpoint: self.clone(),
             stream,
+            pending_slot: Some(pending),
+            slot: None,
             peer,
             id,
             version: Version::V311,
@@ -375,6 +397,10 @@ struct Connection {
     keep_alive: Duration,
     read_buf: BytesMut,
     write_buf: BytesMut,
+    /// The socket's place among those waiting for their CONNECT, until it is read.
+    pending_slot: Option<PendingSlot>,
+    /// The connection's place among `mqtt.max_connections`, once its CONNECT is read.
+    slot: Option<ConnectionSlot>,
     /// Answers to publishes, in the order the publishes arrived; each resolves after its flush.
     pending: VecDeque<PendingAck>,
     /// Cancelled when another connection takes this client id over.
@@ -533,6 +559,20 @@ impl Connection {
             assigned_client_id: None,
             max_packet_size,
         };
+        // The CONNECT is here: the socket leaves the pending ones and takes a connection's
+        // place, if one is free (atomically, so a burst never passes the cap).
+        self.pending_slot = None;
+        let Ok(permit) = self.endpoint.connection_slots.clone().try_acquire_owned() else {
+            let max = settings.max_connections;
+            self.queue(refuse(ConnectRefusal::ServerUnavailable));
+            self.flush().await?;
+            tracing::warn!(client = %client_id, peer = %self.peer, max, "MQTT connection refused: too many connections");
+            return Ok(false);
+        };
+        self.slot = Some(ConnectionSlot::new(
+            permit,
+            &self.endpoint.metrics.mqtt_connections,
+        ));
         if !settings.users.is_empty() {
             let ok = login
                 .as_ref()
