@@ -1094,3 +1094,46 @@ fn idle_sockets_never_keep_logged_in_scanners_out() {
     assert_eq!(closed, 200, "idle sockets the agent closed");
     assert_eq!(agent.status()["mqtt"]["connected_clients"], 0);
 }
+
+/// A reject notice goes to the session that published: not to another client that subscribes
+/// under the name of the topic's device, and still to a persistent session resumed without
+/// subscribing again (its CONNACK said the session, subscription included, was present).
+#[test]
+fn notices_go_to_the_publishing_session_only() {
+    let agent = AgentProcess::start_default();
+    let addr = agent.mqtt_addr();
+    let mut bad = pick(&unique_id("notice"), "SO-1");
+    bad["qty"] = serde_json::json!(0);
+
+    let (mut impostor, _) = V4Client::connect(v4_options(addr, "dock-door-2")).unwrap();
+    assert!(impostor.subscribe("rejects/dock-door-2").unwrap());
+    let mut options = v4_options(addr, "handheld-9");
+    options.set_clean_session(false);
+    let (mut handheld, _) = V4Client::connect(options.clone()).unwrap();
+    assert!(handheld.subscribe("rejects/handheld-9").unwrap());
+    handheld.disconnect();
+
+    // Back on its persistent session, without subscribing again.
+    let (mut handheld, _) = V4Client::connect(options).unwrap();
+    handheld
+        .publish("scans/dock-door-2", 1, to_bytes(&bad))
+        .unwrap();
+    let notice = handheld
+        .next_message(Duration::from_secs(10))
+        .expect("the notice reaches the resumed session");
+    assert_eq!(notice.topic, "rejects/handheld-9");
+    let notice: Value = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice["id"], id_of(&bad));
+    // The other client, named like the topic's device, learned nothing of it; a notice of its
+    // own publish proves its subscription works and that nothing came before it.
+    let mut own = pick(&unique_id("notice"), "SO-1");
+    own["qty"] = serde_json::json!(0);
+    impostor
+        .publish("scans/dock-door-2", 1, to_bytes(&own))
+        .unwrap();
+    let first = impostor
+        .next_message(Duration::from_secs(10))
+        .expect("its own notice");
+    let first: Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(first["id"], id_of(&own), "another session's notice leaked");
+}

@@ -4,8 +4,8 @@
 //!
 //! What it owns: accepting connections (with a limit), authentication, sessions (client id
 //! takeover, session-present, QoS 2 state across reconnects, expiry of the ones whose client
-//! stays away), keep-alive, validation of each payload, and the `rejects/{device}` topic
-//! through which a scanner learns why an event was refused.
+//! stays away), keep-alive, validation of each payload, and the `rejects/{client id}` topic
+//! through which the connection that published learns why its event was refused.
 
 pub mod codec;
 
@@ -74,6 +74,9 @@ struct Session {
     active: Option<(u64, CancellationToken)>,
     /// When the last connection ended, while no connection uses the session.
     left_at: Option<Instant>,
+    /// The client subscribed to its rejects topic: a resumed session keeps the subscription,
+    /// as session-present promises.
+    rejects_subscribed: bool,
 }
 
 impl Session {
@@ -152,17 +155,12 @@ impl Drop for PendingSlot {
     }
 }
 
-/// A connection subscribed to its rejects topic: its id and its outgoing queue.
-type RejectSubscriber = (u64, mpsc::Sender<Outgoing>);
-
 /// Everything the connections share.
 pub struct Endpoint {
     settings: MqttSettings,
     log: EventLog,
     metrics: Arc<AgentMetrics>,
     sessions: Mutex<HashMap<String, Session>>,
-    /// Connections subscribed to `rejects/{device}`, by device.
-    reject_subscribers: Mutex<HashMap<String, Vec<RejectSubscriber>>>,
     next_connection: AtomicU64,
     /// One permit per connection that may be open: `mqtt.max_connections`, taken once the
     /// CONNECT is read.
@@ -183,7 +181,6 @@ impl Endpoint {
             log,
             metrics,
             sessions: Mutex::new(HashMap::new()),
-            reject_subscribers: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             connection_slots: Arc::new(Semaphore::new(slots)),
             pending_slots: Arc::new(Semaphore::new(PENDING_CONNECTS)),
@@ -296,6 +293,8 @@ impl Endpoint {
             stream,
             pending_slot: Some(pending),
             slot: None,
+            rejects_to: None,
+            resume_rejects: false,
             peer,
             id,
             version: Version::V311,
@@ -320,24 +319,6 @@ impl Endpoint {
             Ok(Closed::Violation(reason)) | Err(reason) => {
                 self.metrics.mqtt_protocol_errors.inc();
                 tracing::warn!(client = %connection.client_id, %peer, version = connection.version.name(), "MQTT connection closed: {reason}");
-            }
-        }
-    }
-
-    /// Sends a reject notice to every connection subscribed to `rejects/{device}`.
-    fn notify_reject(&self, device: &str, notice: Bytes) {
-        let Ok(mut subscribers) = self.reject_subscribers.lock() else {
-            return;
-        };
-        if let Some(list) = subscribers.get_mut(device) {
-            list.retain(|(_, sender)| !sender.is_closed());
-            for (_, sender) in list.iter() {
-                // QoS 0: a subscriber too slow to take the notice misses it; the reject store
-                // keeps it anyway.
-                let _ = sender.try_send(Outgoing::Publish {
-                    topic: format!("{REJECTS_PREFIX}{device}"),
-                    payload: notice.clone(),
-                });
             }
         }
     }
@@ -401,6 +382,10 @@ struct Connection {
     pending_slot: Option<PendingSlot>,
     /// The connection's place among `mqtt.max_connections`, once its CONNECT is read.
     slot: Option<ConnectionSlot>,
+    /// Where this connection's reject notices go, once it subscribed to its rejects topic.
+    rejects_to: Option<mpsc::Sender<Outgoing>>,
+    /// The resumed session had the rejects subscription.
+    resume_rejects: bool,
     /// Answers to publishes, in the order the publishes arrived; each resolves after its flush.
     pending: VecDeque<PendingAck>,
     /// Cancelled when another connection takes this client id over.
@@ -420,6 +405,9 @@ impl Connection {
             return Ok(Closed::ByClient);
         }
         let (reject_tx, mut reject_rx) = mpsc::channel::<Outgoing>(64);
+        if self.resume_rejects {
+            self.rejects_to = Some(reject_tx.clone());
+        }
         let mut last_heard = Instant::now();
         let mut closing: Option<Closed> = None;
         // Packets that arrived together with the CONNECT (a client need not wait for the
@@ -635,7 +623,9 @@ impl Connection {
                 !clean_start && (session.persistent() || !session.awaiting_release.is_empty());
             if clean_start {
                 session.awaiting_release.clear();
+                session.rejects_subscribed = false;
             }
+            self.resume_rejects = present && session.rejects_subscribed;
             session.expiry = expiry;
             session.left_at = None;
             session.active = Some((self.id, self.cancel.clone()));
@@ -670,12 +660,6 @@ impl Connection {
             } else {
                 sessions.remove(&self.client_id);
             }
-        }
-        if let Ok(mut subscribers) = self.endpoint.reject_subscribers.lock() {
-            for list in subscribers.values_mut() {
-                list.retain(|(id, _)| *id != self.id);
-            }
-            subscribers.retain(|_, list| !list.is_empty());
         }
     }
 
@@ -730,13 +714,9 @@ impl Connection {
                 Incoming::Subscribe { pkid, filters } => {
                     let own = format!("{REJECTS_PREFIX}{}", self.client_id);
                     let granted: Vec<bool> = filters.iter().map(|f| *f == own).collect();
-                    if granted.iter().any(|g| *g)
-                        && let Ok(mut subscribers) = self.endpoint.reject_subscribers.lock()
-                    {
-                        let list = subscribers.entry(self.client_id.clone()).or_default();
-                        if !list.iter().any(|(id, _)| *id == self.id) {
-                            list.push((self.id, reject_tx.clone()));
-                        }
+                    if granted.iter().any(|g| *g) {
+                        self.rejects_to = Some(reject_tx.clone());
+                        self.set_rejects_subscribed(true);
                     }
                     for filter in filters.iter().filter(|f| **f != own) {
                         tracing::info!(client = %self.client_id, filter, "MQTT subscription refused: only {own:?} may be subscribed to");
@@ -744,11 +724,8 @@ impl Connection {
                     self.answer_in_order(Outgoing::SubAck { pkid, granted });
                 }
                 Incoming::Unsubscribe { pkid, count } => {
-                    if let Ok(mut subscribers) = self.endpoint.reject_subscribers.lock()
-                        && let Some(list) = subscribers.get_mut(&self.client_id)
-                    {
-                        list.retain(|(id, _)| *id != self.id);
-                    }
+                    self.rejects_to = None;
+                    self.set_rejects_subscribed(false);
                     self.answer_in_order(Outgoing::UnsubAck { pkid, count });
                 }
                 Incoming::PingReq => self.answer_in_order(Outgoing::PingResp),
@@ -808,12 +785,12 @@ impl Connection {
                     vec![violation.clone()],
                 ));
                 endpoint.metrics.rejected.get_or_create(&MQTT).inc();
-                let client_id = self.client_id.clone();
+                let notify = self.notifier();
                 self.pending.push_back(Box::pin(async move {
                     if let Err(e) = stored.await {
                         tracing::error!(error = %e, "a reject could not be stored");
                     }
-                    endpoint.notify_reject(&client_id, reject_notice(None, &topic, &[violation]));
+                    notify(reject_notice(None, &topic, &[violation]));
                     ack(reason)
                 }));
                 return Ok(());
@@ -884,22 +861,40 @@ impl Connection {
                 ));
                 endpoint.metrics.rejected.get_or_create(&MQTT).inc();
                 tracing::info!(client = %self.client_id, event = id.as_deref().unwrap_or(""), reasons = %text, "MQTT event rejected");
-                let client_id = self.client_id.clone();
+                let notify = self.notifier();
                 self.pending.push_back(Box::pin(async move {
                     if let Err(e) = stored.await {
                         tracing::error!(error = %e, "a reject could not be stored");
                     }
-                    // The sender may only subscribe to rejects/{its client id}, so the notice
-                    // goes there; and to the topic's device too when that is another client.
-                    endpoint.notify_reject(&client_id, notice.clone());
-                    if device != client_id {
-                        endpoint.notify_reject(&device, notice);
-                    }
+                    notify(notice);
                     ack(AckReason::PayloadFormatInvalid(text))
                 }));
             }
         }
         Ok(())
+    }
+
+    fn set_rejects_subscribed(&self, subscribed: bool) {
+        if let Ok(mut sessions) = self.endpoint.sessions.lock()
+            && let Some(session) = sessions.get_mut(&self.client_id)
+        {
+            session.rejects_subscribed = subscribed;
+        }
+    }
+
+    /// Sends a reject notice to this connection, on `rejects/{its client id}`, if it
+    /// subscribed there. Notices go to the session that published, never to another client
+    /// that subscribes under the name of the topic's device or claims the same client id.
+    fn notifier(&self) -> impl FnOnce(Bytes) + Send + 'static {
+        let to = self.rejects_to.clone();
+        let topic = format!("{REJECTS_PREFIX}{}", self.client_id);
+        move |payload| {
+            // QoS 0: a subscriber too slow to take the notice misses it; the reject store
+            // keeps it anyway.
+            if let Some(to) = to {
+                let _ = to.try_send(Outgoing::Publish { topic, payload });
+            }
+        }
     }
 
     fn queue(&mut self, packet: Outgoing) {
