@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use backhaul_events::config::{ByteSize, ConfigError, Secret, SecretSource, load_toml_file};
+use backhaul_events::config::{
+    ByteSize, ConfigError, Secret, SecretSource, check_listener_limits, load_toml_file,
+};
+use backhaul_events::signing::SiteKeys;
 use backhaul_events::topics::check_site_id;
 use serde::{Deserialize, Deserializer};
 
@@ -88,6 +91,11 @@ pub struct UplinkConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<SecretSource>,
+    /// This site's key (64 hex digits or more): batches are signed with it, and what the relay
+    /// sends back must be signed with it. Set it on both sides (`security.site_keys` on the
+    /// relay), or on neither.
+    #[serde(default)]
+    pub site_key: Option<SecretSource>,
     #[serde(default)]
     pub tls: Option<UplinkTls>,
     #[serde(default = "default_keep_alive")]
@@ -288,6 +296,17 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Bearer token required on `POST /v1/events`; none means no authentication.
     pub token: Option<SecretSource>,
+    /// Connections served at once; the ones over it are answered 503 and closed at once, so
+    /// that slow clients cannot use up the process's file descriptors (MQTT shares them).
+    pub max_connections: usize,
+    /// A request's line and headers must arrive within this of the connection opening or of
+    /// the previous answer, which also bounds how long a kept-alive connection stays idle.
+    pub header_timeout_secs: u64,
+    /// A request's body must arrive within this of its headers, however it trickles.
+    pub body_timeout_secs: u64,
+    /// A connection on which no byte moves either way for this long, while the agent is not
+    /// working on one of its requests, is closed.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -295,7 +314,26 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
             token: None,
+            max_connections: 256,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            idle_timeout_secs: 60,
         }
+    }
+}
+
+impl HttpConfig {
+    fn check(&self, file: &Path) -> Result<(), ConfigError> {
+        check_listener_limits(
+            file,
+            "http",
+            self.max_connections,
+            [
+                ("header_timeout_secs", self.header_timeout_secs),
+                ("body_timeout_secs", self.body_timeout_secs),
+                ("idle_timeout_secs", self.idle_timeout_secs),
+            ],
+        )
     }
 }
 
@@ -308,6 +346,8 @@ pub struct LoadedAgentConfig {
     pub mqtt_users: MqttUsers,
     pub uplink_password: Option<Secret>,
     pub site_broker_password: Option<Secret>,
+    /// `uplink.site_key`, read.
+    pub site_key: Option<SiteKeys>,
 }
 
 impl AgentConfig {
@@ -374,6 +414,17 @@ impl AgentConfig {
             })?),
             None => None,
         };
+        let site_key = match config.uplink.as_ref().and_then(|u| u.site_key.as_ref()) {
+            Some(source) => {
+                let key = source.resolve().map_err(|e| {
+                    ConfigError::invalid(file, "uplink.site_key", format!("a readable secret: {e}"))
+                })?;
+                Some(SiteKeys::from_hex(&[key.expose()]).map_err(|e| {
+                    ConfigError::invalid(file, "uplink.site_key", e.replace("key 1: ", ""))
+                })?)
+            }
+            None => None,
+        };
         Ok(LoadedAgentConfig {
             file: file.to_path_buf(),
             config,
@@ -381,6 +432,7 @@ impl AgentConfig {
             mqtt_users,
             uplink_password,
             site_broker_password,
+            site_key,
         })
     }
 
@@ -428,6 +480,7 @@ impl AgentConfig {
             }
             check_device_topic(file, "site_broker.topic", &site_broker.topic)?;
         }
+        self.http.check(file)?;
         if self.mqtt.max_connections == 0 {
             return Err(ConfigError::invalid(
                 file,

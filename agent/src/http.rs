@@ -1,7 +1,10 @@
 //! The agent's HTTP side: `POST /v1/events` for the WMS (202 only after the flush), and the
 //! admin endpoints `/healthz`, `/readyz`, `/metrics`, `/v1/status`, `/v1/rejects`, `/v1/log`,
-//! `/v1/tail`, whose answers are the types of `backhaul_events::admin`.
+//! `/v1/tail`, whose answers are the types of `backhaul_events::admin`; and the listener that
+//! serves them, which bounds how many connections it holds and how long a slow or silent client
+//! may hold one (`[http]` in config/agent.toml).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -96,7 +99,7 @@ fn authorized(state: &HttpState, headers: &HeaderMap) -> bool {
 
 async fn post_events(
     State(state): State<HttpState>,
-    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {

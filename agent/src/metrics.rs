@@ -36,6 +36,8 @@ pub struct AgentMetrics {
     pub link_up: Gauge,
     pub batches_sent: Counter,
     pub batch_resends: Counter,
+    /// Frames from the relay ignored because they were not signed with the site's key.
+    pub unsigned_frames: Counter,
     pub events_forwarded: Counter,
     pub events_acked: Counter,
     /// When the relay last acknowledged a batch, in ms since the Unix epoch (0: never).
@@ -64,6 +66,7 @@ impl AgentMetrics {
             link_up: Gauge::default(),
             batches_sent: Counter::default(),
             batch_resends: Counter::default(),
+            unsigned_frames: Counter::default(),
             events_forwarded: Counter::default(),
             events_acked: Counter::default(),
             last_ack_ms: Gauge::default(),
@@ -126,6 +129,11 @@ impl AgentMetrics {
             "batch_resends",
             "Batches dropped from the in-flight window to be re-sent from the log (timeout or reconnect)",
             metrics.batch_resends.clone(),
+        );
+        registry.register(
+            "relay_frames_unsigned",
+            "Acknowledgements and reports from the relay ignored: not signed with uplink.site_key",
+            metrics.unsigned_frames.clone(),
         );
         registry.register(
             "events_forwarded",

@@ -3,7 +3,6 @@
 //! (stop taking new work, answer what was taken in, then close the log), or with an error as
 //! soon as one of them ends on its own, so that systemd restarts the agent.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -17,6 +16,7 @@ use crate::log::{EventLog, LogOptions};
 use crate::metrics::AgentMetrics;
 use crate::mqtt::{Endpoint, MqttSettings};
 use crate::site_broker::{SharedSiteBrokerStatus, SiteBrokerSource};
+use backhaul_events::http_listener::{ConnectionLimits, serve};
 
 /// How long in-flight acknowledgements may take to go out once a stop is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,7 +98,9 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
             loaded.uplink_password.clone(),
             metrics.clone(),
         );
-        let forwarder = forwarder.with_heartbeat(heartbeats.register("forwarder"));
+        let forwarder = forwarder
+            .with_heartbeat(heartbeats.register("forwarder"))
+            .with_site_key(loaded.site_key.clone());
         link = Some(status);
         tasks.spawn("forwarder", forwarder.run(stop.clone()));
     }
@@ -131,7 +133,10 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
                 config.http.listen
             )
         })?;
-    tracing::info!(listen = %config.http.listen, "HTTP ingest and admin listening");
+    tracing::info!(
+        listen = %config.http.listen, max_connections = config.http.max_connections,
+        "HTTP ingest and admin listening"
+    );
     let state = HttpState {
         site: config.site.clone(),
         log: log.clone(),
@@ -143,12 +148,17 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
         link,
         site_broker: site_broker_status,
     };
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let http_stop = stop.clone();
+    let limits = ConnectionLimits {
+        section: "http",
+        max_connections: config.http.max_connections,
+        header_timeout: Duration::from_secs(config.http.header_timeout_secs),
+        body_timeout: Duration::from_secs(config.http.body_timeout_secs),
+        idle_timeout: Duration::from_secs(config.http.idle_timeout_secs),
+    };
+    let serve = serve(http_listener, router(state), limits, stop.clone());
     tasks.spawn("HTTP server", async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await
+        serve.await;
+        anyhow::Ok(())
     });
 
     // Everything is open and bound: tell systemd.

@@ -3,7 +3,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use backhaul_events::config::{ByteSize, ConfigError, Secret, SecretSource, load_toml_file};
+use std::sync::Arc;
+
+use backhaul_events::config::{
+    ByteSize, ConfigError, Secret, SecretSource, check_listener_limits, load_toml_file,
+};
+use backhaul_events::signing::Keyring;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -19,6 +24,17 @@ pub struct RelayConfig {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// `[security]`: who may write as which site.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// The sites' keys, a TOML table of site id = hex key (or two while rotating). With it,
+    /// every frame from a site must be signed with its key, and unknown sites are refused.
+    pub site_keys: Option<SecretSource>,
 }
 
 /// How the outbox drains to the connector.
@@ -126,13 +142,42 @@ pub struct LedgerConfig {
 pub struct AdminConfig {
     /// Where `/healthz`, `/readyz`, `/metrics` and `/v1/sites` answer.
     pub listen: SocketAddr,
+    /// Connections served at once; the ones over it are answered 503 and closed at once.
+    pub max_connections: usize,
+    /// A request's line and headers must arrive within this of the connection opening or of
+    /// the previous answer, which also bounds how long a kept-alive connection stays idle.
+    pub header_timeout_secs: u64,
+    /// A request's body must arrive within this of its headers, however it trickles.
+    pub body_timeout_secs: u64,
+    /// A connection on which no byte moves either way for this long, while the relay is not
+    /// working on one of its requests, is closed.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
+            max_connections: 256,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            idle_timeout_secs: 60,
         }
+    }
+}
+
+impl AdminConfig {
+    fn check(&self, file: &Path) -> Result<(), ConfigError> {
+        check_listener_limits(
+            file,
+            "admin",
+            self.max_connections,
+            [
+                ("header_timeout_secs", self.header_timeout_secs),
+                ("body_timeout_secs", self.body_timeout_secs),
+                ("idle_timeout_secs", self.idle_timeout_secs),
+            ],
+        )
     }
 }
 
@@ -142,6 +187,8 @@ pub struct LoadedRelayConfig {
     pub file: PathBuf,
     pub config: RelayConfig,
     pub broker_password: Option<Secret>,
+    /// `security.site_keys`, read.
+    pub site_keys: Option<Arc<Keyring>>,
 }
 
 impl RelayConfig {
@@ -155,10 +202,31 @@ impl RelayConfig {
             })?),
             None => None,
         };
+        let site_keys = match &config.security.site_keys {
+            Some(source) => {
+                let text = source.resolve().map_err(|e| {
+                    ConfigError::invalid(
+                        file,
+                        "security.site_keys",
+                        format!("a readable secret: {e}"),
+                    )
+                })?;
+                let ring = Keyring::from_toml(text.expose()).map_err(|e| {
+                    ConfigError::invalid(
+                        file,
+                        "security.site_keys",
+                        format!("site = hex key lines: {e}"),
+                    )
+                })?;
+                Some(Arc::new(ring))
+            }
+            None => None,
+        };
         Ok(LoadedRelayConfig {
             file: file.to_path_buf(),
             config,
             broker_password,
+            site_keys,
         })
     }
 
@@ -225,6 +293,7 @@ impl RelayConfig {
         if let Some(http) = &self.sink.http {
             http.check(file)?;
         }
+        self.admin.check(file)?;
         let d = &self.delivery;
         if !(1..=256).contains(&d.concurrency) {
             return Err(ConfigError::invalid(

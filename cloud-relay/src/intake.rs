@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use backhaul_events::config::Secret;
 use backhaul_events::frame::{AckFrame, BatchFrame, BatchRefusal};
 use backhaul_events::service::{Backoff, Heartbeat};
+use backhaul_events::signing::{Keyring, is_sealed};
 use backhaul_events::topics::{
     ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER, acks_topic, outcomes_topic, refusals_topic,
     site_of_batches_topic, site_of_refusal_acks_topic,
@@ -59,6 +60,9 @@ pub struct Intake {
     /// Outcomes from the delivery engine, to publish to each site.
     pub outcomes: mpsc::Receiver<crate::engine::SiteOutcomes>,
     pub heartbeat: Heartbeat,
+    /// The sites' keys (`security.site_keys`): with them, every frame must be sealed by its
+    /// site, and what goes back to a site is sealed with its key.
+    pub keys: Option<Arc<Keyring>>,
 }
 
 impl Intake {
@@ -159,10 +163,15 @@ impl Intake {
         let max_frame = self.broker.max_frame_size.0 as usize;
         let (decoded_tx, mut decoded_rx) = mpsc::channel::<Inbound>(DECODED_AHEAD);
         let decode_metrics = self.metrics.clone();
+        let decode_keys = self.keys.clone();
         let decoder = tokio::spawn(async move {
             while let Some(received) = rx.recv().await {
-                if let Some(inbound) = check(&decode_metrics, &received, max_frame)
-                    && decoded_tx.send(inbound).await.is_err()
+                if let Some(inbound) = check(
+                    &decode_metrics,
+                    &received,
+                    max_frame,
+                    decode_keys.as_deref(),
+                ) && decoded_tx.send(inbound).await.is_err()
                 {
                     return;
                 }
@@ -269,7 +278,7 @@ impl Intake {
                     outcomes: result.outcomes,
                 };
                 let payload = match ack.encode() {
-                    Ok(p) => p,
+                    Ok(p) => sealed_for(self.keys.as_deref(), &batch.site, p),
                     Err(e) => {
                         tracing::error!(error = %e, "an acknowledgement could not be encoded");
                         continue;
@@ -345,6 +354,7 @@ impl Intake {
         };
         match frame.encode() {
             Ok(payload) => {
+                let payload = sealed_for(self.keys.as_deref(), site, payload);
                 if let Err(e) =
                     client.try_publish(refusals_topic(site), QoS::AtLeastOnce, false, payload)
                 {
@@ -383,7 +393,10 @@ impl Intake {
         outcomes: Vec<backhaul_events::EventOutcome>,
     ) {
         let frame = backhaul_events::OutcomeFrame { site, outcomes };
-        match frame.encode() {
+        match frame
+            .encode()
+            .map(|payload| sealed_for(self.keys.as_deref(), &frame.site, payload))
+        {
             Ok(payload) => match client.try_publish(
                 outcomes_topic(&frame.site),
                 QoS::AtLeastOnce,
@@ -400,10 +413,49 @@ impl Intake {
     }
 }
 
+/// The frame inside what a site sent, checked against the site's keys when the relay has a
+/// keyring (then every frame must be sealed by its topic's site); or why not, as a metric label.
+fn opened<'a>(
+    keys: Option<&Keyring>,
+    site: &str,
+    payload: &'a [u8],
+) -> Result<&'a [u8], &'static str> {
+    match keys {
+        Some(ring) => match ring.get(site) {
+            Some(site_keys) => site_keys.open(payload).map_err(|e| e.label()),
+            None => Err("unknown_site"),
+        },
+        // Without a keyring nothing can be checked: a sealed frame is a site configured for a
+        // relay that has its keys, not this one.
+        None if is_sealed(payload) => Err("unknown_site"),
+        None => Ok(payload),
+    }
+}
+
+/// A frame for a site, sealed with its key when the relay has one.
+fn sealed_for(keys: Option<&Keyring>, site: &str, frame: Vec<u8>) -> Vec<u8> {
+    match keys.and_then(|ring| ring.get(site)) {
+        Some(site_keys) => site_keys.seal(&frame),
+        None => frame,
+    }
+}
+
 /// Decodes and checks a frame; refused frames are counted, logged and never acknowledged.
-fn check(metrics: &RelayMetrics, received: &Received, max_frame: usize) -> Option<Inbound> {
+fn check(
+    metrics: &RelayMetrics,
+    received: &Received,
+    max_frame: usize,
+    keys: Option<&Keyring>,
+) -> Option<Inbound> {
     if let Some(topic_site) = site_of_refusal_acks_topic(&received.topic) {
-        return match RefusalAckFrame::decode(&received.payload, max_frame) {
+        let Ok(payload) = opened(keys, topic_site, &received.payload) else {
+            tracing::warn!(
+                site = topic_site,
+                "refusal acknowledgement ignored: not signed by its site"
+            );
+            return None;
+        };
+        return match RefusalAckFrame::decode(payload, max_frame) {
             Ok(ack) if ack.site == topic_site => Some(Inbound::RefusalAck(ack)),
             Ok(ack) => {
                 tracing::warn!(topic_site, frame_site = %ack.site, "refusal acknowledgement ignored: its site does not match its topic");
@@ -420,7 +472,22 @@ fn check(metrics: &RelayMetrics, received: &Received, max_frame: usize) -> Optio
         return None;
     };
     metrics.batches_received.inc();
-    let batch = match BatchFrame::decode(&received.payload, max_frame) {
+    let payload = match opened(keys, topic_site, &received.payload) {
+        Ok(payload) => payload,
+        Err(reason) => {
+            metrics
+                .batches_refused
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+            tracing::warn!(
+                site = topic_site,
+                reason,
+                "batch frame refused: not signed by its site's key; never acknowledged"
+            );
+            return None;
+        }
+    };
+    let batch = match BatchFrame::decode(payload, max_frame) {
         Ok(batch) => batch,
         Err(e) => {
             metrics

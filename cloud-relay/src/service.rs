@@ -1,15 +1,18 @@
 //! Starts the relay's parts (embedded broker when configured, outbox, intake, connector, admin
 //! HTTP), supervises them, and stops them on SIGINT or SIGTERM, or with an error as soon as
-//! one of them ends on its own.
+//! one of them ends on its own. The admin listener bounds how many connections it holds and how
+//! long a slow or silent client may hold one (`[admin]` in config/relay.toml).
 
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminState, router};
 use crate::config::LoadedRelayConfig;
+use backhaul_events::http_listener::{ConnectionLimits, serve};
 use backhaul_events::service::{Heartbeats, Supervisor};
 
 use crate::connector::Connector;
@@ -25,7 +28,7 @@ use crate::outbox::{Outbox, OutboxOptions};
 /// Enough that keys held back by retries leave plenty to deliver; about 100 bytes each.
 const FRONTIER_EVENTS: usize = 100_000;
 /// How long the tasks may take to finish once a stop is asked for.
-const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let config = loaded.config.clone();
@@ -75,6 +78,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         stored: stored.clone(),
         outcomes: outcomes_rx,
         heartbeat: heartbeats.register("batch intake"),
+        keys: loaded.site_keys.clone(),
     };
     tasks.spawn("batch intake", intake.run(stop.clone()));
 
@@ -93,10 +97,17 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         metrics,
         wake: stored,
     });
+    let limits = ConnectionLimits {
+        section: "admin",
+        max_connections: config.admin.max_connections,
+        header_timeout: Duration::from_secs(config.admin.header_timeout_secs),
+        body_timeout: Duration::from_secs(config.admin.body_timeout_secs),
+        idle_timeout: Duration::from_secs(config.admin.idle_timeout_secs),
+    };
+    let serve = serve(listener, app, limits, admin_stop);
     tasks.spawn("admin HTTP", async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-            .await
+        serve.await;
+        anyhow::Ok(())
     });
 
     // Everything is open and bound: tell systemd.

@@ -233,6 +233,40 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Catches a slip of a few zeros before it lets HTTP clients take the descriptors that the
+/// process's other listeners and its storage need.
+const MAX_LISTENER_CONNECTIONS: usize = 65_536;
+/// A slow client held longer than an hour is not a client worth waiting for.
+const MAX_LISTENER_TIMEOUT_SECS: u64 = 3600;
+
+/// Checks the connection cap and the deadlines of an HTTP listener's section (`http` on the
+/// agent, `admin` on the relay): `timeouts` are the keys' names after the section and their
+/// values in seconds.
+pub fn check_listener_limits(
+    file: &Path,
+    section: &str,
+    max_connections: usize,
+    timeouts: [(&str, u64); 3],
+) -> Result<(), ConfigError> {
+    if !(1..=MAX_LISTENER_CONNECTIONS).contains(&max_connections) {
+        return Err(ConfigError::invalid(
+            file,
+            &format!("{section}.max_connections"),
+            format!("1 to {MAX_LISTENER_CONNECTIONS} (connections served at once)"),
+        ));
+    }
+    for (key, secs) in timeouts {
+        if !(1..=MAX_LISTENER_TIMEOUT_SECS).contains(&secs) {
+            return Err(ConfigError::invalid(
+                file,
+                &format!("{section}.{key}"),
+                format!("1 to {MAX_LISTENER_TIMEOUT_SECS} (seconds)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

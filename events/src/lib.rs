@@ -11,7 +11,10 @@ pub mod config;
 pub mod event;
 pub mod frame;
 #[cfg(feature = "service")]
+pub mod http_listener;
+#[cfg(feature = "service")]
 pub mod service;
+pub mod signing;
 pub mod stamped;
 pub mod topics;
 

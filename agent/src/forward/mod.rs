@@ -17,6 +17,7 @@ use backhaul_events::frame::Outcome;
 use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame};
 use backhaul_events::service::Backoff;
 use backhaul_events::service::Heartbeat;
+use backhaul_events::signing::{SiteKeys, is_sealed};
 use backhaul_events::topics::{
     acks_topic, batches_topic, outcomes_topic, refusal_acks_topic, refusals_topic,
 };
@@ -82,6 +83,8 @@ pub struct Forwarder {
     metrics: Arc<AgentMetrics>,
     status: SharedLinkStatus,
     heartbeat: Heartbeat,
+    /// `uplink.site_key`: batches are sealed with it, and the relay's frames must be.
+    site_key: Option<SiteKeys>,
 }
 
 impl Forwarder {
@@ -106,9 +109,45 @@ impl Forwarder {
                 metrics,
                 status: status.clone(),
                 heartbeat: Heartbeat::detached("forwarder"),
+                site_key: None,
             },
             status,
         )
+    }
+
+    /// Signs what goes to the relay with the site's key, and takes from the relay only what
+    /// is signed with it.
+    pub fn with_site_key(mut self, site_key: Option<SiteKeys>) -> Forwarder {
+        self.site_key = site_key;
+        self
+    }
+
+    /// A frame for the relay, sealed when the site has a key.
+    fn seal(&self, frame: Vec<u8>) -> Vec<u8> {
+        match &self.site_key {
+            Some(key) => key.seal(&frame),
+            None => frame,
+        }
+    }
+
+    /// The frame inside what the relay sent, if the site's key sealed it (or, without a key,
+    /// if it is not sealed); `what` names it in the log line of a refusal.
+    fn open<'a>(&self, payload: &'a [u8], what: &str) -> Option<&'a [u8]> {
+        let opened = match &self.site_key {
+            Some(key) => key.open(payload).map_err(|e| e.to_string()),
+            None if is_sealed(payload) => Err(
+                "it is signed, but this agent has no uplink.site_key to check it with".to_string(),
+            ),
+            None => Ok(payload),
+        };
+        match opened {
+            Ok(frame) => Some(frame),
+            Err(why) => {
+                self.metrics.unsigned_frames.inc();
+                tracing::warn!(what, "a frame from the relay was ignored: {why}");
+                None
+            }
+        }
     }
 
     /// Beats `heartbeat` each time round the forwarding loop, at least once a second.
@@ -244,7 +283,7 @@ impl Forwarder {
             site: self.site.clone(),
             through,
         };
-        match ack.encode() {
+        match ack.encode().map(|payload| self.seal(payload)) {
             Ok(payload) => {
                 if let Err(e) = client.try_publish(&refusal_acks_topic(&self.site), payload) {
                     tracing::debug!(error = %e, "refusal acknowledgement not sent; the relay sends them again");
@@ -296,7 +335,7 @@ impl Forwarder {
                 .collect(),
             signature: None,
         };
-        if let Err(e) = client.try_publish(topic, frame.encode()?) {
+        if let Err(e) = client.try_publish(topic, self.seal(frame.encode()?)) {
             tracing::debug!(error = %e, "batch not queued");
             return Ok(false);
         }
@@ -319,6 +358,10 @@ impl Forwarder {
     /// An acknowledgement from the relay: the log deletes what it covers, and the status says
     /// whether the relay is taking batches.
     fn take_ack(&self, payload: &[u8], epoch: Epoch, window: &mut Window) {
+        // An acknowledgement deletes events: only one signed with the site's key counts.
+        let Some(payload) = self.open(payload, "acknowledgement") else {
+            return;
+        };
         let ack = match AckFrame::decode(payload, MAX_FRAME_BYTES) {
             Ok(ack) => ack,
             Err(e) => {
@@ -451,14 +494,20 @@ impl Forwarder {
                         });
                     }
                     Some(LinkEvent::Refusals(payload)) => {
-                        match RefusalFrame::decode(&payload, MAX_FRAME_BYTES) {
+                        let Some(payload) = self.open(&payload, "refusal report") else {
+                            continue;
+                        };
+                        match RefusalFrame::decode(payload, MAX_FRAME_BYTES) {
                             Ok(frame) if frame.site == self.site => self.take_refusals(&client, frame).await,
                             Ok(_) => {}
                             Err(e) => tracing::warn!(error = %e, "a refusal report could not be decoded"),
                         }
                     }
                     Some(LinkEvent::Outcomes(payload)) => {
-                        match OutcomeFrame::decode(&payload, MAX_FRAME_BYTES) {
+                        let Some(payload) = self.open(&payload, "outcome report") else {
+                            continue;
+                        };
+                        match OutcomeFrame::decode(payload, MAX_FRAME_BYTES) {
                             Ok(frame) if frame.site == self.site => self.record_outcomes(frame),
                             Ok(_) => {}
                             Err(e) => tracing::warn!(error = %e, "an outcome report could not be decoded"),
