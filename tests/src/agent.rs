@@ -140,7 +140,8 @@ impl AgentProcess {
         self.dir.path().join("agent.stderr.log")
     }
 
-    fn credentials_dir(&self) -> PathBuf {
+    /// Where the secrets of the agent's configuration are, as `$CREDENTIALS_DIRECTORY`.
+    pub fn credentials_dir(&self) -> PathBuf {
         self.dir.path().join("credentials")
     }
 
