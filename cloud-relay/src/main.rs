@@ -84,6 +84,7 @@ enum DlqAction {
 }
 
 fn operate(target: Target, action: impl FnOnce(&str) -> anyhow::Result<()>) -> ExitCode {
+    backhaul_events::admin_client::end_quietly_on_closed_pipe();
     let result = backhaul_relay::cli::admin_url(target.url, target.config.as_deref())
         .and_then(|url| action(&url));
     match result {

@@ -156,3 +156,15 @@ pub fn age(ms: Option<i64>) -> String {
         _ => format!("{}h ago", secs / 3600),
     }
 }
+
+/// Lets an operator command end quietly when what reads its output goes away (`| head`), as
+/// Unix tools do, instead of panicking on the next line it prints. Only for the commands that
+/// print: the services keep SIGPIPE ignored, because a peer closing a socket is not a reason
+/// to stop.
+pub fn end_quietly_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to the default, at the start of a
+    // single-threaded command before anything else runs, touches no Rust state.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -513,3 +513,45 @@ fn a_flood_of_violations_gets_a_bounded_answer() {
     });
     assert!(stored.is_some(), "{}", agent.status());
 }
+
+/// `backhaul-agent tail | head -1`: once the reader is gone the command ends quietly, like any
+/// Unix tool, instead of panicking.
+#[test]
+fn tail_ends_quietly_when_its_reader_goes_away() {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let agent = std::sync::Arc::new(AgentProcess::start_default());
+    let mut tail = std::process::Command::new(backhaul_tests::binary("backhaul-agent"))
+        .args(["tail", "--url", &agent.http_url()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("backhaul-agent tail starts");
+    // Events keep arriving, for tail to print before and after its reader goes.
+    let posting = std::sync::Arc::new(AtomicBool::new(true));
+    let poster = {
+        let (agent, posting) = (agent.clone(), posting.clone());
+        std::thread::spawn(move || {
+            while posting.load(Ordering::Relaxed) {
+                agent.post_events(&pick(&unique_id("tail"), "SO-1"), None);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let stdout = tail.stdout.take().expect("a pipe");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let line = lines.next().expect("a line").expect("readable");
+    assert!(line.contains("\"id\""), "{line}");
+    drop(lines);
+    let ended =
+        backhaul_tests::poll_until(Duration::from_secs(30), || tail.try_wait().ok().flatten());
+    posting.store(false, Ordering::Relaxed);
+    poster.join().expect("the posting thread");
+    assert!(
+        ended.is_some(),
+        "tail kept running after its reader went away"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut tail.stderr.take().expect("stderr"), &mut stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
