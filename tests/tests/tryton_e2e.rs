@@ -37,6 +37,25 @@ locations = {{ "A1" = "STO-A1" }}
     )
 }
 
+/// A relay with its embedded broker and this sink, and an agent of site wh1 forwarding to it.
+fn pipeline(
+    dir: &std::path::Path,
+    sink: &str,
+    settings: &[(&str, toml_edit::Value)],
+) -> (RelayProcess, AgentProcess) {
+    let broker_port = backhaul_tests::free_port();
+    let relay =
+        RelayProcess::start_with(&dir.join("relay"), broker_port, true, Some(sink), settings);
+    let agent = AgentProcess::start(
+        AgentOptions::default()
+            .uplink("127.0.0.1", broker_port)
+            .set("site", "wh1")
+            .set("uplink.client_id", format!("agent-wh1-{broker_port}"))
+            .set("uplink.linger_ms", 10),
+    );
+    (relay, agent)
+}
+
 fn event(id: &str, fields: Value) -> Value {
     let mut event = fields;
     event["v"] = json!(1);
@@ -49,25 +68,11 @@ fn event(id: &str, fields: Value) -> Value {
 fn scans_reach_tryton_and_a_refused_sku_replays_after_the_product_exists() {
     let tryton = Tryton::start();
     let dir = tempfile::tempdir().unwrap();
-    let broker_port = backhaul_tests::free_port();
     let settings: Vec<(&str, toml_edit::Value)> = vec![
         ("delivery.retry_min_ms", 200.into()),
         ("delivery.retry_max_ms", 2000.into()),
     ];
-    let relay = RelayProcess::start_with(
-        &dir.path().join("relay"),
-        broker_port,
-        true,
-        Some(&tryton_sink(&tryton)),
-        &settings,
-    );
-    let agent = AgentProcess::start(
-        AgentOptions::default()
-            .uplink("127.0.0.1", broker_port)
-            .set("site", "wh1")
-            .set("uplink.client_id", format!("agent-wh1-{broker_port}"))
-            .set("uplink.linger_ms", 10),
-    );
+    let (relay, agent) = pipeline(dir.path(), &tryton_sink(&tryton), &settings);
     let before_main = tryton.stock_level("SKU-001", "STO");
     let before_bin = tryton.stock_level("SKU-002", "STO-A1");
 
@@ -240,21 +245,7 @@ fn scans_reach_tryton_and_a_refused_sku_replays_after_the_product_exists() {
 fn a_pick_waiting_for_stock_holds_back_no_other_key() {
     let tryton = Tryton::start();
     let dir = tempfile::tempdir().unwrap();
-    let broker_port = backhaul_tests::free_port();
-    let relay = RelayProcess::start_with(
-        &dir.path().join("relay"),
-        broker_port,
-        true,
-        Some(&tryton_sink_with_defaults(&tryton)),
-        &[],
-    );
-    let agent = AgentProcess::start(
-        AgentOptions::default()
-            .uplink("127.0.0.1", broker_port)
-            .set("site", "wh1")
-            .set("uplink.client_id", format!("agent-wh1-{broker_port}"))
-            .set("uplink.linger_ms", 10),
-    );
+    let (relay, agent) = pipeline(dir.path(), &tryton_sink_with_defaults(&tryton), &[]);
     let pick = event(
         "pick-early",
         json!({"type": "pick", "sku": "SKU-003", "qty": "1000", "order": "SO-WAIT", "line": 1}),
