@@ -827,6 +827,8 @@ impl Writer {
         let next_seq = stats.next_seq;
         if let Ok(mut current) = self.shared.stats.lock() {
             stats.compactions = current.compactions;
+            // Refusals are stored outside the writer, by the forwarder: keep its count.
+            stats.erp_refusals_stored = current.erp_refusals_stored;
             *current = stats;
         }
         if let Ok(mut recent) = self.shared.recent.lock() {

@@ -85,17 +85,19 @@ pub fn sites(base: &str, as_json: bool) -> anyhow::Result<()> {
         return print_sent(&client, "/v1/sites");
     }
     let answer: SitesAnswer = client.get_json("/v1/sites")?;
+    // "refusals": refusals the site's agent has not taken yet (it is away, or unsigned).
     println!(
-        "{:<20} {:>12} {:>10} {:>10} {:>12}  {:<12} epoch",
-        "site", "highest seq", "outbox", "dead", "delivered", "last seen"
+        "{:<20} {:>12} {:>10} {:>10} {:>9} {:>12}  {:<12} epoch",
+        "site", "highest seq", "outbox", "dead", "refusals", "delivered", "last seen"
     );
     for site in &answer.sites {
         println!(
-            "{:<20} {:>12} {:>10} {:>10} {:>12}  {:<12} {}",
+            "{:<20} {:>12} {:>10} {:>10} {:>9} {:>12}  {:<12} {}",
             site.site,
             site.highest_seq,
             site.outbox_depth,
             site.events_dead_lettered,
+            site.refusals_unacknowledged,
             site.events_delivered,
             age(Some(site.last_seen_ms)),
             site.epoch
