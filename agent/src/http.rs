@@ -334,23 +334,6 @@ fn site_broker_wire(status: &crate::site_broker::SiteBrokerStatus) -> admin::Sit
     }
 }
 
-fn refusal_wire(refusal: crate::log::ErpRefusal) -> admin::ErpRefusal {
-    let crate::log::ErpRefusal {
-        id,
-        seq,
-        reason,
-        refused_at_ms,
-        reported_at_ms,
-    } = refusal;
-    admin::ErpRefusal {
-        id,
-        seq,
-        reason,
-        refused_at_ms,
-        reported_at_ms,
-    }
-}
-
 fn reject_wire(id: u64, record: RejectRecord) -> admin::Reject {
     let RejectRecord {
         at_ms,
@@ -380,9 +363,6 @@ async fn latest_refusals(log: &EventLog, limit: usize) -> Vec<admin::ErpRefusal>
         .ok()
         .and_then(Result::ok)
         .unwrap_or_default()
-        .into_iter()
-        .map(refusal_wire)
-        .collect()
 }
 
 async fn status(State(state): State<HttpState>) -> Response {

@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use backhaul_events::admin::ErpRefusal;
 use backhaul_events::service::Heartbeat;
 use backhaul_events::{Epoch, Event, Refusal, Violation};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -23,7 +24,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const REJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("rejects");
 /// Events the ERP refused, as the relay reported them: the relay's time and number (big
 /// endian, so a re-sent refusal lands on itself and the oldest come first) → JSON
-/// [`ErpRefusal`]. Kept, like rejects, up to `max_rejects`.
+/// [`ErpRefusal`], as the admin API shows it. Kept, like rejects, up to `max_rejects`.
 const ERP_REFUSALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("erp_refusals");
 
 const META_EPOCH: &str = "epoch";
@@ -127,18 +128,6 @@ pub enum RejectsPage {
     Before(u64),
     /// Those with a larger id, oldest first.
     After(u64),
-}
-
-/// An event the ERP refused for good, as the relay reported it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErpRefusal {
-    pub id: String,
-    pub seq: u64,
-    pub reason: String,
-    /// When the relay dead-lettered it.
-    pub refused_at_ms: i64,
-    /// When this agent learned of it.
-    pub reported_at_ms: i64,
 }
 
 /// A snapshot of the log's state for status, metrics and the quota check.

@@ -52,19 +52,6 @@ pub enum Delivery {
     Permanent { reason: String },
 }
 
-impl Delivery {
-    /// The reason of an outcome that is not `Posted`.
-    pub fn reason(&self) -> Option<&str> {
-        match self {
-            Delivery::Posted { .. } => None,
-            Delivery::Waiting { reason, .. }
-            | Delivery::Transient { reason, .. }
-            | Delivery::Throttled { reason, .. }
-            | Delivery::Permanent { reason } => Some(reason),
-        }
-    }
-}
-
 /// What a connector records in the outbox in the same transaction as the deliveries it made,
 /// and reads back at start to reconcile what it wrote after the last commit (the ledger's file
 /// length). The engine and the outbox carry it without reading it.
