@@ -299,20 +299,12 @@ impl Intake {
                 }
             }
             // A site heard from is there to take its refusals.
-            let mut heard: Vec<String> = batches.iter().map(|b| b.site.clone()).collect();
-            heard.dedup();
-            for site in heard {
+            for batch in &batches {
                 let due = refusals_sent
-                    .get(&site)
+                    .get(&batch.site)
                     .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
-                if due
-                    && self
-                        .outbox
-                        .sites()
-                        .iter()
-                        .any(|s| s.site == site && s.refusals_unacknowledged > 0)
-                {
-                    self.publish_refusals(&client, &site, &mut refusals_sent)
+                if due && self.outbox.has_refusals_for(&batch.site) {
+                    self.publish_refusals(&client, &batch.site, &mut refusals_sent)
                         .await;
                 }
             }

@@ -151,7 +151,8 @@ struct Published {
 }
 
 struct WriterState {
-    sites: BTreeMap<String, SiteRecord>,
+    /// Shared with [`Published`] once committed: a writer changes its own copy.
+    sites: Arc<BTreeMap<String, SiteRecord>>,
     seen: SeenIds,
     /// As `META_HELD_BYTES`, as of the last commit.
     held_bytes: u64,
@@ -480,12 +481,13 @@ impl Outbox {
             }
         }
         txn.commit().map_err(storage)?;
+        let sites = Arc::new(sites);
         Ok(Arc::new(Outbox {
             db,
             options,
             path,
             published: RwLock::new(Published {
-                sites: Arc::new(sites.clone()),
+                sites: sites.clone(),
                 held_bytes,
             }),
             state: Mutex::new(WriterState {
@@ -519,14 +521,25 @@ impl Outbox {
         self.published.read().map(|p| p.held_bytes).unwrap_or(0)
     }
 
-    /// Makes what a writer committed visible to readers.
-    fn publish(&self, state: &WriterState) {
+    /// Records what a writer committed and makes it visible to readers.
+    fn publish(&self, state: &mut WriterState, sites: BTreeMap<String, SiteRecord>, held: u64) {
+        state.sites = Arc::new(sites);
+        state.held_bytes = held;
         if let Ok(mut published) = self.published.write() {
             *published = Published {
-                sites: Arc::new(state.sites.clone()),
-                held_bytes: state.held_bytes,
+                sites: state.sites.clone(),
+                held_bytes: held,
             };
         }
+    }
+
+    /// Whether the site's agent has refusals to take (read without the writers' lock).
+    pub fn has_refusals_for(&self, site: &str) -> bool {
+        self.published.read().is_ok_and(|p| {
+            p.sites
+                .get(site)
+                .is_some_and(|s| s.refusals_unacknowledged > 0)
+        })
     }
 
     /// Whether the last look for work found only held-back keys among the oldest waiting
@@ -553,7 +566,7 @@ impl Outbox {
         let mut state = self.lock_state()?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = state.sites.clone();
+        let mut sites = (*state.sites).clone();
         let mut results = Vec::with_capacity(batches.len());
         // Checked per commit, so the cap can be passed by one commit's batches.
         let full = state.held_bytes >= self.options.max_bytes;
@@ -579,9 +592,7 @@ impl Outbox {
         let touched: Vec<&SiteRecord> = results.iter().filter_map(|r| sites.get(&r.site)).collect();
         write_sites(&txn, touched)?;
         txn.commit().map_err(storage)?;
-        state.sites = sites;
-        state.held_bytes = held_bytes;
-        self.publish(&state);
+        self.publish(&mut state, sites, held_bytes);
         state.seen.apply(recorded, forgotten);
         Ok(results)
     }
@@ -837,7 +848,7 @@ impl Outbox {
         let mut state = self.lock_state()?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = state.sites.clone();
+        let mut sites = (*state.sites).clone();
         let mut held_bytes = state.held_bytes;
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
@@ -898,9 +909,7 @@ impl Outbox {
             write_sites(&txn, sites.values())?;
         }
         txn.commit().map_err(storage)?;
-        state.sites = sites;
-        state.held_bytes = held_bytes;
-        self.publish(&state);
+        self.publish(&mut state, sites, held_bytes);
         drop(state);
         let mut frontier = self
             .frontier
@@ -962,7 +971,7 @@ impl Outbox {
         let mut state = self.lock_state()?;
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_quick_repair(true);
-        let mut sites = state.sites.clone();
+        let mut sites = (*state.sites).clone();
         let mut taken = Vec::new();
         let mut held_bytes = state.held_bytes;
         let (recorded, held_bytes) = {
@@ -1003,9 +1012,7 @@ impl Outbox {
             finished
         };
         txn.commit().map_err(storage)?;
-        state.sites = sites;
-        state.held_bytes = held_bytes;
-        self.publish(&state);
+        self.publish(&mut state, sites, held_bytes);
         state.seen.apply(recorded, Vec::new());
         Ok(taken)
     }
@@ -1018,11 +1025,16 @@ fn refusal_key(site: &str, number: u64) -> Vec<u8> {
 impl Outbox {
     /// The sites with refusals their agents have not acknowledged yet.
     pub fn sites_with_refusals(&self) -> Vec<String> {
-        self.sites()
-            .into_iter()
-            .filter(|s| s.refusals_unacknowledged > 0)
-            .map(|s| s.site)
-            .collect()
+        self.published
+            .read()
+            .map(|p| {
+                p.sites
+                    .values()
+                    .filter(|s| s.refusals_unacknowledged > 0)
+                    .map(|s| s.site.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The oldest `limit` refusals kept for `site`.
@@ -1074,8 +1086,10 @@ impl Outbox {
             write_sites(&txn, [&record])?;
         }
         txn.commit().map_err(storage)?;
-        state.sites.insert(site.to_string(), record);
-        self.publish(&state);
+        let mut sites = (*state.sites).clone();
+        sites.insert(site.to_string(), record);
+        let held = state.held_bytes;
+        self.publish(&mut state, sites, held);
         Ok(forgotten)
     }
 }
