@@ -75,11 +75,11 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
                 max_keep_alive_secs: config.mqtt.max_keep_alive_secs,
                 own_device_topic_only: config.mqtt.own_device_topic_only,
                 users: loaded.mqtt_users.clone(),
+                max_session_expiry: Duration::from_secs(config.mqtt.max_session_expiry_secs),
             },
             log.clone(),
             metrics.clone(),
         );
-        endpoint.set_max_session_expiry(Duration::from_secs(config.mqtt.max_session_expiry_secs));
         tracing::info!(%listen, topic = %config.mqtt.topic, tls = config.mqtt.tls.is_some(), "MQTT endpoint listening");
         let serve = endpoint.clone().serve(listener, stop.clone());
         tasks.spawn("MQTT endpoint", async move {

@@ -45,7 +45,7 @@ const PENDING_CONNECTS: usize = 256;
 /// the budget.
 const PENDING_CONNECTS_PER_ADDRESS: usize = 64;
 const REJECTS_PREFIX: &str = "rejects/";
-/// `mqtt.max_session_expiry_secs` until [`Endpoint::set_max_session_expiry`] says otherwise.
+/// `mqtt.max_session_expiry_secs` when the configuration does not set it.
 pub const DEFAULT_MAX_SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The largest expiry an MQTT 5 CONNACK can grant: one more means "never expires".
 pub const MAX_SESSION_EXPIRY_SECS: u64 = u32::MAX as u64 - 1;
@@ -61,6 +61,9 @@ pub struct MqttSettings {
     pub max_keep_alive_secs: u16,
     pub own_device_topic_only: bool,
     pub users: MqttUsers,
+    /// `mqtt.max_session_expiry_secs`: the longest a persistent session outlives its
+    /// connection.
+    pub max_session_expiry: Duration,
 }
 
 /// Session state that outlives one connection of a client id.
@@ -169,8 +172,6 @@ pub struct Endpoint {
     pending_slots: Arc<Semaphore>,
     /// Sockets still waiting for their CONNECT, by source address.
     pending_by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    /// `mqtt.max_session_expiry_secs`.
-    max_session_expiry_secs: AtomicU64,
 }
 
 impl Endpoint {
@@ -185,19 +186,12 @@ impl Endpoint {
             connection_slots: Arc::new(Semaphore::new(slots)),
             pending_slots: Arc::new(Semaphore::new(PENDING_CONNECTS)),
             pending_by_address: Arc::new(Mutex::new(HashMap::new())),
-            max_session_expiry_secs: AtomicU64::new(DEFAULT_MAX_SESSION_EXPIRY.as_secs()),
         })
     }
 
-    /// Sets `mqtt.max_session_expiry_secs`: the longest a persistent session outlives its
-    /// connection. Call it before [`Endpoint::serve`], which paces its expiry sweeps by it.
-    pub fn set_max_session_expiry(&self, max: Duration) {
-        let secs = max.as_secs().clamp(1, MAX_SESSION_EXPIRY_SECS);
-        self.max_session_expiry_secs.store(secs, Ordering::Relaxed);
-    }
-
     fn max_session_expiry(&self) -> Duration {
-        Duration::from_secs(self.max_session_expiry_secs.load(Ordering::Relaxed))
+        let secs = self.settings.max_session_expiry.as_secs();
+        Duration::from_secs(secs.clamp(1, MAX_SESSION_EXPIRY_SECS))
     }
 
     /// Connections holding a place among `mqtt.max_connections`, from their CONNECT on.
