@@ -290,6 +290,13 @@ fn mqtt311_client_learns_each_reason_on_its_rejects_topic() {
     assert!(agent.log_events().is_empty());
 }
 
+/// A pick the agent refuses: `qty: must be greater than 0 for pick`.
+fn refused_pick(prefix: &str) -> Value {
+    let mut pick = pick(&unique_id(prefix), "SO-1");
+    pick["qty"] = serde_json::json!(0);
+    pick
+}
+
 #[test]
 fn the_sender_gets_the_notice_when_its_client_id_is_not_the_topics_device() {
     // A handheld (client id handheld-3) scanning at a dock door publishes to that door's
@@ -298,8 +305,7 @@ fn the_sender_gets_the_notice_when_its_client_id_is_not_the_topics_device() {
     let agent = AgentProcess::start_default();
     let (mut handheld, _) = V4Client::connect(v4_options(agent.mqtt_addr(), "handheld-3")).unwrap();
     assert!(handheld.subscribe("rejects/handheld-3").unwrap());
-    let mut bad = pick(&unique_id("hh"), "SO-1");
-    bad["qty"] = serde_json::json!(0);
+    let bad = refused_pick("hh");
     handheld
         .publish("scans/dock-door-1", 1, to_bytes(&bad))
         .unwrap();
@@ -1102,8 +1108,7 @@ fn idle_sockets_never_keep_logged_in_scanners_out() {
 fn notices_go_to_the_publishing_session_only() {
     let agent = AgentProcess::start_default();
     let addr = agent.mqtt_addr();
-    let mut bad = pick(&unique_id("notice"), "SO-1");
-    bad["qty"] = serde_json::json!(0);
+    let bad = refused_pick("notice");
 
     let (mut impostor, _) = V4Client::connect(v4_options(addr, "dock-door-2")).unwrap();
     assert!(impostor.subscribe("rejects/dock-door-2").unwrap());
@@ -1126,8 +1131,7 @@ fn notices_go_to_the_publishing_session_only() {
     assert_eq!(notice["id"], id_of(&bad));
     // The other client, named like the topic's device, learned nothing of it; a notice of its
     // own publish proves its subscription works and that nothing came before it.
-    let mut own = pick(&unique_id("notice"), "SO-1");
-    own["qty"] = serde_json::json!(0);
+    let own = refused_pick("notice");
     impostor
         .publish("scans/dock-door-2", 1, to_bytes(&own))
         .unwrap();
