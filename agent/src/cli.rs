@@ -6,27 +6,41 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use backhaul_events::admin::{AgentStatus, EventsAnswer, Reject, RejectsAnswer};
-use backhaul_events::admin_client::{AdminClient, age};
+use backhaul_events::admin_client::{AdminClient, AdminTarget, age};
 use serde_json::Value;
 
-/// Where a command finds the agent: `--url`, the HTTP address in `--config`, or the default.
-pub fn admin_url(url: Option<String>, config: Option<&std::path::Path>) -> anyhow::Result<String> {
-    if let Some(url) = url {
-        return Ok(url);
-    }
-    if let Some(file) = config {
-        let loaded = crate::config::AgentConfig::load(file)?;
-        return Ok(format!("http://{}", loaded.config.http.listen));
-    }
-    Ok("http://127.0.0.1:8787".into())
+/// Where a command finds the agent and which token it sends: `--url`, else the admin address in
+/// `--config`, else the default; `--token-file`, else `BACKHAUL_ADMIN_TOKEN`, else the
+/// configuration's admin token.
+pub fn admin_target(
+    url: Option<String>,
+    token_file: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<AdminTarget> {
+    let from_config = match config {
+        Some(file) => {
+            let loaded = crate::config::AgentConfig::load(file)?;
+            Some((
+                format!("http://{}", loaded.config.admin.listen),
+                loaded.admin_access.client_token().cloned(),
+            ))
+        }
+        None => None,
+    };
+    Ok(AdminTarget::choose(
+        url,
+        token_file,
+        from_config,
+        "http://127.0.0.1:8789",
+    )?)
 }
 
 fn bytes(n: u64) -> String {
     backhaul_events::config::ByteSize(n).to_string()
 }
 
-pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let client = AdminClient::new(base)?;
+pub fn status(target: &AdminTarget, as_json: bool) -> anyhow::Result<()> {
+    let client = AdminClient::new(target)?;
     if as_json {
         let sent = client.get("/v1/status")?;
         println!("{}", serde_json::to_string_pretty(&sent)?);
@@ -136,8 +150,8 @@ fn print_reject(r: &Reject) {
 
 /// Rejected events (the edge) and ERP refusals (reported by the relay); `follow` keeps
 /// printing new rejects as they come.
-pub fn rejects(base: &str, as_json: bool, follow: bool) -> anyhow::Result<()> {
-    let client = AdminClient::new(base)?;
+pub fn rejects(target: &AdminTarget, as_json: bool, follow: bool) -> anyhow::Result<()> {
+    let client = AdminClient::new(target)?;
     let first_path = "/v1/rejects?limit=100";
     let sent = client.get(first_path)?;
     if as_json && !follow {
@@ -202,8 +216,8 @@ fn print_sent_lines(sent: &Value, count: usize, newest_first: bool) {
 }
 
 /// Events as they are accepted (durable), one JSON line each, until interrupted.
-pub fn tail(base: &str) -> anyhow::Result<()> {
-    let client = AdminClient::new(base)?;
+pub fn tail(target: &AdminTarget) -> anyhow::Result<()> {
+    let client = AdminClient::new(target)?;
     let status: AgentStatus = client.get_json("/v1/status")?;
     // Start at what arrives from now on.
     let mut after = status.backlog.next_seq.saturating_sub(1);
@@ -211,10 +225,9 @@ pub fn tail(base: &str) -> anyhow::Result<()> {
         let path = format!("/v1/tail?after={after}");
         let answer: EventsAnswer = client.get_json(&path)?;
         for event in &answer.events {
-            let seq = event
-                .get("seq")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| anyhow!("{base}{path} sent an event without a seq: {event}"))?;
+            let seq = event.get("seq").and_then(Value::as_u64).ok_or_else(|| {
+                anyhow!("{}{path} sent an event without a seq: {event}", target.url)
+            })?;
             after = after.max(seq);
             println!("{event}");
         }

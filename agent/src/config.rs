@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use backhaul_events::config::{
-    ByteSize, ConfigError, Secret, SecretSource, check_listener_limits, load_toml_file,
+    AdminAccess, AdminDefaults, AdminListenerConfig, ByteSize, ConfigError, Secret, SecretSource,
+    check_listener_limits, load_toml_file,
 };
 use backhaul_events::signing::SiteKeys;
 use backhaul_events::topics::check_site_id;
@@ -26,6 +27,8 @@ pub struct AgentConfig {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The broker batches go to; without this section the agent only keeps events.
     pub uplink: Option<UplinkConfig>,
     /// A broker the site's scanners already publish to: the agent subscribes there too.
@@ -292,7 +295,7 @@ pub struct MqttUser {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Where the WMS posts events and where `/healthz`, `/metrics` and `/v1/status` answer.
+    /// Where the WMS posts events (`/healthz` and `/readyz` answer here too).
     pub listen: SocketAddr,
     /// Bearer token required on `POST /v1/events`; none means no authentication.
     pub token: Option<SecretSource>,
@@ -337,12 +340,25 @@ impl HttpConfig {
     }
 }
 
+/// The agent's `[admin]` section; its admin API listens on 127.0.0.1:8789 unless told otherwise.
+/// The agent has nothing an operator changes through it, so its write token only reads.
+#[derive(Debug, Clone)]
+pub struct AgentAdmin;
+
+impl AdminDefaults for AgentAdmin {
+    const PORT: u16 = 8789;
+}
+
+pub type AdminConfig = AdminListenerConfig<AgentAdmin>;
+
 /// The configuration with its secrets read, ready to run.
 #[derive(Debug, Clone)]
 pub struct LoadedAgentConfig {
     pub file: PathBuf,
     pub config: AgentConfig,
     pub http_token: Option<Secret>,
+    /// `admin.read_token` and `admin.write_token`, read.
+    pub admin_access: AdminAccess,
     pub mqtt_users: MqttUsers,
     pub uplink_password: Option<Secret>,
     pub site_broker_password: Option<Secret>,
@@ -355,6 +371,7 @@ impl AgentConfig {
     pub fn load(file: &Path) -> Result<LoadedAgentConfig, ConfigError> {
         let config: AgentConfig = load_toml_file(file)?;
         config.check(file)?;
+        let admin_access = config.admin.load_access(file)?;
         let http_token = match &config.http.token {
             Some(source) => Some(source.resolve().map_err(|e| {
                 ConfigError::invalid(file, "http.token", format!("a readable secret: {e}"))
@@ -429,6 +446,7 @@ impl AgentConfig {
             file: file.to_path_buf(),
             config,
             http_token,
+            admin_access,
             mqtt_users,
             uplink_password,
             site_broker_password,
@@ -440,6 +458,14 @@ impl AgentConfig {
         check_site_id(&self.site).map_err(|e| ConfigError::invalid(file, "site", e))?;
         if self.state_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid(file, "state_dir", "a directory path"));
+        }
+        let admin = self.admin.listen;
+        if admin == self.http.listen || Some(admin) == self.mqtt.listen {
+            return Err(ConfigError::invalid(
+                file,
+                "admin.listen",
+                format!("an address of its own ({admin} is also http.listen or mqtt.listen)"),
+            ));
         }
         if self.log.max_bytes.0 < 1 << 20 {
             return Err(ConfigError::invalid(

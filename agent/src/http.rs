@@ -1,8 +1,7 @@
-//! The agent's HTTP side: `POST /v1/events` for the WMS (202 only after the flush), and the
-//! admin endpoints `/healthz`, `/readyz`, `/metrics`, `/v1/status`, `/v1/rejects`, `/v1/log`,
-//! `/v1/tail`, whose answers are the types of `backhaul_events::admin`; and the listener that
-//! serves them, which bounds how many connections it holds and how long a slow or silent client
-//! may hold one (`[http]` in config/agent.toml).
+//! The agent's HTTP side: on the ingest listener (`[http]`), `POST /v1/events` for the WMS (202
+//! only after the flush); on the admin listener (`[admin]`, loopback by default, a read token
+//! when set), `/metrics`, `/v1/status`, `/v1/rejects`, `/v1/log` and `/v1/tail`, whose answers
+//! are the types of `backhaul_events::admin`. Both answer `/healthz` and `/readyz`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +17,8 @@ use backhaul_events::admin::{
     self, AgentStatus, Backlog, ByTransport, EventsAnswer, Ingest, LogFile, MqttListener, Quota,
     RejectsAnswer,
 };
-use backhaul_events::config::Secret;
+use backhaul_events::admin_access;
+use backhaul_events::config::{AdminAccess, AdminRight, Secret};
 use backhaul_events::event::{MAX_EVENT_BYTES, parse_event_value};
 use backhaul_events::{Event, Violation};
 use serde::Deserialize;
@@ -47,19 +47,30 @@ pub struct HttpState {
     pub site_broker: Option<crate::site_broker::SharedSiteBrokerStatus>,
 }
 
-pub fn router(state: HttpState) -> Router {
+/// The ingest listener (`[http]`): what the WMS needs, and nothing that hands events out.
+pub fn ingest_router(state: HttpState) -> Router {
     // Room for a full array of maximal events and its punctuation.
     let body_limit = MAX_EVENTS_PER_REQUEST * (MAX_EVENT_BYTES + 2) + 1024;
     Router::new()
         .route("/v1/events", post(post_events))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// The admin listener (`[admin]`): health for anyone who can reach it, everything that shows
+/// events or the agent's state for a read token.
+pub fn admin_router(state: HttpState, access: Arc<AdminAccess>) -> Router {
+    let reads = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/rejects", get(rejects))
         .route("/v1/log", get(read_log))
-        .route("/v1/tail", get(tail))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .route("/v1/tail", get(tail));
+    admin_access::require(reads, access, AdminRight::Read)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
@@ -88,13 +99,7 @@ fn authorized(state: &HttpState, headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    let expected = token.expose().as_bytes();
-    expected.len() == given.len()
-        && expected
-            .iter()
-            .zip(given.as_bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    token.matches(given)
 }
 
 async fn post_events(

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use backhaul_agent::config::AgentConfig;
+use backhaul_events::admin_client::AdminTarget;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -54,21 +55,29 @@ enum Command {
     },
 }
 
-/// Which agent a command talks to.
+/// Which agent a command talks to, and with which token.
 #[derive(clap::Args)]
 struct Target {
-    /// The agent's HTTP URL (default: from --config, else http://127.0.0.1:8787).
+    /// The agent's admin URL (default: from --config, else http://127.0.0.1:8789).
     #[arg(long)]
     url: Option<String>,
-    /// Read the HTTP address from this agent configuration.
+    /// Read the admin address and token from this agent configuration.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Send the admin token in this file (default: $BACKHAUL_ADMIN_TOKEN, else the token in
+    /// --config).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
-fn operate(target: Target, action: impl FnOnce(&str) -> anyhow::Result<()>) -> ExitCode {
+fn operate(target: Target, action: impl FnOnce(&AdminTarget) -> anyhow::Result<()>) -> ExitCode {
     backhaul_events::admin_client::end_quietly_on_closed_pipe();
-    let result = backhaul_agent::cli::admin_url(target.url, target.config.as_deref())
-        .and_then(|url| action(&url));
+    let result = backhaul_agent::cli::admin_target(
+        target.url,
+        target.token_file.as_deref(),
+        target.config.as_deref(),
+    )
+    .and_then(|target| action(&target));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -3,6 +3,7 @@
 //! (stop taking new work, answer what was taken in, then close the log), or with an error as
 //! soon as one of them ends on its own, so that systemd restarts the agent.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::LoadedAgentConfig;
 use crate::forward::Forwarder;
-use crate::http::{HttpState, router};
+use crate::http::{HttpState, admin_router, ingest_router};
 use crate::log::{EventLog, LogOptions};
 use crate::metrics::AgentMetrics;
 use crate::mqtt::{Endpoint, MqttSettings};
@@ -135,8 +136,17 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
         })?;
     tracing::info!(
         listen = %config.http.listen, max_connections = config.http.max_connections,
-        "HTTP ingest and admin listening"
+        "HTTP ingest listening"
     );
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for admin HTTP on {} (admin.listen)",
+                config.admin.listen
+            )
+        })?;
+    tracing::info!(listen = %config.admin.listen, "admin API listening");
     let state = HttpState {
         site: config.site.clone(),
         log: log.clone(),
@@ -155,9 +165,20 @@ pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
         body_timeout: Duration::from_secs(config.http.body_timeout_secs),
         idle_timeout: Duration::from_secs(config.http.idle_timeout_secs),
     };
-    let serve = serve(http_listener, router(state), limits, stop.clone());
-    tasks.spawn("HTTP server", async move {
-        serve.await;
+    let admin = admin_router(state.clone(), Arc::new(loaded.admin_access.clone()));
+    let serve_ingest = serve(http_listener, ingest_router(state), limits, stop.clone());
+    tasks.spawn("HTTP ingest", async move {
+        serve_ingest.await;
+        anyhow::Ok(())
+    });
+    let serve_admin = serve(
+        admin_listener,
+        admin,
+        ConnectionLimits::from(&config.admin),
+        stop.clone(),
+    );
+    tasks.spawn("admin HTTP", async move {
+        serve_admin.await;
         anyhow::Ok(())
     });
 

@@ -1,6 +1,6 @@
 //! The relay's admin HTTP: `/healthz`, `/readyz`, `/metrics`, `/v1/status`, `/v1/sites` and
 //! the dead-letter queue (`/v1/dlq...`), whose answers and requests are the types of
-//! `backhaul_events::admin`.
+//! `backhaul_events::admin`, and which token each of them needs.
 
 use std::sync::Arc;
 
@@ -14,6 +14,8 @@ use backhaul_events::admin::{
     DeadLetter, DeadLetterSummary, DeadLettersAnswer, DiscardAnswer, DiscardRequest, ErrorAnswer,
     RelayStatus, ReplayAnswer, ReplayRequest, SiteSummary, SitesAnswer,
 };
+use backhaul_events::admin_access;
+use backhaul_events::config::{AdminAccess, AdminRight};
 use serde::Deserialize;
 
 use crate::metrics::RelayMetrics;
@@ -27,17 +29,27 @@ pub struct AdminState {
     pub wake: Arc<tokio::sync::Notify>,
 }
 
-pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+/// The admin API: health for anyone who can reach it, reads for a read token, dead-letter
+/// replay and discard for the write token (`[admin]` in config/relay.toml).
+pub fn router(state: AdminState, access: Arc<AdminAccess>) -> Router {
+    let reads = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/sites", get(sites))
         .route("/v1/status", get(status))
         .route("/v1/dlq", get(dlq_list))
-        .route("/v1/dlq/{id}", get(dlq_show))
+        .route("/v1/dlq/{id}", get(dlq_show));
+    let writes = Router::new()
         .route("/v1/dlq/replay", post(dlq_replay))
-        .route("/v1/dlq/discard", post(dlq_discard))
+        .route("/v1/dlq/discard", post(dlq_discard));
+    Router::new()
+        .merge(admin_access::require(
+            reads,
+            access.clone(),
+            AdminRight::Read,
+        ))
+        .merge(admin_access::require(writes, access, AdminRight::Write))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 

@@ -6,23 +6,36 @@ use backhaul_events::admin::{
     DeadLetter, DeadLettersAnswer, DiscardAnswer, DiscardRequest, RelayStatus, ReplayAnswer,
     ReplayRequest, SitesAnswer,
 };
-use backhaul_events::admin_client::{AdminClient, age};
+use backhaul_events::admin_client::{AdminClient, AdminTarget, age};
 
-/// Where a command finds the relay: `--url`, or the admin address in `--config`, or the
-/// default admin address.
-pub fn admin_url(url: Option<String>, config: Option<&std::path::Path>) -> anyhow::Result<String> {
-    if let Some(url) = url {
-        return Ok(url.trim_end_matches('/').to_string());
-    }
-    if let Some(file) = config {
-        let loaded = crate::config::RelayConfig::load(file)?;
-        return Ok(format!("http://{}", loaded.config.admin.listen));
-    }
-    Ok("http://127.0.0.1:8788".into())
+/// Where a command finds the relay and which token it sends: `--url`, else the admin address in
+/// `--config`, else the default; `--token-file`, else `BACKHAUL_ADMIN_TOKEN`, else the
+/// configuration's admin token.
+pub fn admin_target(
+    url: Option<String>,
+    token_file: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<AdminTarget> {
+    let from_config = match config {
+        Some(file) => {
+            let loaded = crate::config::RelayConfig::load(file)?;
+            Some((
+                format!("http://{}", loaded.config.admin.listen),
+                loaded.admin_access.client_token().cloned(),
+            ))
+        }
+        None => None,
+    };
+    Ok(AdminTarget::choose(
+        url,
+        token_file,
+        from_config,
+        "http://127.0.0.1:8788",
+    )?)
 }
 
-fn client(base: &str) -> anyhow::Result<AdminClient> {
-    Ok(AdminClient::new(base)?)
+fn client(target: &AdminTarget) -> anyhow::Result<AdminClient> {
+    Ok(AdminClient::new(target)?)
 }
 
 /// Prints what the relay sent, as it sent it: `--json` output is for scripts, which should
@@ -33,8 +46,8 @@ fn print_sent(client: &AdminClient, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let client = client(base)?;
+pub fn status(target: &AdminTarget, as_json: bool) -> anyhow::Result<()> {
+    let client = client(target)?;
     if as_json {
         return print_sent(&client, "/v1/status");
     }
@@ -79,8 +92,8 @@ pub fn status(base: &str, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn sites(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let client = client(base)?;
+pub fn sites(target: &AdminTarget, as_json: bool) -> anyhow::Result<()> {
+    let client = client(target)?;
     if as_json {
         return print_sent(&client, "/v1/sites");
     }
@@ -106,8 +119,8 @@ pub fn sites(base: &str, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn dlq_list(base: &str, as_json: bool) -> anyhow::Result<()> {
-    let client = client(base)?;
+pub fn dlq_list(target: &AdminTarget, as_json: bool) -> anyhow::Result<()> {
+    let client = client(target)?;
     let path = "/v1/dlq?limit=1000";
     if as_json {
         return print_sent(&client, path);
@@ -136,13 +149,13 @@ pub fn dlq_list(base: &str, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn dlq_show(base: &str, id: u64) -> anyhow::Result<()> {
-    let letter: DeadLetter = client(base)?.get_json(&format!("/v1/dlq/{id}"))?;
+pub fn dlq_show(target: &AdminTarget, id: u64) -> anyhow::Result<()> {
+    let letter: DeadLetter = client(target)?.get_json(&format!("/v1/dlq/{id}"))?;
     println!("{}", serde_json::to_string_pretty(&letter)?);
     Ok(())
 }
 
-pub fn dlq_replay(base: &str, ids: &[u64], all: bool) -> anyhow::Result<()> {
+pub fn dlq_replay(target: &AdminTarget, ids: &[u64], all: bool) -> anyhow::Result<()> {
     if ids.is_empty() && !all {
         bail!("name the dead letters to replay, or use --all");
     }
@@ -150,7 +163,7 @@ pub fn dlq_replay(base: &str, ids: &[u64], all: bool) -> anyhow::Result<()> {
         ids: if all { Vec::new() } else { ids.to_vec() },
         all,
     };
-    let answer: ReplayAnswer = client(base)?.post_json("/v1/dlq/replay", &request)?;
+    let answer: ReplayAnswer = client(target)?.post_json("/v1/dlq/replay", &request)?;
     println!(
         "{} dead letters sent back for delivery, in their original order",
         answer.replayed.len()
@@ -159,12 +172,12 @@ pub fn dlq_replay(base: &str, ids: &[u64], all: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn dlq_discard(base: &str, ids: &[u64]) -> anyhow::Result<()> {
+pub fn dlq_discard(target: &AdminTarget, ids: &[u64]) -> anyhow::Result<()> {
     if ids.is_empty() {
         bail!("name the dead letters to discard");
     }
     let request = DiscardRequest { ids: ids.to_vec() };
-    let answer: DiscardAnswer = client(base)?.post_json("/v1/dlq/discard", &request)?;
+    let answer: DiscardAnswer = client(target)?.post_json("/v1/dlq/discard", &request)?;
     println!("{} dead letters discarded", answer.discarded.len());
     report_missing(ids, &answer.discarded);
     Ok(())

@@ -1,12 +1,12 @@
 //! The relay's configuration file: its shape, defaults and the checks made at start.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
 use backhaul_events::config::{
-    ByteSize, ConfigError, Secret, SecretSource, check_listener_limits, load_toml_file,
+    AdminAccess, AdminDefaults, AdminListenerConfig, ByteSize, ConfigError, Secret, SecretSource,
+    load_toml_file,
 };
 use backhaul_events::signing::Keyring;
 use serde::Deserialize;
@@ -137,49 +137,15 @@ pub struct LedgerConfig {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Where `/healthz`, `/readyz`, `/metrics` and `/v1/sites` answer.
-    pub listen: SocketAddr,
-    /// Connections served at once; the ones over it are answered 503 and closed at once.
-    pub max_connections: usize,
-    /// A request's line and headers must arrive within this of the connection opening or of
-    /// the previous answer, which also bounds how long a kept-alive connection stays idle.
-    pub header_timeout_secs: u64,
-    /// A request's body must arrive within this of its headers, however it trickles.
-    pub body_timeout_secs: u64,
-    /// A connection on which no byte moves either way for this long, while the relay is not
-    /// working on one of its requests, is closed.
-    pub idle_timeout_secs: u64,
+/// The relay's `[admin]` section; its admin API listens on 127.0.0.1:8788 unless told otherwise.
+#[derive(Debug, Clone)]
+pub struct RelayAdmin;
+
+impl AdminDefaults for RelayAdmin {
+    const PORT: u16 = 8788;
 }
 
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
-            max_connections: 256,
-            header_timeout_secs: 10,
-            body_timeout_secs: 30,
-            idle_timeout_secs: 60,
-        }
-    }
-}
-
-impl AdminConfig {
-    fn check(&self, file: &Path) -> Result<(), ConfigError> {
-        check_listener_limits(
-            file,
-            "admin",
-            self.max_connections,
-            [
-                ("header_timeout_secs", self.header_timeout_secs),
-                ("body_timeout_secs", self.body_timeout_secs),
-                ("idle_timeout_secs", self.idle_timeout_secs),
-            ],
-        )
-    }
-}
+pub type AdminConfig = AdminListenerConfig<RelayAdmin>;
 
 /// The configuration with its secrets read, ready to run.
 #[derive(Debug, Clone)]
@@ -189,6 +155,8 @@ pub struct LoadedRelayConfig {
     pub broker_password: Option<Secret>,
     /// `security.site_keys`, read.
     pub site_keys: Option<Arc<Keyring>>,
+    /// `admin.read_token` and `admin.write_token`, read.
+    pub admin_access: AdminAccess,
 }
 
 impl RelayConfig {
@@ -196,6 +164,7 @@ impl RelayConfig {
     pub fn load(file: &Path) -> Result<LoadedRelayConfig, ConfigError> {
         let config: RelayConfig = load_toml_file(file)?;
         config.check(file)?;
+        let admin_access = config.admin.load_access(file)?;
         let broker_password = match &config.broker.password {
             Some(source) => Some(source.resolve().map_err(|e| {
                 ConfigError::invalid(file, "broker.password", format!("a readable secret: {e}"))
@@ -227,6 +196,7 @@ impl RelayConfig {
             config,
             broker_password,
             site_keys,
+            admin_access,
         })
     }
 
@@ -293,7 +263,6 @@ impl RelayConfig {
         if let Some(http) = &self.sink.http {
             http.check(file)?;
         }
-        self.admin.check(file)?;
         let d = &self.delivery;
         if !(1..=256).contains(&d.concurrency) {
             return Err(ConfigError::invalid(

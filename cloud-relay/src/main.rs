@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use backhaul_events::admin_client::AdminTarget;
 use backhaul_relay::config::RelayConfig;
 use clap::{Parser, Subcommand};
 
@@ -53,15 +54,19 @@ enum Command {
     },
 }
 
-/// Which relay a command talks to.
+/// Which relay a command talks to, and with which token.
 #[derive(clap::Args)]
 struct Target {
     /// The relay's admin URL (default: from --config, else http://127.0.0.1:8788).
     #[arg(long, global = true)]
     url: Option<String>,
-    /// Read the admin address from this relay configuration.
+    /// Read the admin address and token from this relay configuration.
     #[arg(long, short, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// Send the admin token in this file (default: $BACKHAUL_ADMIN_TOKEN, else the token in
+    /// --config).
+    #[arg(long, value_name = "FILE", global = true)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -83,10 +88,14 @@ enum DlqAction {
     Discard { ids: Vec<u64> },
 }
 
-fn operate(target: Target, action: impl FnOnce(&str) -> anyhow::Result<()>) -> ExitCode {
+fn operate(target: Target, action: impl FnOnce(&AdminTarget) -> anyhow::Result<()>) -> ExitCode {
     backhaul_events::admin_client::end_quietly_on_closed_pipe();
-    let result = backhaul_relay::cli::admin_url(target.url, target.config.as_deref())
-        .and_then(|url| action(&url));
+    let result = backhaul_relay::cli::admin_target(
+        target.url,
+        target.token_file.as_deref(),
+        target.config.as_deref(),
+    )
+    .and_then(|target| action(&target));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

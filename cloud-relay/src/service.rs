@@ -92,18 +92,15 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         })?;
     tracing::info!(listen = %config.admin.listen, "relay admin listening");
     let admin_stop = stop.clone();
-    let app = router(AdminState {
-        outbox,
-        metrics,
-        wake: stored,
-    });
-    let limits = ConnectionLimits {
-        section: "admin",
-        max_connections: config.admin.max_connections,
-        header_timeout: Duration::from_secs(config.admin.header_timeout_secs),
-        body_timeout: Duration::from_secs(config.admin.body_timeout_secs),
-        idle_timeout: Duration::from_secs(config.admin.idle_timeout_secs),
-    };
+    let app = router(
+        AdminState {
+            outbox,
+            metrics,
+            wake: stored,
+        },
+        Arc::new(loaded.admin_access.clone()),
+    );
+    let limits = ConnectionLimits::from(&config.admin);
     let serve = serve(listener, app, limits, admin_stop);
     tasks.spawn("admin HTTP", async move {
         serve.await;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::admin::ErrorAnswer;
+use crate::config::Secret;
 
 /// Why an admin request failed, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -41,16 +42,62 @@ pub enum AdminError {
     Setup(String),
 }
 
+/// Where an operator command finds a service's admin API, and the token it sends there.
+#[derive(Debug, Clone)]
+pub struct AdminTarget {
+    /// Like `http://127.0.0.1:8788`.
+    pub url: String,
+    pub token: Option<Secret>,
+}
+
+/// The environment variable an operator command takes its admin token from.
+pub const TOKEN_ENV: &str = "BACKHAUL_ADMIN_TOKEN";
+
+impl AdminTarget {
+    /// The target of a command: the URL from `--url`, else from the service's configuration,
+    /// else `default_url`; the token from `--token-file`, else from [`TOKEN_ENV`], else the
+    /// configuration's own (its write token when it has one). `config` is the URL and token
+    /// read from `--config`, when given.
+    pub fn choose(
+        url: Option<String>,
+        token_file: Option<&std::path::Path>,
+        config: Option<(String, Option<Secret>)>,
+        default_url: &str,
+    ) -> Result<AdminTarget, AdminError> {
+        let (config_url, config_token) = config.unzip();
+        let url = url
+            .or(config_url)
+            .unwrap_or_else(|| default_url.to_string())
+            .trim_end_matches('/')
+            .to_string();
+        let token = if let Some(path) = token_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                AdminError::Setup(format!(
+                    "cannot read the token file {} (--token-file): {e}",
+                    path.display()
+                ))
+            })?;
+            Some(Secret::new(text.trim_end_matches(['\n', '\r'])))
+        } else if let Ok(token) = std::env::var(TOKEN_ENV) {
+            Some(Secret::new(token))
+        } else {
+            config_token.flatten()
+        };
+        Ok(AdminTarget { url, token })
+    }
+}
+
 /// Blocking over the async client, so the binaries need no second HTTP stack.
 pub struct AdminClient {
     runtime: tokio::runtime::Runtime,
     inner: reqwest::Client,
     base: String,
+    token: Option<Secret>,
 }
 
 impl AdminClient {
-    /// A client for the service whose admin API is at `base` (like `http://127.0.0.1:8787`).
-    pub fn new(base: &str) -> Result<AdminClient, AdminError> {
+    /// A client for the service whose admin API is at `target`.
+    pub fn new(target: &AdminTarget) -> Result<AdminClient, AdminError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -62,7 +109,8 @@ impl AdminClient {
         Ok(AdminClient {
             runtime,
             inner,
-            base: base.trim_end_matches('/').to_string(),
+            base: target.url.trim_end_matches('/').to_string(),
+            token: target.token.clone(),
         })
     }
 
@@ -73,8 +121,9 @@ impl AdminClient {
     /// GETs `path` (like `/v1/status`) and returns its JSON as it was sent, for `--json`.
     pub fn get(&self, path: &str) -> Result<Value, AdminError> {
         let url = self.url(path);
+        let request = self.authorized(self.inner.get(&url));
         self.runtime
-            .block_on(async { read(&url, self.inner.get(&url).send().await).await })
+            .block_on(async { read(&url, request.send().await).await })
     }
 
     /// GETs `path` and decodes the answer into one of the [`crate::admin`] types.
@@ -90,9 +139,10 @@ impl AdminClient {
         T: DeserializeOwned,
     {
         let url = self.url(path);
+        let request = self.authorized(self.inner.post(&url)).json(body);
         let answer = self
             .runtime
-            .block_on(async { read(&url, self.inner.post(&url).json(body).send().await).await })?;
+            .block_on(async { read(&url, request.send().await).await })?;
         self.decode(path, &answer)
     }
 
@@ -103,6 +153,13 @@ impl AdminClient {
             url: self.url(path),
             source,
         })
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token.expose()),
+            None => request,
+        }
     }
 
     fn url(&self, path: &str) -> String {

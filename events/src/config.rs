@@ -3,6 +3,8 @@
 //! environment variable or systemd credentials and never print; and byte sizes with units.
 
 use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -152,6 +154,17 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `given` is this secret, in time that does not depend on where they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        let expected = self.0.as_bytes();
+        expected.len() == given.len()
+            && expected
+                .iter()
+                .zip(given.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -265,6 +278,160 @@ pub fn check_listener_limits(
         }
     }
     Ok(())
+}
+
+/// The admin listener of either service (`[admin]`): where the operator's API answers, who may
+/// read it and who may change things, and the limits on its connections. `DEFAULT_PORT` is
+/// the service's own ([`AdminDefaults`]: the agent's 8789, the relay's 8788); the default address is loopback, so
+/// an admin API reachable from the network is always a choice written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default, bound(deserialize = "S: AdminDefaults"))]
+pub struct AdminListenerConfig<S: AdminDefaults> {
+    #[serde(skip)]
+    service: PhantomData<S>,
+    pub listen: SocketAddr,
+    /// Bearer token that reads (status, events, rejects, dead letters, metrics).
+    pub read_token: Option<SecretSource>,
+    /// Bearer token that reads and changes (dead-letter replay and discard).
+    pub write_token: Option<SecretSource>,
+    /// Connections served at once; the ones over it are answered 503 and closed at once.
+    pub max_connections: usize,
+    /// A request's line and headers must arrive within this of the connection opening or of
+    /// the previous answer, which also bounds how long a kept-alive connection stays idle.
+    pub header_timeout_secs: u64,
+    /// A request's body must arrive within this of its headers, however it trickles.
+    pub body_timeout_secs: u64,
+    /// A connection on which no byte moves either way for this long, while the service is not
+    /// working on one of its requests, is closed.
+    pub idle_timeout_secs: u64,
+}
+
+/// What differs between the services' admin listeners.
+pub trait AdminDefaults: fmt::Debug + Clone {
+    /// The loopback port the admin API listens on when `admin.listen` is left out.
+    const PORT: u16;
+}
+
+impl<S: AdminDefaults> Default for AdminListenerConfig<S> {
+    fn default() -> Self {
+        AdminListenerConfig {
+            service: PhantomData,
+            listen: SocketAddr::from(([127, 0, 0, 1], S::PORT)),
+            read_token: None,
+            write_token: None,
+            max_connections: 256,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+impl<S: AdminDefaults> AdminListenerConfig<S> {
+    /// Checks the section's limits and reads its tokens. A listener off loopback without a
+    /// read token is refused: anyone who reached it would read every event.
+    pub fn load_access(&self, file: &Path) -> Result<AdminAccess, ConfigError> {
+        check_listener_limits(
+            file,
+            "admin",
+            self.max_connections,
+            [
+                ("header_timeout_secs", self.header_timeout_secs),
+                ("body_timeout_secs", self.body_timeout_secs),
+                ("idle_timeout_secs", self.idle_timeout_secs),
+            ],
+        )?;
+        let read = |key: &str, source: &Option<SecretSource>| match source {
+            Some(source) => match source.resolve() {
+                Ok(token) if token.expose().is_empty() => {
+                    Err(ConfigError::invalid(file, key, "a token that is not empty"))
+                }
+                Ok(token) => Ok(Some(token)),
+                Err(e) => Err(ConfigError::invalid(
+                    file,
+                    key,
+                    format!("a readable secret: {e}"),
+                )),
+            },
+            None => Ok(None),
+        };
+        let access = AdminAccess {
+            read: read("admin.read_token", &self.read_token)?,
+            write: read("admin.write_token", &self.write_token)?,
+        };
+        if !self.listen.ip().is_loopback() && access.read.is_none() && access.write.is_none() {
+            return Err(ConfigError::invalid(
+                file,
+                "admin.read_token",
+                format!(
+                    "a token, because admin.listen ({}) is not a loopback address and the admin \
+                     API hands out every event to whoever reaches it (set admin.write_token too \
+                     for dead-letter replay and discard)",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(access)
+    }
+}
+
+/// What an admin request may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRight {
+    Read,
+    Write,
+}
+
+/// The admin API's tokens, read. With neither, every request may read and write (only allowed
+/// on a loopback listener); otherwise a request needs a token, and writes need the write token.
+#[derive(Debug, Clone, Default)]
+pub struct AdminAccess {
+    read: Option<Secret>,
+    write: Option<Secret>,
+}
+
+/// Why an admin request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// No token, or one this service does not know: HTTP 401.
+    Unauthenticated,
+    /// A read token on a write: HTTP 403.
+    ReadOnly,
+}
+
+impl AdminAccess {
+    pub fn new(read: Option<Secret>, write: Option<Secret>) -> AdminAccess {
+        AdminAccess { read, write }
+    }
+
+    /// Whether any token is required at all.
+    pub fn is_open(&self) -> bool {
+        self.read.is_none() && self.write.is_none()
+    }
+
+    /// Decides a request that presented `bearer` (the token after `Bearer `, if any).
+    pub fn allows(&self, right: AdminRight, bearer: Option<&str>) -> Result<(), AdminRefusal> {
+        if self.is_open() {
+            return Ok(());
+        }
+        let given = bearer.ok_or(AdminRefusal::Unauthenticated)?;
+        if self.write.as_ref().is_some_and(|t| t.matches(given)) {
+            return Ok(());
+        }
+        if self.read.as_ref().is_some_and(|t| t.matches(given)) {
+            return match right {
+                AdminRight::Read => Ok(()),
+                AdminRight::Write => Err(AdminRefusal::ReadOnly),
+            };
+        }
+        Err(AdminRefusal::Unauthenticated)
+    }
+
+    /// The token an operator command on this machine sends: the write token when there is one,
+    /// since it also reads.
+    pub fn client_token(&self) -> Option<&Secret> {
+        self.write.as_ref().or(self.read.as_ref())
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,20 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
 }
 
+impl<S: crate::config::AdminDefaults> From<&crate::config::AdminListenerConfig<S>>
+    for ConnectionLimits
+{
+    fn from(admin: &crate::config::AdminListenerConfig<S>) -> ConnectionLimits {
+        ConnectionLimits {
+            section: "admin",
+            max_connections: admin.max_connections,
+            header_timeout: Duration::from_secs(admin.header_timeout_secs),
+            body_timeout: Duration::from_secs(admin.body_timeout_secs),
+            idle_timeout: Duration::from_secs(admin.idle_timeout_secs),
+        }
+    }
+}
+
 /// How long a connection with a request in hand may take to answer it once a stop is asked
 /// for; the service's own drain timeout is longer, so the listener always ends within it.
 const STOP_GRACE: Duration = Duration::from_secs(5);

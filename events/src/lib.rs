@@ -5,6 +5,8 @@
 //! that both services share.
 
 pub mod admin;
+#[cfg(feature = "service")]
+pub mod admin_access;
 #[cfg(feature = "admin-client")]
 pub mod admin_client;
 pub mod config;

@@ -1,6 +1,6 @@
 //! The real `backhaul-agent` as a child process: a configuration derived from the documented
 //! `config/agent.toml`, its own state directory and free ports, and the HTTP calls a test makes
-//! to it (health, status, the log, metrics).
+//! to it (ingest on its HTTP listener; health, status, the log, metrics on its admin API).
 
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
@@ -30,6 +30,8 @@ pub struct AgentOptions {
     pub users: Vec<(String, String)>,
     /// `http.token`, read from a file.
     pub token: Option<String>,
+    /// `admin.read_token`, read from a file; the helpers that read the admin API send it.
+    pub admin_token: Option<String>,
     /// `mqtt.own_device_topic_only`.
     pub own_device_topic_only: bool,
     /// The broker of `[uplink]` (host, port). Without it the section is left out, so the agent
@@ -56,6 +58,11 @@ impl AgentOptions {
         self
     }
 
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.to_string());
+        self
+    }
+
     pub fn own_device_topic_only(mut self, on: bool) -> Self {
         self.own_device_topic_only = on;
         self
@@ -79,6 +86,7 @@ pub struct AgentProcess {
     options: AgentOptions,
     mqtt_port: u16,
     http_port: u16,
+    admin_port: u16,
     child: Option<ChildGuard>,
     http: Client,
     starts: u32,
@@ -105,6 +113,7 @@ impl AgentProcess {
             options,
             mqtt_port: free_port(),
             http_port: free_port(),
+            admin_port: free_port(),
             child: None,
             http,
             starts: 0,
@@ -117,6 +126,7 @@ impl AgentProcess {
                 Err(stderr) if attempt < 3 && stderr.contains("cannot listen") => {
                     agent.mqtt_port = free_port();
                     agent.http_port = free_port();
+                    agent.admin_port = free_port();
                 }
                 Err(stderr) => panic!("the agent did not start:\n{stderr}"),
             }
@@ -159,6 +169,11 @@ impl AgentProcess {
 
     pub fn http_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// The admin API's base URL (`admin.listen`).
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
     }
 
     /// The HTTP client the helpers use (60 s timeout).
@@ -219,6 +234,7 @@ impl AgentProcess {
         doc["state_dir"] = value(self.state_dir().display().to_string());
         doc["mqtt"]["listen"] = value(format!("127.0.0.1:{}", self.mqtt_port));
         doc["http"]["listen"] = value(format!("127.0.0.1:{}", self.http_port));
+        doc["admin"]["listen"] = value(format!("127.0.0.1:{}", self.admin_port));
         doc["mqtt"]["own_device_topic_only"] = value(self.options.own_device_topic_only);
         if let Some(size) = &self.options.max_bytes {
             doc["log"]["max_bytes"] = value(size.as_str());
@@ -242,6 +258,12 @@ impl AgentProcess {
             std::fs::write(credentials.join("http-token"), format!("{token}\n"))
                 .expect("token file");
             doc["http"]["token"] = value(secret_file("$CREDENTIALS_DIRECTORY/http-token"));
+        }
+        if let Some(token) = &self.options.admin_token {
+            std::fs::write(credentials.join("admin-read-token"), format!("{token}\n"))
+                .expect("token file");
+            doc["admin"]["read_token"] =
+                value(secret_file("$CREDENTIALS_DIRECTORY/admin-read-token"));
         }
         match &self.options.uplink {
             None => {
@@ -314,12 +336,14 @@ impl AgentProcess {
         }
     }
 
-    /// GET a path of the agent's HTTP side, like `/v1/status`.
+    /// GET a path of the agent's admin API, like `/v1/status`, with the admin token when the
+    /// agent has one.
     pub fn get(&self, path: &str) -> Response {
-        self.http
-            .get(format!("{}{path}", self.http_url()))
-            .send()
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        let mut request = self.http.get(format!("{}{path}", self.admin_url()));
+        if let Some(token) = &self.options.admin_token {
+            request = request.bearer_auth(token);
+        }
+        request.send().unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// GET a path and parse the JSON answer, asserting a 200.

@@ -522,7 +522,7 @@ fn tail_ends_quietly_when_its_reader_goes_away() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let agent = std::sync::Arc::new(AgentProcess::start_default());
     let mut tail = std::process::Command::new(backhaul_tests::binary("backhaul-agent"))
-        .args(["tail", "--url", &agent.http_url()])
+        .args(["tail", "--url", &agent.admin_url()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -33,7 +33,8 @@ fn a_typo_names_the_file_line_and_key() {
     let file = dir.path().join("agent.toml");
     let text = std::fs::read_to_string(example_config("agent.toml"))
         .unwrap()
-        .replace("max_connections = ", "max_conections = ");
+        // The first is in [mqtt]; other sections have the key too.
+        .replacen("max_connections = ", "max_conections = ", 1);
     std::fs::write(&file, text).unwrap();
     let (ok, _, stderr) = check_config("backhaul-agent", &file);
     assert!(!ok);
@@ -129,6 +130,10 @@ fn run_exits_cleanly_on_sigterm() {
         )
         .replace(
             "127.0.0.1:8787",
+            &format!("127.0.0.1:{}", backhaul_tests::free_port()),
+        )
+        .replace(
+            "127.0.0.1:8789",
             &format!("127.0.0.1:{}", backhaul_tests::free_port()),
         );
     std::fs::write(&file, text).unwrap();

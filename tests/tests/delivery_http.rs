@@ -516,7 +516,7 @@ fn a_refusal_made_while_the_agent_is_down_reaches_it_and_survives_a_kill() {
 fn agent_cli(agent: &AgentProcess, args: &[&str]) -> String {
     let output = std::process::Command::new(backhaul_tests::binary("backhaul-agent"))
         .args(args)
-        .args(["--url", &agent.http_url()])
+        .args(["--url", &agent.admin_url()])
         .output()
         .expect("backhaul-agent runs");
     String::from_utf8_lossy(&output.stdout).into_owned()

@@ -23,7 +23,8 @@ const CUT_SITE: &str = "south";
 
 struct Site {
     name: &'static str,
-    http: String,
+    /// The agent's admin API.
+    admin: String,
     mqtt: std::net::SocketAddr,
     proxy: TcpProxy,
     acked_file: PathBuf,
@@ -132,7 +133,7 @@ pub fn run(root: &Path, target_dir: &Path, duration: Duration, rate: u32) -> any
     let mut sites = Vec::new();
     for name in SITES {
         let proxy = TcpProxy::start(broker);
-        let (mqtt, http) = (free_addr()?, free_addr()?);
+        let (mqtt, http, admin) = (free_addr()?, free_addr()?, free_addr()?);
         let config = std::fs::read_to_string(root.join("config/agent.toml"))?
             .replace("site = \"wh-east\"", &format!("site = \"{name}\""))
             .replace(
@@ -141,6 +142,7 @@ pub fn run(root: &Path, target_dir: &Path, duration: Duration, rate: u32) -> any
             )
             .replace("0.0.0.0:1883", &mqtt.to_string())
             .replace("127.0.0.1:8787", &http.to_string())
+            .replace("127.0.0.1:8789", &admin.to_string())
             .replace("port = 1883", &format!("port = {}", proxy.port()))
             .replace("ack_timeout_secs = 30", "ack_timeout_secs = 5")
             .replace("reconnect_max_ms = 30000", "reconnect_max_ms = 2000");
@@ -153,20 +155,20 @@ pub fn run(root: &Path, target_dir: &Path, duration: Duration, rate: u32) -> any
                 .arg(&config_path),
             &dir.join(format!("agent-{name}.log")),
         )?;
-        let http_url = format!("http://{http}");
+        let admin_url = format!("http://{admin}");
         wait_until(
             &format!("agent {name}'s health"),
             Duration::from_secs(30),
             || {
                 client
-                    .get(format!("{http_url}/healthz"))
+                    .get(format!("{admin_url}/healthz"))
                     .send()
                     .is_ok_and(|r| r.status().is_success())
             },
         )?;
         sites.push(Site {
             name,
-            http: http_url,
+            admin: admin_url,
             mqtt,
             proxy,
             acked_file: dir.join(format!("acked-{name}.txt")),
@@ -226,7 +228,7 @@ pub fn run(root: &Path, target_dir: &Path, duration: Duration, rate: u32) -> any
             http_json(&client, &format!("{relay_url}/v1/sites")).unwrap_or(Value::Null);
         let statuses: Vec<Value> = sites
             .iter()
-            .map(|s| http_json(&client, &format!("{}/v1/status", s.http)).unwrap_or(Value::Null))
+            .map(|s| http_json(&client, &format!("{}/v1/status", s.admin)).unwrap_or(Value::Null))
             .collect();
         draw(
             &sites,
@@ -279,7 +281,7 @@ pub fn run(root: &Path, target_dir: &Path, duration: Duration, rate: u32) -> any
     for site in &sites {
         println!(
             "agent {:<7} {}   (backhaul-agent status --url {})",
-            site.name, site.http, site.http
+            site.name, site.admin, site.admin
         );
     }
     println!("ledger        {}", ledger.display());

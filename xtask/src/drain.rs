@@ -212,17 +212,10 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
     let filled = dir.join("filled-state");
     let fill_secs = {
         let nowhere = free_addr()?; // nothing listens there
-        let (mqtt, http) = (free_addr()?, free_addr()?);
+        let addrs = AgentAddrs::free()?;
+        let http = addrs.http;
         let config = dir.join("agent-fill.toml");
-        let text = agent_config(
-            &shipped,
-            SITE,
-            &filled,
-            mqtt,
-            http,
-            nowhere.port(),
-            &overrides,
-        )?;
+        let text = agent_config(&shipped, SITE, &filled, addrs, nowhere.port(), &overrides)?;
         std::fs::write(&config, text)
             .with_context(|| format!("cannot write {}", config.display()))?;
         let log = dir.join("agent-fill.log");
@@ -237,7 +230,7 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
         let fill_started = Instant::now();
         fill(http, events, POSTERS, make).await?;
         let fill_secs = fill_started.elapsed().as_secs_f64();
-        let status = get_json(http, "/v1/status").await?;
+        let status = get_json(addrs.admin, "/v1/status").await?;
         let backlog = status["backlog"]["events"]
             .as_u64()
             .with_context(|| format!("/v1/status has no backlog.events: {status}"))?;
@@ -410,14 +403,13 @@ async fn drain_once(
         .context("the relay did not connect to its broker")?;
 
     // The agent again, on a copy of the filled log, its link now restored.
-    let (mqtt, http) = (free_addr()?, free_addr()?);
+    let addrs = AgentAddrs::free()?;
     let agent_config_path = run_dir.join("agent.toml");
     let text = agent_config(
         shipped,
         SITE,
         &agent_state,
-        mqtt,
-        http,
+        addrs,
         broker_addr.port(),
         overrides,
     )?;
@@ -466,8 +458,10 @@ async fn drain_once(
             m.check_running()?;
         }
         let now = t0.elapsed().as_secs_f64();
-        let (agent_status, relay_sites) =
-            tokio::join!(get_json(http, "/v1/status"), get_json(admin, "/v1/sites"));
+        let (agent_status, relay_sites) = tokio::join!(
+            get_json(addrs.admin, "/v1/status"),
+            get_json(admin, "/v1/sites")
+        );
         let agent_rss = memory_kib(agent_pid).ok().map(|(rss, _)| rss);
         if let Some(rss) = agent_rss {
             agent_rss_max = agent_rss_max.max(rss);
@@ -740,21 +734,41 @@ pub(crate) fn relay_config(
     ))
 }
 
+/// The addresses an agent of a benchmark listens on, each free when chosen.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AgentAddrs {
+    pub mqtt: SocketAddr,
+    /// Ingest (`POST /v1/events`).
+    pub http: SocketAddr,
+    /// The admin API (`/v1/status`, `/metrics`).
+    pub admin: SocketAddr,
+}
+
+impl AgentAddrs {
+    pub(crate) fn free() -> anyhow::Result<AgentAddrs> {
+        Ok(AgentAddrs {
+            mqtt: free_addr()?,
+            http: free_addr()?,
+            admin: free_addr()?,
+        })
+    }
+}
+
 /// `config/agent.toml` as shipped (its text), with the site, paths, listeners and uplink port
 /// set, and the given `[uplink]` keys changed.
 pub(crate) fn agent_config(
     shipped: &str,
     site: &str,
     state: &Path,
-    mqtt: SocketAddr,
-    http: SocketAddr,
+    addrs: AgentAddrs,
     uplink_port: u16,
     uplink: &[(&str, String)],
 ) -> anyhow::Result<String> {
     let mut text = toml_set(shipped, "", "site", &quote(site))?;
     text = toml_set(&text, "", "state_dir", &quote(&state.display().to_string()))?;
-    text = toml_set(&text, "mqtt", "listen", &quote(&mqtt.to_string()))?;
-    text = toml_set(&text, "http", "listen", &quote(&http.to_string()))?;
+    text = toml_set(&text, "mqtt", "listen", &quote(&addrs.mqtt.to_string()))?;
+    text = toml_set(&text, "http", "listen", &quote(&addrs.http.to_string()))?;
+    text = toml_set(&text, "admin", "listen", &quote(&addrs.admin.to_string()))?;
     text = toml_set(&text, "uplink", "host", &quote("127.0.0.1"))?;
     text = toml_set(&text, "uplink", "port", &uplink_port.to_string())?;
     for (key, value) in uplink {

@@ -32,8 +32,8 @@ use serde_json::{Value, json};
 
 use crate::bench::{BenchOptions, binary};
 use crate::drain::{
-    agent_config, cpus, fill, fmt_rate, get_json, push_table, quote, relay_config, spawn_agent,
-    spawn_relay, stop_cleanly, toml_remove_section, toml_set, unix_time, wait_http_ok,
+    AgentAddrs, agent_config, cpus, fill, fmt_rate, get_json, push_table, quote, relay_config,
+    spawn_agent, spawn_relay, stop_cleanly, toml_remove_section, toml_set, unix_time, wait_http_ok,
 };
 use crate::procs::{
     ChildGuard, clock_ticks, cpu_seconds, free_addr, log_tail, machine_busy_seconds,
@@ -687,7 +687,8 @@ async fn relay_run(
         .with_context(|| format!("cannot read {}", shipped_path.display()))?;
     let broker = free_addr()?;
     let admin = free_addr()?;
-    let (mqtt, http) = (free_addr()?, free_addr()?);
+    let addrs = AgentAddrs::free()?;
+    let http = addrs.http;
 
     // An agent holding the events while no relay runs.
     let agent_config_path = dir.join("agent.toml");
@@ -695,8 +696,7 @@ async fn relay_run(
         &shipped,
         SITE,
         &dir.join("agent-state"),
-        mqtt,
-        http,
+        addrs,
         broker.port(),
         &[],
     )?;

@@ -200,13 +200,15 @@ impl Row {
 struct Agent {
     guard: ChildGuard,
     mqtt: SocketAddr,
-    http: SocketAddr,
+    /// The admin API (`/readyz`, `/metrics`, `/v1/status`).
+    admin: SocketAddr,
 }
 
 async fn start_agent(release: &Path, dir: &Path) -> anyhow::Result<Agent> {
     let bin = binary(release, "backhaul-agent")?;
     let mqtt = free_addr()?;
     let http = free_addr()?;
+    let admin = free_addr()?;
     let state = dir.join("state");
     let config = dir.join("agent.toml");
     let text = format!(
@@ -226,6 +228,9 @@ max_connections = 1000
 
 [http]
 listen = "{http}"
+
+[admin]
+listen = "{admin}"
 "#,
         state = state.display()
     );
@@ -243,18 +248,18 @@ listen = "{http}"
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         guard.check_running()?;
-        if let Ok((200, _)) = http_get(http, "/readyz").await {
+        if let Ok((200, _)) = http_get(admin, "/readyz").await {
             break;
         }
         if Instant::now() > deadline {
             bail!(
-                "the agent did not answer /readyz on {http} within {STARTUP_TIMEOUT:?}; its log:\n{}",
+                "the agent did not answer /readyz on {admin} within {STARTUP_TIMEOUT:?}; its log:\n{}",
                 log_tail(&log, 20)
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(Agent { guard, mqtt, http })
+    Ok(Agent { guard, mqtt, admin })
 }
 
 async fn start_mosquitto(dir: &Path) -> anyhow::Result<(ChildGuard, SocketAddr)> {
@@ -296,7 +301,7 @@ async fn start_mosquitto(dir: &Path) -> anyhow::Result<(ChildGuard, SocketAddr)>
 }
 
 async fn flush_histogram(agent: &Agent) -> anyhow::Result<Histogram> {
-    let (status, text) = http_get(agent.http, "/metrics").await?;
+    let (status, text) = http_get(agent.admin, "/metrics").await?;
     if status != 200 {
         bail!("GET /metrics answered {status}");
     }
@@ -304,7 +309,7 @@ async fn flush_histogram(agent: &Agent) -> anyhow::Result<Histogram> {
 }
 
 async fn agent_status(agent: &Agent) -> anyhow::Result<Value> {
-    let (status, text) = http_get(agent.http, "/v1/status").await?;
+    let (status, text) = http_get(agent.admin, "/v1/status").await?;
     if status != 200 {
         bail!("GET /v1/status answered {status}: {text}");
     }
@@ -323,10 +328,10 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
     let mut agent = start_agent(release, &dir).await?;
     let (mut mosquitto, mosquitto_addr) = start_mosquitto(&dir).await?;
     eprintln!(
-        "xtask: bench ingest: agent (pid {}) MQTT {} HTTP {}, Mosquitto (pid {}) {}, {} s warm-up + {} s per run, {EVENT_BYTES}-byte events",
+        "xtask: bench ingest: agent (pid {}) MQTT {} admin {}, Mosquitto (pid {}) {}, {} s warm-up + {} s per run, {EVENT_BYTES}-byte events",
         agent.guard.pid(),
         agent.mqtt,
-        agent.http,
+        agent.admin,
         mosquitto.pid(),
         mosquitto_addr,
         options.warmup.as_secs_f64(),
