@@ -1,5 +1,5 @@
 //! The embedded broker (rumqttd) for single-machine setups: one MQTT 3.1.1 listener in this
-//! process. It keeps nothing on disk, which is safe here because agents drop events only when
+//! process, which takes only the configured logins. It keeps nothing on disk, which is safe here because agents drop events only when
 //! the relay acknowledges them from its outbox, and re-send anything a broker lost.
 
 use std::collections::HashMap;
@@ -8,13 +8,22 @@ use std::time::{Duration, Instant};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-/// Starts the broker on its own threads and waits until it accepts connections.
-pub fn start(listen: SocketAddr, max_packet_size: usize) -> anyhow::Result<()> {
+/// Starts the broker on its own threads and waits until it accepts connections. It takes only
+/// the `logins` (username → password); a client without one of them is closed at CONNECT.
+pub fn start(
+    listen: SocketAddr,
+    max_packet_size: usize,
+    logins: HashMap<String, String>,
+) -> anyhow::Result<()> {
+    if logins.is_empty() {
+        anyhow::bail!("the embedded broker needs at least one login (broker.users)");
+    }
     let connections = ConnectionSettings {
-        connection_timeout_ms: 60_000,
+        // A socket that has not sent CONNECT by then is closed: it holds a connection slot.
+        connection_timeout_ms: 5_000,
         max_payload_size: max_packet_size,
         max_inflight_count: 1000,
-        auth: None,
+        auth: Some(logins),
         external_auth: None,
         dynamic_filters: true,
     };

@@ -1,7 +1,7 @@
 //! The relay's configuration file: its shape, defaults and the checks made at start.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
 use std::sync::Arc;
 
 use backhaul_events::config::{
@@ -90,7 +90,23 @@ pub struct BrokerConfig {
     /// Largest batch frame accepted.
     #[serde(default = "default_max_frame_size")]
     pub max_frame_size: ByteSize,
+    /// With `embedded`, the logins the embedded broker takes (the agents'); it takes no
+    /// anonymous client.
+    #[serde(default)]
+    pub users: Vec<BrokerUser>,
 }
+
+/// One login of the embedded broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerUser {
+    pub username: String,
+    pub password: SecretSource,
+}
+
+/// The username of the login the relay makes for itself on its embedded broker when the file
+/// names none; its password is new at every start.
+pub const EMBEDDED_SELF_USERNAME: &str = "backhaul-relay-self";
 
 fn default_client_id() -> String {
     "backhaul-relay".into()
@@ -152,7 +168,11 @@ pub type AdminConfig = AdminListenerConfig<RelayAdmin>;
 pub struct LoadedRelayConfig {
     pub file: PathBuf,
     pub config: RelayConfig,
-    pub broker_password: Option<Secret>,
+    /// The relay's own login to the broker: `broker.username` and `broker.password`, or with
+    /// the embedded broker and no username, one made for this run.
+    pub broker_login: Option<(String, Secret)>,
+    /// The logins the embedded broker takes: `broker.users` and the relay's own.
+    pub embedded_logins: HashMap<String, Secret>,
     /// `security.site_keys`, read.
     pub site_keys: Option<Arc<Keyring>>,
     /// `admin.read_token` and `admin.write_token`, read.
@@ -171,6 +191,56 @@ impl RelayConfig {
             })?),
             None => None,
         };
+        let mut broker_login = config
+            .broker
+            .username
+            .clone()
+            .map(|user| (user, broker_password.unwrap_or_else(|| Secret::new(""))));
+        let mut embedded_logins = HashMap::new();
+        for (i, user) in config.broker.users.iter().enumerate() {
+            let password = user.password.resolve().map_err(|e| {
+                ConfigError::invalid(
+                    file,
+                    &format!("broker.users[{i}].password"),
+                    format!("a readable secret: {e}"),
+                )
+            })?;
+            if password.expose().is_empty() {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("broker.users[{i}].password"),
+                    "a password that is not empty",
+                ));
+            }
+            let taken = embedded_logins.insert(user.username.clone(), password);
+            if taken.is_some()
+                || user.username == EMBEDDED_SELF_USERNAME
+                || user.username.is_empty()
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    &format!("broker.users[{i}].username"),
+                    format!(
+                        "a username that is not empty, given once, and not \
+                         {EMBEDDED_SELF_USERNAME:?} (the relay's own)"
+                    ),
+                ));
+            }
+        }
+        if config.broker.embedded {
+            let own = broker_login.get_or_insert_with(|| {
+                let password = format!("{:032x}", rand::random::<u128>());
+                (EMBEDDED_SELF_USERNAME.to_string(), Secret::new(password))
+            });
+            if embedded_logins.contains_key(&own.0) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "broker.username",
+                    "a username that is not also in broker.users (the relay's own login)",
+                ));
+            }
+            embedded_logins.insert(own.0.clone(), own.1.clone());
+        }
         let site_keys = match &config.security.site_keys {
             Some(source) => {
                 let text = source.resolve().map_err(|e| {
@@ -194,7 +264,8 @@ impl RelayConfig {
         Ok(LoadedRelayConfig {
             file: file.to_path_buf(),
             config,
-            broker_password,
+            broker_login,
+            embedded_logins,
             site_keys,
             admin_access,
         })
@@ -232,6 +303,22 @@ impl RelayConfig {
                 file,
                 "broker.shared_group",
                 "a name without '/', '+' or '#'",
+            ));
+        }
+        if self.broker.embedded && self.broker.users.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "broker.users",
+                "at least one login for the agents with broker.embedded = true (the embedded \
+                 broker takes no anonymous client): users = [{ username = \"...\", password = \
+                 { file = \"...\" } }]",
+            ));
+        }
+        if !self.broker.embedded && !self.broker.users.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "broker.users",
+                "no users unless broker.embedded = true (an external broker keeps its own)",
             ));
         }
         if self.broker.password.is_some() && self.broker.username.is_none() {

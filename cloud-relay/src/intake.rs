@@ -52,7 +52,8 @@ struct Received {
 
 pub struct Intake {
     pub broker: BrokerConfig,
-    pub password: Option<Secret>,
+    /// The relay's own username and password on the broker.
+    pub login: Option<(String, Secret)>,
     pub outbox: Arc<Outbox>,
     pub metrics: Arc<RelayMetrics>,
     /// Woken after each commit so the connector sees new events at once.
@@ -77,13 +78,8 @@ impl Intake {
         let max = self.broker.max_frame_size.0 as usize;
         options.set_max_packet_size(max, max);
         options.set_inflight(1000);
-        if let Some(user) = &self.broker.username {
-            let password = self
-                .password
-                .as_ref()
-                .map(|p| p.expose().to_string())
-                .unwrap_or_default();
-            options.set_credentials(user.clone(), password);
+        if let Some((user, password)) = &self.login {
+            options.set_credentials(user.clone(), password.expose().to_string());
         }
         options
     }

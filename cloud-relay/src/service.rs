@@ -40,7 +40,12 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
             .next()
             .with_context(|| format!("broker.host {:?} does not resolve", config.broker.host))?;
         let max = config.broker.max_frame_size.0 as usize;
-        tokio::task::spawn_blocking(move || crate::broker::start(listen, max)).await??;
+        let logins = loaded
+            .embedded_logins
+            .iter()
+            .map(|(user, password)| (user.clone(), password.expose().to_string()))
+            .collect();
+        tokio::task::spawn_blocking(move || crate::broker::start(listen, max, logins)).await??;
     }
     let state_dir = config.state_dir.clone();
     let options = OutboxOptions {
@@ -72,7 +77,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
 
     let intake = Intake {
         broker: config.broker.clone(),
-        password: loaded.broker_password.clone(),
+        login: loaded.broker_login.clone(),
         outbox: outbox.clone(),
         metrics: metrics.clone(),
         stored: stored.clone(),

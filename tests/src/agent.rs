@@ -276,6 +276,12 @@ impl AgentProcess {
                 );
                 doc["uplink"]["host"] = value(host.as_str());
                 doc["uplink"]["port"] = value(i64::from(*port));
+                // What a relay's embedded broker wants; Mosquitto in the tests takes anyone.
+                let (username, password) = crate::BROKER_LOGIN;
+                doc["uplink"]["username"] = value(username);
+                let mut secret = InlineTable::new();
+                secret.insert("value", password.into());
+                doc["uplink"]["password"] = value(secret);
             }
         }
         for (path, item) in &self.options.overrides {

@@ -7,6 +7,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The workspace's example configuration files, which the tests load so they never rot.
+/// The login the relays of the tests give their embedded broker, and the agents use on it.
+pub const BROKER_LOGIN: (&str, &str) = ("backhaul-agents", "embedded-broker-test-password");
+
 pub fn example_config(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../config")

@@ -65,6 +65,16 @@ impl RelayProcess {
             }
         };
         let mut doc: toml_edit::DocumentMut = text.parse().expect("relay config is TOML");
+        if embedded {
+            let mut password = toml_edit::InlineTable::new();
+            password.insert("value", crate::BROKER_LOGIN.1.into());
+            let mut login = toml_edit::InlineTable::new();
+            login.insert("username", crate::BROKER_LOGIN.0.into());
+            login.insert("password", toml_edit::Value::InlineTable(password));
+            let mut users = toml_edit::Array::new();
+            users.push(toml_edit::Value::InlineTable(login));
+            doc["broker"]["users"] = toml_edit::value(users);
+        }
         for (path, value) in settings {
             let mut item = doc.as_item_mut();
             for key in path.split('.') {

@@ -403,3 +403,17 @@ fn a_session_expiry_out_of_range_names_the_key_and_the_range() {
         );
     }
 }
+
+#[test]
+fn an_embedded_broker_without_logins_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    let text = std::fs::read_to_string(example_config("relay.toml"))
+        .unwrap()
+        .replace("embedded = false", "embedded = true");
+    std::fs::write(&file, text).unwrap();
+    let (ok, _, stderr) = check_config("backhaul-relay", &file);
+    assert!(!ok, "an embedded broker without logins passed");
+    assert!(stderr.contains("key `broker.users`"), "{stderr}");
+    assert!(stderr.contains("no anonymous client"), "{stderr}");
+}

@@ -1,6 +1,7 @@
 //! Per-site identity: with `security.site_keys` on the relay and `uplink.site_key` on each
 //! agent, a batch is stored only when its site's key signed it, whatever the broker lets
-//! through, and an agent deletes events only on an acknowledgement signed with its key.
+//! through, and an agent deletes events only on an acknowledgement signed with its key; the
+//! relay's embedded broker takes only the logins it is given.
 
 use std::time::Duration;
 
@@ -188,4 +189,38 @@ fn an_agent_deletes_nothing_on_an_acknowledgement_not_signed_with_its_key() {
         (backlog(&site) == 0).then_some(())
     });
     assert!(deleted.is_some(), "{}", site.status());
+}
+
+#[test]
+fn the_embedded_broker_takes_only_its_configured_logins() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker_port = backhaul_tests::free_port();
+    let _relay = RelayProcess::start(dir.path(), broker_port, true);
+    let connect = |login: Option<(&str, &str)>| -> Result<(), String> {
+        let mut options = rumqttc::MqttOptions::new(unique_id("probe"), "127.0.0.1", broker_port);
+        options.set_keep_alive(Duration::from_secs(5));
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
+        let (_client, mut connection) = rumqttc::Client::new(options, 10);
+        match connection.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))))
+                if ack.code == rumqttc::ConnectReturnCode::Success =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    };
+    let (user, password) = backhaul_tests::BROKER_LOGIN;
+    connect(Some((user, password))).expect("the configured login connects");
+    assert!(connect(None).is_err(), "an anonymous client connected");
+    assert!(
+        connect(Some((user, "not-the-password"))).is_err(),
+        "a wrong password connected"
+    );
+    assert!(
+        connect(Some(("someone-else", password))).is_err(),
+        "an unknown user connected"
+    );
 }

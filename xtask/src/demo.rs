@@ -18,6 +18,10 @@ use serde_json::Value;
 use crate::procs::{ChildGuard, free_addr};
 
 const SITES: [&str; 2] = ["north", "south"];
+/// The login the demo's agents use on the relay's embedded broker, which takes no anonymous
+/// client.
+const DEMO_LOGIN: &str = "demo-agents";
+const DEMO_PASSWORD: &str = "demo-broker-password";
 /// The site whose link the demo cuts.
 const CUT_SITE: &str = "south";
 
@@ -108,7 +112,12 @@ pub fn run(root: &Path, target_dir: &Path, duration: Duration, rate: u32) -> any
             &relay_dir.join("state").display().to_string(),
         )
         .replace("port = 1883", &format!("port = {}", broker.port()))
-        .replace("embedded = false", "embedded = true")
+        .replace(
+            "embedded = false",
+            &format!(
+                "embedded = true\nusers = [{{ username = \"{DEMO_LOGIN}\", password = {{ value = \"{DEMO_PASSWORD}\" }} }}]"
+            ),
+        )
         .replace("127.0.0.1:8788", &admin.to_string());
     let relay_config_path = dir.join("relay.toml");
     std::fs::write(&relay_config_path, relay_config)?;
@@ -144,6 +153,14 @@ pub fn run(root: &Path, target_dir: &Path, duration: Duration, rate: u32) -> any
             .replace("127.0.0.1:8787", &http.to_string())
             .replace("127.0.0.1:8789", &admin.to_string())
             .replace("port = 1883", &format!("port = {}", proxy.port()))
+            .replace(
+                "# username = \"wh-east\"",
+                &format!("username = \"{DEMO_LOGIN}\""),
+            )
+            .replace(
+                "# password = { file = \"$CREDENTIALS_DIRECTORY/uplink-password\" }",
+                &format!("password = {{ value = \"{DEMO_PASSWORD}\" }}"),
+            )
             .replace("ack_timeout_secs = 30", "ack_timeout_secs = 5")
             .replace("reconnect_max_ms = 30000", "reconnect_max_ms = 2000");
         let config_path = dir.join(format!("agent-{name}.toml"));

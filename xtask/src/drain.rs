@@ -708,6 +708,10 @@ fn mosquitto_version() -> String {
 
 // ----- shared with the ERP bench -------------------------------------------------------------
 
+/// The login the benchmarks' agents use on the relay's embedded broker (Mosquitto in the
+/// benchmarks takes anyone).
+pub(crate) const BENCH_BROKER_LOGIN: (&str, &str) = ("bench-agents", "bench-broker-password");
+
 /// `config/relay.toml` as shipped, with its state, broker and admin address set (the sink is
 /// left as shipped: the ledger, whose path still needs setting).
 pub(crate) fn relay_config(
@@ -728,6 +732,15 @@ pub(crate) fn relay_config(
     text = toml_set(&text, "broker", "host", &quote(&broker.ip().to_string()))?;
     text = toml_set(&text, "broker", "port", &broker.port().to_string())?;
     text = toml_set(&text, "broker", "embedded", &embedded.to_string())?;
+    if embedded {
+        let (username, password) = BENCH_BROKER_LOGIN;
+        let users = format!(
+            "[{{ username = {}, password = {{ value = {} }} }}]",
+            quote(username),
+            quote(password)
+        );
+        text = toml_set(&text, "broker", "users", &users)?;
+    }
     text = toml_set(&text, "admin", "listen", &quote(&admin.to_string()))?;
     Ok(format!(
         "# Written by `cargo xtask bench`: config/relay.toml with its paths, ports and sink changed.\n{text}"
@@ -771,6 +784,14 @@ pub(crate) fn agent_config(
     text = toml_set(&text, "admin", "listen", &quote(&addrs.admin.to_string()))?;
     text = toml_set(&text, "uplink", "host", &quote("127.0.0.1"))?;
     text = toml_set(&text, "uplink", "port", &uplink_port.to_string())?;
+    let (username, password) = BENCH_BROKER_LOGIN;
+    text = toml_set(&text, "uplink", "username", &quote(username))?;
+    text = toml_set(
+        &text,
+        "uplink",
+        "password",
+        &format!("{{ value = {} }}", quote(password)),
+    )?;
     for (key, value) in uplink {
         text = toml_set(&text, "uplink", key, value)?;
     }
