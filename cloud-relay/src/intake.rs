@@ -247,6 +247,16 @@ impl Intake {
             self.stored.notify_one();
             for ((batch, result), at) in batches.iter().zip(results).zip(arrivals) {
                 self.metrics.events_duplicate.inc_by(result.duplicates);
+                if result.stale_epoch {
+                    self.metrics
+                        .batches_refused
+                        .get_or_create(&ReasonLabel {
+                            reason: "old_epoch",
+                        })
+                        .inc();
+                    tracing::warn!(site = %batch.site, epoch = %batch.epoch, first = batch.first_seq, last = batch.last_seq, "batch frame refused: its site has moved on to a newer epoch (a replayed frame, or two agents with one site id); never acknowledged");
+                    continue;
+                }
                 match result.refused {
                     Some(BatchRefusal::Gap) => {
                         self.metrics

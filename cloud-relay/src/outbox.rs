@@ -113,6 +113,10 @@ pub struct Stored {
     /// Set when the batch was not stored: it started past a gap (the agent re-sends in
     /// order), or the outbox is full.
     pub refused: Option<BatchRefusal>,
+    /// Set when the batch is of an epoch its site has moved on from: a replay of an old
+    /// frame, or a second agent that calls itself this site. Nothing is stored and nothing
+    /// is to be acknowledged.
+    pub stale_epoch: bool,
     pub outcomes: Vec<EventOutcome>,
 }
 
@@ -701,8 +705,6 @@ fn store_batch(
             site: batch.site.clone(),
             ..SiteRecord::default()
         });
-    record.last_seen_ms = now_ms();
-    record.epoch = batch.epoch.to_string();
     let mut result = Stored {
         site: batch.site.clone(),
         epoch: batch.epoch,
@@ -710,8 +712,19 @@ fn store_batch(
         stored: 0,
         duplicates: 0,
         refused: None,
+        stale_epoch: false,
         outcomes: Vec::new(),
     };
+    // An epoch is a log's life: once a site's agent starts a new one, it never writes in an
+    // older one again. A batch of an epoch stored before but no longer the site's is a
+    // replay (a signature is valid forever) or a second agent with this site's name.
+    let epoch = batch.epoch.to_string();
+    if known.is_some() && !record.epoch.is_empty() && record.epoch != epoch {
+        result.stale_epoch = true;
+        return Ok(result);
+    }
+    record.last_seen_ms = now_ms();
+    record.epoch = epoch;
     // A batch must continue without a gap from what is durable: an acknowledgement promises
     // everything up to its number. Durable is what this outbox holds, or what the agent says
     // was acknowledged (by an outbox since moved aside or restored from a backup, or by

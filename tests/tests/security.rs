@@ -224,3 +224,142 @@ fn the_embedded_broker_takes_only_its_configured_logins() {
         "an unknown user connected"
     );
 }
+
+/// A frame of a site's earlier epoch, replayed after the site's agent started a new log, is
+/// refused and never acknowledged: its signature is still good, so only the epoch tells.
+#[test]
+fn a_replayed_frame_of_an_old_epoch_is_refused_without_an_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let keys = secret_file(
+        dir.path(),
+        "site-keys.toml",
+        &format!("wh-a = \"{KEY_A}\"\n"),
+    );
+    let relay = RelayProcess::start_with(
+        &dir.path().join("relay"),
+        broker.port(),
+        false,
+        None,
+        &[("security.site_keys", keys)],
+    );
+
+    // A listener on the site's topics, as someone on the broker's network would be.
+    let mut options = rumqttc::MqttOptions::new("listener", "127.0.0.1", broker.port());
+    options.set_max_packet_size(8 << 20, 8 << 20);
+    let (spy, mut connection) = rumqttc::Client::new(options, 100);
+    spy.subscribe("backhaul/v1/sites/wh-a/+", rumqttc::QoS::AtLeastOnce)
+        .unwrap();
+    let (seen_tx, seen) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    if seen_tx.send((p.topic, p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    let keys_a = SiteKeys::from_hex(&[KEY_A]).unwrap();
+    let acked_epochs = |frames: &[(String, Vec<u8>)]| -> Vec<Epoch> {
+        frames
+            .iter()
+            .filter(|(topic, _)| topic.ends_with("/acks"))
+            .filter_map(|(_, payload)| {
+                let frame = keys_a.open(payload).ok()?;
+                AckFrame::decode(frame, 8 << 20).ok().map(|ack| ack.epoch)
+            })
+            .collect()
+    };
+    let mut frames = Vec::new();
+    let take = |frames: &mut Vec<(String, Vec<u8>)>| {
+        while let Ok(frame) = seen.try_recv() {
+            frames.push(frame);
+        }
+    };
+    let key_a = || Some(secret_file(dir.path(), "a.key", KEY_A));
+
+    // Epoch 1: three events, forwarded and acknowledged, the batch frame captured.
+    let mut site = agent(broker.port(), "wh-a", key_a());
+    post(&site, "first", 3);
+    let old_epoch = Epoch(
+        u128::from_str_radix(site.status()["epoch"].as_str().unwrap(), 16).expect("a hex epoch"),
+    );
+    let captured = poll_until(Duration::from_secs(30), || {
+        take(&mut frames);
+        let acked = acked_epochs(&frames).contains(&old_epoch) && backlog(&site) == 0;
+        let batch = frames
+            .iter()
+            .find(|(topic, _)| topic.ends_with("/batches"))
+            .map(|(_, payload)| payload.clone());
+        batch.filter(|_| acked)
+    })
+    .expect("a batch of the first epoch, stored and acknowledged");
+
+    // The site's log is rebuilt (a new disk, say): a new epoch, two more events.
+    site.kill9();
+    std::fs::remove_dir_all(site.state_dir()).unwrap();
+    site.restart();
+    let new_epoch = site.status()["epoch"].as_str().unwrap().to_string();
+    assert_ne!(
+        new_epoch,
+        format!("{old_epoch}"),
+        "a rebuilt log starts a new epoch"
+    );
+    post(&site, "second", 2);
+    let drained = poll_until(Duration::from_secs(30), || {
+        (backlog(&site) == 0).then_some(())
+    });
+    assert!(drained.is_some(), "{}", site.status());
+    assert_eq!(relay.ledger().len(), 5);
+
+    // The captured frame of the first epoch, published again.
+    take(&mut frames);
+    let acks_before = acked_epochs(&frames).len();
+    spy.publish(
+        "backhaul/v1/sites/wh-a/batches",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        captured,
+    )
+    .unwrap();
+    let counted = poll_until(Duration::from_secs(30), || {
+        metric_value(
+            &relay.metrics(),
+            "backhaul_relay_batches_refused_total{reason=\"old_epoch\"}",
+        )
+        .filter(|n| *n >= 1.0)
+    });
+    assert!(counted.is_some(), "{}", relay.metrics());
+    // The new epoch still moves, and its acknowledgement comes after the refusal: had the
+    // replay been acknowledged, that acknowledgement would have come first.
+    post(&site, "third", 1);
+    let moved = poll_until(Duration::from_secs(30), || {
+        (backlog(&site) == 0).then_some(())
+    });
+    assert!(moved.is_some(), "{}", site.status());
+    let after = poll_until(Duration::from_secs(10), || {
+        take(&mut frames);
+        let epochs = acked_epochs(&frames);
+        (epochs.len() > acks_before).then(|| epochs[acks_before..].to_vec())
+    })
+    .expect("the new epoch's acknowledgement");
+    assert!(
+        !after.contains(&old_epoch),
+        "the replayed frame was acknowledged: {after:?}"
+    );
+    assert_eq!(
+        relay.ledger().len(),
+        6,
+        "nothing of the replay stored twice"
+    );
+    assert!(
+        relay.log_tail().contains("moved on to a newer epoch"),
+        "{}",
+        relay.log_tail()
+    );
+}
