@@ -23,7 +23,7 @@ use crate::outbox::{Outbox, SiteRecord};
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub outbox: Arc<Outbox>,
+    pub outbox: Arc<dyn Outbox>,
     pub metrics: Arc<RelayMetrics>,
     /// Wakes the delivery engine after a replay.
     pub wake: Arc<tokio::sync::Notify>,
@@ -71,7 +71,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(&state.outbox),
+        state.metrics.render(state.outbox.as_ref()),
     )
         .into_response()
 }
@@ -124,7 +124,7 @@ async fn status(State(state): State<AdminState>) -> Response {
     let answer = RelayStatus {
         broker_connected: metrics.broker_connected.get() == 1,
         outbox_depth: depth,
-        outbox_path: state.outbox.path().display().to_string(),
+        outbox_path: state.outbox.location(),
         outbox_bytes: held_bytes,
         outbox_max_bytes: state.outbox.max_bytes(),
         outbox_full: held_bytes >= state.outbox.max_bytes(),

@@ -386,7 +386,7 @@ struct CallDone {
 }
 
 pub struct Engine<S: Sink> {
-    pub outbox: Arc<Outbox>,
+    pub outbox: Arc<dyn Outbox>,
     pub sink: Arc<S>,
     pub config: DeliveryConfig,
     pub metrics: Arc<RelayMetrics>,
@@ -511,7 +511,7 @@ impl<S: Sink> Engine<S> {
                 .collect());
         }
         let skip = schedule.held_back_set(now);
-        tokio::task::spawn_blocking(move || outbox.heads(limit, |queue| skip.contains(queue)))
+        tokio::task::spawn_blocking(move || outbox.heads(limit, &|queue| skip.contains(queue)))
             .await
             .map_err(EngineError::Worker)?
             .map_err(EngineError::Read)

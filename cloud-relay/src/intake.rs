@@ -54,7 +54,7 @@ pub struct Intake {
     pub broker: BrokerConfig,
     /// The relay's own username and password on the broker.
     pub login: Option<(String, Secret)>,
-    pub outbox: Arc<Outbox>,
+    pub outbox: Arc<dyn Outbox>,
     pub metrics: Arc<RelayMetrics>,
     /// Woken after each commit so the connector sees new events at once.
     pub stored: Arc<tokio::sync::Notify>,

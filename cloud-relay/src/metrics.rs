@@ -168,7 +168,7 @@ impl RelayMetrics {
         })
     }
 
-    pub fn render(&self, outbox: &Outbox) -> String {
+    pub fn render(&self, outbox: &dyn Outbox) -> String {
         for site in outbox.sites() {
             self.outbox_events
                 .get_or_create(&SiteLabel {

@@ -22,7 +22,7 @@ use crate::connector::tryton::TrytonConnector;
 use crate::engine::Engine;
 use crate::intake::Intake;
 use crate::metrics::RelayMetrics;
-use crate::outbox::{Outbox, OutboxOptions};
+use crate::outbox::{Outbox, OutboxOptions, RedbOutbox};
 
 /// How many of the oldest waiting events the delivery engine sees, grouped by ordering key.
 /// Enough that keys held back by retries leave plenty to deliver; about 100 bytes each.
@@ -54,8 +54,9 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         frontier_events: FRONTIER_EVENTS,
         max_bytes: config.outbox.max_bytes.0,
     };
-    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&state_dir, options)).await??;
-    tracing::info!(path = %outbox.path().display(), depth = outbox.depth(), "outbox open");
+    let outbox: Arc<dyn Outbox> =
+        tokio::task::spawn_blocking(move || RedbOutbox::open(&state_dir, options)).await??;
+    tracing::info!(location = %outbox.location(), depth = outbox.depth(), "outbox open");
     let metrics = RelayMetrics::new();
     let stop = CancellationToken::new();
     let stored = Arc::new(tokio::sync::Notify::new());
@@ -134,12 +135,13 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
 
 async fn build_connector(
     config: &crate::config::RelayConfig,
-    outbox: &Arc<Outbox>,
+    outbox: &Arc<dyn Outbox>,
 ) -> anyhow::Result<Connector> {
     if let Some(ledger) = &config.sink.ledger {
         let path = ledger.path.clone();
         let outbox = outbox.clone();
-        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, &outbox)).await??;
+        let ledger =
+            tokio::task::spawn_blocking(move || Ledger::open(&path, outbox.as_ref())).await??;
         return Ok(Connector::Ledger(tokio::sync::Mutex::new(ledger)));
     }
     if let Some(http) = &config.sink.http {

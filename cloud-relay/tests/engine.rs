@@ -13,7 +13,7 @@ use backhaul_relay::config::DeliveryConfig;
 use backhaul_relay::connector::{Capabilities, Delivered, Delivery, Sink};
 use backhaul_relay::engine::{Engine, Schedule};
 use backhaul_relay::metrics::RelayMetrics;
-use backhaul_relay::outbox::{Head, Outbox, OutboxOptions, queue_of};
+use backhaul_relay::outbox::{Head, OutboxOptions, RedbOutbox, queue_of};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -293,7 +293,7 @@ impl Sink for ScriptedSink {
 }
 
 struct Running {
-    outbox: Arc<Outbox>,
+    outbox: Arc<RedbOutbox>,
     script: Arc<Script>,
     stop: CancellationToken,
     engine: tokio::task::JoinHandle<()>,
@@ -303,7 +303,7 @@ struct Running {
 /// An outbox holding `events` (id, order) as one batch, and an engine draining it.
 fn run_engine(events: &[(&str, &str)], script: Script, delivery: DeliveryConfig) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(
+    let outbox = RedbOutbox::open(
         dir.path(),
         OutboxOptions {
             cache_size: 1 << 20,

@@ -3,7 +3,7 @@
 
 use backhaul_events::event::parse_event;
 use backhaul_events::{BatchEntry, BatchFrame, BatchRefusal, Epoch};
-use backhaul_relay::outbox::{Head, Outbox, OutboxOptions};
+use backhaul_relay::outbox::{Head, OutboxOptions, RedbOutbox};
 
 fn options(dedup_ids: u64) -> OutboxOptions {
     OutboxOptions {
@@ -47,7 +47,7 @@ fn batch_after(epoch: u128, acked_through: u64, first_seq: u64, ids: &[&str]) ->
 #[test]
 fn repeats_are_stored_once_and_gaps_are_not_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), options(1000)).unwrap();
     let first = outbox.store(&[batch(1, 1, &["a", "b", "c"])]).unwrap();
     assert_eq!((first[0].stored, first[0].acked_through), (3, 3));
     // The same batch again (a re-send after a lost ack): nothing new, same acknowledgement.
@@ -69,7 +69,7 @@ fn repeats_are_stored_once_and_gaps_are_not_acknowledged() {
 #[test]
 fn the_deduplication_window_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path(), options(5)).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), options(5)).unwrap();
     let ids: Vec<String> = (0..20).map(|i| format!("e{i}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     outbox.store(&[batch(1, 1, &refs)]).unwrap();
@@ -83,10 +83,10 @@ fn the_deduplication_window_is_bounded() {
 fn ids_are_remembered_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+        let outbox = RedbOutbox::open(dir.path(), options(1000)).unwrap();
         outbox.store(&[batch(1, 1, &["a", "b"])]).unwrap();
     }
-    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), options(1000)).unwrap();
     // A rebuilt agent log (new epoch) repeating both ids: nothing stored twice.
     let repeat = outbox.store(&[batch(2, 1, &["b", "a", "c"])]).unwrap();
     assert_eq!((repeat[0].stored, repeat[0].duplicates), (1, 2));
@@ -125,7 +125,7 @@ fn head_ids(heads: &[Head]) -> Vec<&str> {
 fn queues_per_key_deliver_in_order_through_a_frontier_smaller_than_the_outbox() {
     let dir = tempfile::tempdir().unwrap();
     let small = with_frontier(3);
-    let outbox = Outbox::open(dir.path(), small).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), small).unwrap();
     outbox
         .store(&[
             order_batch(1, "SO-1", &["a1", "a2", "a3"]),
@@ -176,7 +176,7 @@ fn queues_per_key_deliver_in_order_through_a_frontier_smaller_than_the_outbox() 
     assert!(!outbox.frontier_blocked());
     // After a restart the frontier is loaded again from the outbox.
     drop(outbox);
-    let outbox = Outbox::open(dir.path(), small).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), small).unwrap();
     let heads = outbox.heads(10, |_| false).unwrap();
     let ids = head_ids(&heads);
     assert_eq!(ids, ["d1", "e1"]);
@@ -185,7 +185,7 @@ fn queues_per_key_deliver_in_order_through_a_frontier_smaller_than_the_outbox() 
 #[test]
 fn an_empty_outbox_continues_only_from_what_the_agent_had_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), options(1000)).unwrap();
     // The agent had 1-3 acknowledged by an outbox since moved aside; batches 4-7 were sent
     // while this relay was away and never reached it. Batch 8 must not be taken as the start.
     let late = outbox.store(&[batch_after(5, 3, 8, &["h"])]).unwrap();
@@ -212,7 +212,7 @@ fn an_empty_outbox_continues_only_from_what_the_agent_had_acknowledged() {
 #[test]
 fn an_outbox_behind_the_agent_continues_from_the_agents_acknowledged_number() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path(), options(1000)).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), options(1000)).unwrap();
     outbox.store(&[batch(1, 1, &["a", "b", "c"])]).unwrap();
     // Restored from a backup taken at 3; another outbox had acknowledged up to 10 since.
     let next = outbox.store(&[batch_after(1, 10, 11, &["k"])]).unwrap();
@@ -227,7 +227,7 @@ fn a_full_outbox_refuses_new_batches_until_deliveries_make_room() {
         max_bytes: 200,
         ..options(1000)
     };
-    let outbox = Outbox::open(dir.path(), small).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), small).unwrap();
     let ids: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let first = outbox.store(&[batch(1, 1, &refs)]).unwrap();
@@ -245,7 +245,7 @@ fn a_full_outbox_refuses_new_batches_until_deliveries_make_room() {
     outbox.complete(&pending, &[], None).unwrap();
     assert_eq!(outbox.held_bytes(), 0);
     drop(outbox);
-    let outbox = Outbox::open(dir.path(), small).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), small).unwrap();
     assert_eq!(outbox.held_bytes(), 0);
     let taken = outbox.store(&[batch(1, 5, &["g"])]).unwrap();
     assert_eq!((taken[0].stored, taken[0].refused), (1, None));
@@ -256,7 +256,7 @@ fn a_full_outbox_refuses_new_batches_until_deliveries_make_room() {
 fn a_frontier_full_of_held_back_keys_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let small = with_frontier(3);
-    let outbox = Outbox::open(dir.path(), small).unwrap();
+    let outbox = RedbOutbox::open(dir.path(), small).unwrap();
     outbox
         .store(&[
             order_batch(1, "SO-1", &["a1", "a2", "a3"]),

@@ -25,7 +25,7 @@ pub struct Ledger {
 
 impl Ledger {
     /// Opens the ledger and reconciles it with the outbox after a crash.
-    pub fn open(path: &Path, outbox: &Outbox) -> anyhow::Result<Ledger> {
+    pub fn open(path: &Path, outbox: &dyn Outbox) -> anyhow::Result<Ledger> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| {
                 format!("cannot create the ledger's directory {}", dir.display())
@@ -57,7 +57,7 @@ impl Ledger {
         Ok(ledger)
     }
 
-    fn reconcile(&mut self, committed: u64, outbox: &Outbox) -> anyhow::Result<()> {
+    fn reconcile(&mut self, committed: u64, outbox: &dyn Outbox) -> anyhow::Result<()> {
         let mut reader = BufReader::new(File::open(&self.path)?);
         reader.seek(SeekFrom::Start(committed))?;
         let mut offset = committed;

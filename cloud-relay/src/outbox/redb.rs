@@ -1,5 +1,4 @@
-//! The relay's outbox: batches from every site made durable in one redb database before they
-//! are acknowledged, stored once however often they arrive, and kept until delivered.
+//! The outbox of one relay in one redb database on its disk.
 //!
 //! What it owns: per-site and per-epoch progress (the highest sequence number stored without a
 //! gap, which is what an acknowledgement promises), deduplication by event id within a site,
@@ -25,8 +24,12 @@ use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::{
+    DeadLetter, Head, Outbox, OutboxError, SiteRecord, Stored, decode_record, now_ms, queue_bytes,
+    queue_of, site_key,
+};
 use crate::connector::CommitToken;
 
 /// Events waiting for delivery, by outbox sequence number (arrival order).
@@ -54,70 +57,8 @@ const META_CONNECTOR_COMMIT: &str = "ledger_committed_len";
 /// Bytes of the records of waiting events and dead letters: what `outbox.max_bytes` caps.
 const META_HELD_BYTES: &str = "held_bytes";
 
-#[derive(Debug, thiserror::Error)]
-pub enum OutboxError {
-    #[error(
-        "the outbox {path} cannot be opened: {reason}. Nothing in it was deleted; move it aside \
-         to start empty (agents re-send what they still hold), or restore it from a backup"
-    )]
-    Damaged { path: PathBuf, reason: String },
-    #[error("the outbox {path} is in use by another process")]
-    InUse { path: PathBuf },
-    #[error("outbox storage error: {0}")]
-    Storage(String),
-}
-
 fn storage<E: std::fmt::Display>(e: E) -> OutboxError {
     OutboxError::Storage(e.to_string())
-}
-
-/// What the relay knows of one site.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct SiteRecord {
-    pub site: String,
-    /// The epoch of the site's most recent batch.
-    pub epoch: String,
-    /// Highest sequence number of that epoch stored without a gap.
-    pub highest_seq: u64,
-    pub last_seen_ms: i64,
-    pub events_stored: u64,
-    pub events_duplicate: u64,
-    pub events_delivered: u64,
-    #[serde(default)]
-    pub events_dead_lettered: u64,
-    /// The number of the site's latest refusal.
-    #[serde(default)]
-    pub refusals_numbered: u64,
-    /// Refusals kept until the site's agent acknowledges them.
-    #[serde(default)]
-    pub refusals_unacknowledged: u64,
-}
-
-impl SiteRecord {
-    pub fn outbox_depth(&self) -> u64 {
-        self.events_stored
-            .saturating_sub(self.events_delivered)
-            .saturating_sub(self.events_dead_lettered)
-    }
-}
-
-/// The result of storing one batch.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    pub site: String,
-    pub epoch: backhaul_events::Epoch,
-    /// What the acknowledgement promises: everything of the epoch up to here is durable.
-    pub acked_through: u64,
-    pub stored: u64,
-    pub duplicates: u64,
-    /// Set when the batch was not stored: it started past a gap (the agent re-sends in
-    /// order), or the outbox is full.
-    pub refused: Option<BatchRefusal>,
-    /// Set when the batch is of an epoch its site has moved on from: a replay of an old
-    /// frame, or a second agent that calls itself this site. Nothing is stored and nothing
-    /// is to be acknowledged.
-    pub stale_epoch: bool,
-    pub outcomes: Vec<EventOutcome>,
 }
 
 /// How the outbox is opened.
@@ -134,7 +75,7 @@ pub struct OutboxOptions {
     pub max_bytes: u64,
 }
 
-pub struct Outbox {
+pub struct RedbOutbox {
     db: Database,
     options: OutboxOptions,
     path: PathBuf,
@@ -185,23 +126,6 @@ impl SeenIds {
             }
         }
     }
-}
-
-fn site_key(site: &str, tail: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(site.len() + 1 + tail.len());
-    key.extend_from_slice(site.as_bytes());
-    key.push(0);
-    key.extend_from_slice(tail);
-    key
-}
-
-/// The queue an event waits in: its site and ordering key.
-pub fn queue_of(event: &StampedEvent) -> Vec<u8> {
-    queue_bytes(&event.site, &event.event)
-}
-
-fn queue_bytes(site: &str, event: &Event) -> Vec<u8> {
-    site_key(site, &backhaul_events::OrderingKey::of(event).to_bytes())
 }
 
 /// The per-key queues of the oldest waiting events: at most `capacity` of them, loaded from
@@ -292,24 +216,6 @@ impl<'a> StampedRef<'a> {
             event: &event.event,
         }
     }
-}
-
-/// A dead letter: the event, the ERP's reason, and when it happened.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeadLetter {
-    pub id: u64,
-    pub reason: String,
-    pub at_ms: i64,
-    pub attempts: u32,
-    pub event: StampedEvent,
-}
-
-/// The first event of one queue, ready to be delivered.
-#[derive(Debug, Clone)]
-pub struct Head {
-    pub queue: Vec<u8>,
-    pub outbox_seq: u64,
-    pub event: StampedEvent,
 }
 
 /// Puts events into the outbox: the event, its place in its key's queue, and its id in the
@@ -417,15 +323,8 @@ fn write_sites<'a>(
     Ok(())
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-impl Outbox {
-    pub fn open(dir: &Path, options: OutboxOptions) -> Result<Arc<Outbox>, OutboxError> {
+impl RedbOutbox {
+    pub fn open(dir: &Path, options: OutboxOptions) -> Result<Arc<RedbOutbox>, OutboxError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             OutboxError::Storage(format!(
                 "cannot create the state directory {}: {e}",
@@ -486,7 +385,7 @@ impl Outbox {
         }
         txn.commit().map_err(storage)?;
         let sites = Arc::new(sites);
-        Ok(Arc::new(Outbox {
+        Ok(Arc::new(RedbOutbox {
             db,
             options,
             path,
@@ -679,12 +578,6 @@ fn held_bytes_at_open(txn: &WriteTransaction) -> Result<u64, OutboxError> {
     Ok(held)
 }
 
-fn decode_record(outbox_seq: u64, bytes: &[u8]) -> Result<StampedEvent, OutboxError> {
-    postcard::from_bytes(bytes).map_err(|e| {
-        OutboxError::Storage(format!("outbox record {outbox_seq} cannot be decoded: {e}"))
-    })
-}
-
 /// Stores one batch: checks it continues its epoch without a gap, drops what is already
 /// there, and queues the rest.
 fn store_batch(
@@ -787,7 +680,7 @@ fn store_batch(
     record.events_duplicate += result.duplicates;
     Ok(result)
 }
-impl Outbox {
+impl RedbOutbox {
     /// The first waiting event of up to `limit` queues, oldest first, skipping the queues
     /// `skip` says no to (in flight, or waiting to retry). Looks only at the frontier, so the
     /// cost grows with the number of queues visited, not with the number of events waiting.
@@ -1035,7 +928,7 @@ fn refusal_key(site: &str, number: u64) -> Vec<u8> {
     site_key(site, &number.to_be_bytes())
 }
 
-impl Outbox {
+impl RedbOutbox {
     /// The sites with refusals their agents have not acknowledged yet.
     pub fn sites_with_refusals(&self) -> Vec<String> {
         self.published
@@ -1107,7 +1000,7 @@ impl Outbox {
     }
 }
 
-impl Outbox {
+impl RedbOutbox {
     /// Keeps the deduplication window to `dedup_ids` ids: the oldest are forgotten. A batch
     /// re-sent later is still recognised by its sequence numbers; only an event re-sent under
     /// a new sequence number after that many newer ones would be stored again, and connectors
@@ -1139,6 +1032,97 @@ impl Outbox {
     }
 }
 
+impl Outbox for RedbOutbox {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn store(&self, batches: &[BatchFrame]) -> Result<Vec<Stored>, OutboxError> {
+        RedbOutbox::store(self, batches)
+    }
+
+    fn heads(&self, limit: usize, skip: &dyn Fn(&[u8]) -> bool) -> Result<Vec<Head>, OutboxError> {
+        RedbOutbox::heads(self, limit, skip)
+    }
+
+    fn complete(
+        &self,
+        posted: &[(u64, StampedEvent)],
+        dead: &[(u64, StampedEvent, String, u32)],
+        commit: Option<CommitToken>,
+    ) -> Result<(), OutboxError> {
+        RedbOutbox::complete(self, posted, dead, commit)
+    }
+
+    fn pending(&self, limit: usize) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
+        RedbOutbox::pending(self, limit)
+    }
+
+    fn committed_token(&self) -> Result<Option<CommitToken>, OutboxError> {
+        RedbOutbox::committed_token(self)
+    }
+
+    fn find_pending(
+        &self,
+        site: &str,
+        id: &str,
+    ) -> Result<Option<(u64, StampedEvent)>, OutboxError> {
+        RedbOutbox::find_pending(self, site, id)
+    }
+
+    fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        RedbOutbox::dead_letters(self, after, limit)
+    }
+
+    fn replay(&self, ids: Option<&[u64]>) -> Result<Vec<u64>, OutboxError> {
+        RedbOutbox::replay(self, ids)
+    }
+
+    fn discard(&self, ids: &[u64]) -> Result<Vec<u64>, OutboxError> {
+        RedbOutbox::discard(self, ids)
+    }
+
+    fn refusals(&self, site: &str, limit: usize) -> Result<Vec<Refusal>, OutboxError> {
+        RedbOutbox::refusals(self, site, limit)
+    }
+
+    fn acknowledge_refusals(&self, site: &str, through: u64) -> Result<u64, OutboxError> {
+        RedbOutbox::acknowledge_refusals(self, site, through)
+    }
+
+    fn sites(&self) -> Vec<SiteRecord> {
+        RedbOutbox::sites(self)
+    }
+
+    fn held_bytes(&self) -> u64 {
+        RedbOutbox::held_bytes(self)
+    }
+
+    fn max_bytes(&self) -> u64 {
+        RedbOutbox::max_bytes(self)
+    }
+
+    fn depth(&self) -> u64 {
+        RedbOutbox::depth(self)
+    }
+
+    fn dead_letter_count(&self) -> u64 {
+        RedbOutbox::dead_letter_count(self)
+    }
+
+    fn has_refusals_for(&self, site: &str) -> bool {
+        RedbOutbox::has_refusals_for(self, site)
+    }
+
+    fn sites_with_refusals(&self) -> Vec<String> {
+        RedbOutbox::sites_with_refusals(self)
+    }
+
+    fn frontier_blocked(&self) -> bool {
+        RedbOutbox::frontier_blocked(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1152,7 +1136,7 @@ mod tests {
             frontier_events: 100,
             max_bytes: 1 << 20,
         };
-        let outbox = Outbox::open(dir.path(), options).unwrap();
+        let outbox = RedbOutbox::open(dir.path(), options).unwrap();
         // A writer holds its lock for as long as a slow disk takes to flush.
         let writing = outbox.lock_state().unwrap();
         let (done, answered) = std::sync::mpsc::channel();
