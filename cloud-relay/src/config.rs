@@ -119,6 +119,18 @@ fn default_max_frame_size() -> ByteSize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
+    /// Where the outbox lives: `redb`, a file on this relay's disk, or `postgres`, shared by
+    /// every relay of the fleet.
+    pub backend: OutboxBackend,
+    /// The PostgreSQL connection (`backend = "postgres"`): a URL or key=value parameters,
+    /// without the password.
+    pub url: Option<String>,
+    pub password: Option<SecretSource>,
+    /// How long a relay that stopped renewing its lease keeps a key before another relay
+    /// takes it over (`backend = "postgres"`): longer than a connector call may take.
+    pub lease_secs: u64,
+    /// Connections to PostgreSQL this relay opens at most.
+    pub connections: usize,
     pub cache_size: ByteSize,
     /// How many event ids are remembered to drop repeats (about 130 bytes of disk each).
     pub dedup_ids: u64,
@@ -130,11 +142,23 @@ pub struct OutboxConfig {
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
+            backend: OutboxBackend::Redb,
+            url: None,
+            password: None,
+            lease_secs: 30,
+            connections: 4,
             cache_size: ByteSize(64 << 20),
             dedup_ids: 1_000_000,
             max_bytes: ByteSize(20 << 30),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxBackend {
+    Redb,
+    Postgres,
 }
 
 /// Exactly one connector section: `[sink.ledger]`, `[sink.http]` or `[sink.tryton]`.
@@ -177,6 +201,8 @@ pub struct LoadedRelayConfig {
     pub site_keys: Option<Arc<Keyring>>,
     /// `admin.read_token` and `admin.write_token`, read.
     pub admin_access: AdminAccess,
+    /// `outbox.password`, read.
+    pub outbox_password: Option<Secret>,
 }
 
 impl RelayConfig {
@@ -185,6 +211,12 @@ impl RelayConfig {
         let config: RelayConfig = load_toml_file(file)?;
         config.check(file)?;
         let admin_access = config.admin.load_access(file)?;
+        let outbox_password = match &config.outbox.password {
+            Some(source) => Some(source.resolve().map_err(|e| {
+                ConfigError::invalid(file, "outbox.password", format!("a readable secret: {e}"))
+            })?),
+            None => None,
+        };
         let broker_password = match &config.broker.password {
             Some(source) => Some(source.resolve().map_err(|e| {
                 ConfigError::invalid(file, "broker.password", format!("a readable secret: {e}"))
@@ -268,12 +300,64 @@ impl RelayConfig {
             embedded_logins,
             site_keys,
             admin_access,
+            outbox_password,
         })
     }
 
     fn check(&self, file: &Path) -> Result<(), ConfigError> {
         if self.state_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid(file, "state_dir", "a directory path"));
+        }
+        match (self.outbox.backend, &self.outbox.url) {
+            (OutboxBackend::Postgres, None) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "outbox.url",
+                    "the PostgreSQL connection with backend = \"postgres\", like \
+                     \"postgresql://backhaul@db.example.com/backhaul\"",
+                ));
+            }
+            (OutboxBackend::Redb, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "outbox.url",
+                    "no url with backend = \"redb\" (the outbox is a file in state_dir); set \
+                     backend = \"postgres\" to use it",
+                ));
+            }
+            (OutboxBackend::Postgres, Some(url)) => {
+                if let Err(e) = url.parse::<postgres::Config>() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        "outbox.url",
+                        format!("a PostgreSQL connection URL or key=value parameters: {e}"),
+                    ));
+                }
+                if self.broker.shared_group.is_some() && self.sink.ledger.is_some() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        "sink.ledger",
+                        "another connector when relays share batches (broker.shared_group): \
+                         the ledger is a file on one relay's disk, and each relay would write \
+                         its own",
+                    ));
+                }
+            }
+            (OutboxBackend::Redb, None) => {}
+        }
+        if !(5..=3600).contains(&self.outbox.lease_secs) {
+            return Err(ConfigError::invalid(
+                file,
+                "outbox.lease_secs",
+                "5 to 3600 (seconds; longer than a connector call may take)",
+            ));
+        }
+        if !(2..=64).contains(&self.outbox.connections) {
+            return Err(ConfigError::invalid(
+                file,
+                "outbox.connections",
+                "2 to 64 (connections to PostgreSQL)",
+            ));
         }
         if self.outbox.max_bytes.0 < 64 << 10 {
             return Err(ConfigError::invalid(

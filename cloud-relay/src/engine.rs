@@ -364,6 +364,10 @@ impl Schedule {
     }
 }
 
+/// How soon the engine asks an unavailable outbox again, at first and at most.
+const OUTBOX_RETRY_MIN: Duration = Duration::from_millis(200);
+const OUTBOX_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Why the engine stopped before it was asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -409,6 +413,7 @@ impl<S: Sink> Engine<S> {
             rate_per_sec = self.config.rate_per_sec,
             "delivery engine running"
         );
+        let mut unavailable_since: Option<Instant> = None;
         let result = loop {
             self.heartbeat.beat();
             let now = Instant::now();
@@ -423,11 +428,25 @@ impl<S: Sink> Engine<S> {
                 };
                 let heads = match self.read_heads(&schedule, capabilities, limit, now).await {
                     Ok(heads) => heads,
+                    Err(EngineError::Read(e)) if e.is_transient() => {
+                        if unavailable_since.is_none() {
+                            tracing::warn!(error = %e, "the outbox is unavailable; delivery waits for it");
+                        }
+                        unavailable_since.get_or_insert(now);
+                        next_wake = now + OUTBOX_RETRY_MAX;
+                        break;
+                    }
                     Err(e) => {
                         calls.abort_all();
                         return Err(e);
                     }
                 };
+                if let Some(since) = unavailable_since.take() {
+                    tracing::info!(
+                        after_ms = since.elapsed().as_millis() as u64,
+                        "the outbox is available again"
+                    );
+                }
                 if heads.is_empty() {
                     break;
                 }
@@ -528,12 +547,28 @@ impl<S: Sink> Engine<S> {
             return Ok(());
         }
         let (n_posted, n_dead) = (settled.posted.len() as u64, settled.dead.len() as u64);
-        let outbox = self.outbox.clone();
-        let (posted, dead) = (settled.posted, settled.dead);
-        tokio::task::spawn_blocking(move || outbox.complete(&posted, &dead, commit))
-            .await
-            .map_err(EngineError::Worker)?
-            .map_err(EngineError::Complete)?;
+        let done = Arc::new((settled.posted, settled.dead));
+        // The ERP has these events: they are recorded as soon as the outbox can take it.
+        // Until then nothing else is delivered, and a relay stopped meanwhile delivers them
+        // again (connectors are idempotent by event id).
+        let mut wait = OUTBOX_RETRY_MIN;
+        loop {
+            let (outbox, done) = (self.outbox.clone(), done.clone());
+            let recorded =
+                tokio::task::spawn_blocking(move || outbox.complete(&done.0, &done.1, commit))
+                    .await
+                    .map_err(EngineError::Worker)?;
+            match recorded {
+                Ok(()) => break,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "delivered events cannot be recorded yet; retrying");
+                    self.heartbeat.beat();
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(OUTBOX_RETRY_MAX);
+                }
+                Err(e) => return Err(EngineError::Complete(e)),
+            }
+        }
         self.metrics.events_delivered.inc_by(n_posted);
         self.metrics.events_dead_lettered.inc_by(n_dead);
         for site_outcomes in settled.outcomes {

@@ -235,6 +235,17 @@ impl Intake {
             };
             let results = match result {
                 Ok(results) => results,
+                Err(e) if e.is_transient() => {
+                    // Not acknowledged: the agents keep the batches and send them again.
+                    self.metrics
+                        .batches_refused
+                        .get_or_create(&ReasonLabel {
+                            reason: "outbox_unavailable",
+                        })
+                        .inc_by(batches.len() as u64);
+                    tracing::warn!(error = %e, batches = batches.len(), "batches not stored and not acknowledged: the outbox is unavailable; the agents keep them");
+                    continue;
+                }
                 Err(e) => {
                     // Nothing is acknowledged; the agents keep the batches and re-send them
                     // to whichever relay runs next.

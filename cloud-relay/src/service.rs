@@ -15,6 +15,7 @@ use crate::config::LoadedRelayConfig;
 use backhaul_events::http_listener::{ConnectionLimits, serve};
 use backhaul_events::service::{Heartbeats, Supervisor};
 
+use crate::config::OutboxBackend;
 use crate::connector::Connector;
 use crate::connector::http::HttpConnector;
 use crate::connector::ledger::Ledger;
@@ -22,6 +23,7 @@ use crate::connector::tryton::TrytonConnector;
 use crate::engine::Engine;
 use crate::intake::Intake;
 use crate::metrics::RelayMetrics;
+use crate::outbox::postgres::{PgOptions, PgOutbox};
 use crate::outbox::{Outbox, OutboxOptions, RedbOutbox};
 
 /// How many of the oldest waiting events the delivery engine sees, grouped by ordering key.
@@ -54,8 +56,22 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         frontier_events: FRONTIER_EVENTS,
         max_bytes: config.outbox.max_bytes.0,
     };
-    let outbox: Arc<dyn Outbox> =
-        tokio::task::spawn_blocking(move || RedbOutbox::open(&state_dir, options)).await??;
+    let outbox: Arc<dyn Outbox> = match config.outbox.backend {
+        OutboxBackend::Redb => {
+            tokio::task::spawn_blocking(move || RedbOutbox::open(&state_dir, options)).await??
+        }
+        OutboxBackend::Postgres => {
+            let options = PgOptions {
+                url: config.outbox.url.clone().unwrap_or_default(),
+                password: loaded.outbox_password.clone(),
+                relay_id: config.broker.client_id.clone(),
+                lease: Duration::from_secs(config.outbox.lease_secs),
+                max_bytes: config.outbox.max_bytes.0,
+                connections: config.outbox.connections,
+            };
+            tokio::task::spawn_blocking(move || PgOutbox::open(options)).await??
+        }
+    };
     tracing::info!(location = %outbox.location(), depth = outbox.depth(), "outbox open");
     let metrics = RelayMetrics::new();
     let stop = CancellationToken::new();

@@ -115,6 +115,7 @@ pub mod events;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod pipeline;
+pub mod postgres;
 pub mod proxy;
 pub mod relay;
 pub mod rss;

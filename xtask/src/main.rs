@@ -230,6 +230,9 @@ fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
         ("systemd-analyze", "systemd"),
         ("promtool", "prometheus"),
         ("openssl", "openssl"),
+        // The server itself (initdb, postgres) is under /usr/lib/postgresql/<version>/bin;
+        // the package's common part puts pg_ctlcluster on the PATH.
+        ("pg_ctlcluster", "postgresql"),
     ])?;
     tryton::ensure_tryton()?;
     // The end-to-end tests start the real binaries, so they must be built first.

@@ -7,7 +7,7 @@
 //! relay; and [`postgres::PgOutbox`], for any number of relays on one PostgreSQL, which keeps
 //! what a relay acknowledged when that relay's machine is lost.
 
-// pub mod postgres;
+pub mod postgres;
 pub mod redb;
 
 use std::path::PathBuf;

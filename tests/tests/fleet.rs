@@ -1,0 +1,318 @@
+//! The relay tier on PostgreSQL: relays share one outbox in a real PostgreSQL behind real
+//! Mosquitto with a `$share` group, and whatever is SIGKILLed (a relay, the database) or cut
+//! (a site's link), every event an agent had acknowledged reaches the ERP with one effect, in
+//! order per key, and nothing is left in the outbox.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use backhaul_tests::agent::{AgentOptions, AgentProcess};
+use backhaul_tests::erp_standin::ErpStandIn;
+use backhaul_tests::events::pick;
+use backhaul_tests::mosquitto::Mosquitto;
+use backhaul_tests::postgres::Postgres;
+use backhaul_tests::proxy::TcpProxy;
+use backhaul_tests::relay::RelayProcess;
+use backhaul_tests::{poll_until, run_binary};
+use serde_json::Value;
+
+const ORDERS_PER_SITE: usize = 5;
+
+fn relay(
+    dir: &std::path::Path,
+    broker_port: u16,
+    postgres: &Postgres,
+    erp: &ErpStandIn,
+    shared: bool,
+) -> RelayProcess {
+    let sink = format!("[sink.http]\nurl = \"{}\"\ntimeout_ms = 2000\n", erp.url());
+    let mut settings: Vec<(&str, toml_edit::Value)> = vec![
+        ("outbox.backend", "postgres".into()),
+        ("outbox.url", postgres.url().into()),
+        ("outbox.lease_secs", 5.into()),
+        ("delivery.concurrency", 4.into()),
+        ("delivery.retry_min_ms", 100.into()),
+        ("delivery.retry_max_ms", 1000.into()),
+    ];
+    if shared {
+        settings.push(("broker.shared_group", "backhaul-relays".into()));
+    }
+    RelayProcess::start_with(dir, broker_port, false, Some(&sink), &settings)
+}
+
+fn site_agent(broker_port: u16, site: &str) -> AgentProcess {
+    AgentProcess::start(
+        AgentOptions::default()
+            .uplink("127.0.0.1", broker_port)
+            .set("site", site)
+            .set("uplink.client_id", format!("agent-{site}-{broker_port}"))
+            .set("uplink.linger_ms", 10)
+            .set("uplink.ack_timeout_secs", 3)
+            .set("uplink.reconnect_min_ms", 50)
+            .set("uplink.reconnect_max_ms", 1000),
+    )
+}
+
+/// Posts `n` picks, numbered from `from`, spread over the site's orders; returns their ids.
+fn post(agent: &AgentProcess, site: &str, from: usize, n: usize) -> Vec<String> {
+    let events: Vec<Value> = (from..from + n)
+        .map(|i| {
+            pick(
+                &format!("{site}-{i:06}"),
+                &format!("{site}-SO-{}", i % ORDERS_PER_SITE),
+            )
+        })
+        .collect();
+    let ids = events
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect();
+    let response = agent.post_events(&Value::Array(events), None);
+    assert_eq!(response.status().as_u16(), 202);
+    ids
+}
+
+fn backlog(agent: &AgentProcess) -> u64 {
+    agent.status()["backlog"]["events"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+/// Every id has exactly one effect in the ERP, and each order's events took effect in the
+/// order they were posted (the ids number them).
+fn assert_exactly_once_in_order(erp: &ErpStandIn, wanted: &[String]) {
+    let effects = erp.effects();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut by_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for effect in &effects {
+        let id = effect["id"].as_str().unwrap_or_default().to_string();
+        *seen.entry(id.clone()).or_default() += 1;
+        let order = effect["order"].as_str().unwrap_or_default().to_string();
+        by_order.entry(order).or_default().push(id);
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "events with more than one effect: {twice:?}"
+    );
+    let wanted_set: HashSet<&String> = wanted.iter().collect();
+    let missing: Vec<_> = wanted.iter().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} events never reached the ERP: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(
+        effects.len(),
+        wanted_set.len(),
+        "effects of events nobody posted"
+    );
+    for (order, ids) in by_order {
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted, "order {order} took effect out of order");
+    }
+}
+
+fn outbox_rows(postgres: &Postgres) -> i64 {
+    postgres
+        .client()
+        .query_one("SELECT count(*) FROM backhaul.events", &[])
+        .expect("count the outbox")
+        .get(0)
+}
+
+#[test]
+fn a_relay_on_postgres_loses_nothing_through_its_sigkill_and_the_databases() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut postgres = Postgres::start();
+    let broker = Mosquitto::start();
+    let erp = ErpStandIn::start();
+    let mut relay = relay(
+        &dir.path().join("relay"),
+        broker.port(),
+        &postgres,
+        &erp,
+        false,
+    );
+    let agent = site_agent(broker.port(), "wh-a");
+
+    let mut wanted = post(&agent, "wh-a", 0, 300);
+    relay.kill9();
+    wanted.extend(post(&agent, "wh-a", 300, 300));
+    relay.restart();
+    wanted.extend(post(&agent, "wh-a", 600, 300));
+    postgres.kill9();
+    wanted.extend(post(&agent, "wh-a", 900, 300));
+    postgres.restart();
+    wanted.extend(post(&agent, "wh-a", 1200, 300));
+
+    let done = poll_until(Duration::from_secs(90), || {
+        (backlog(&agent) == 0 && erp.effects().len() >= wanted.len()).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "backlog {}, {} of {} in the ERP; relay:\n{}",
+        backlog(&agent),
+        erp.effects().len(),
+        wanted.len(),
+        relay.log_tail()
+    );
+    assert_exactly_once_in_order(&erp, &wanted);
+    let emptied = poll_until(Duration::from_secs(30), || {
+        (outbox_rows(&postgres) == 0).then_some(())
+    });
+    assert!(
+        emptied.is_some(),
+        "{} events left in the outbox",
+        outbox_rows(&postgres)
+    );
+    let status = relay.status();
+    assert!(
+        status["outbox_path"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("postgresql 127.0.0.1:"),
+        "{status}"
+    );
+}
+
+#[test]
+fn three_relays_share_one_outbox_through_kills_a_database_restart_and_a_cut_link() {
+    const SITES: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut postgres = Postgres::start();
+    let broker = Mosquitto::start();
+    let erp = ErpStandIn::start();
+    let mut relays: Vec<RelayProcess> = (0..3)
+        .map(|i| {
+            relay(
+                &dir.path().join(format!("relay-{i}")),
+                broker.port(),
+                &postgres,
+                &erp,
+                true,
+            )
+        })
+        .collect();
+    let proxy = TcpProxy::start(broker.addr());
+    let sites: Vec<(String, AgentProcess)> = (0..SITES)
+        .map(|i| {
+            let site = format!("wh-{i}");
+            // The last site reaches the broker through a link the test cuts.
+            let port = if i == SITES - 1 {
+                proxy.port()
+            } else {
+                broker.port()
+            };
+            let agent = site_agent(port, &site);
+            (site, agent)
+        })
+        .collect();
+
+    let mut wanted = Vec::new();
+    let mut next = 0;
+    let wave = |wanted: &mut Vec<String>, next: &mut usize| {
+        for (site, agent) in &sites {
+            wanted.extend(post(agent, site, *next, 100));
+        }
+        *next += 100;
+    };
+    for round in 0..6 {
+        wave(&mut wanted, &mut next);
+        let victim = round % relays.len();
+        relays[victim].kill9();
+        wave(&mut wanted, &mut next);
+        relays[victim].restart();
+        match round {
+            1 => proxy.cut(),
+            2 => {
+                postgres.kill9();
+                wave(&mut wanted, &mut next);
+                postgres.restart();
+            }
+            4 => proxy.restore(),
+            _ => {}
+        }
+    }
+    wave(&mut wanted, &mut next);
+
+    let done = poll_until(Duration::from_secs(120), || {
+        (sites.iter().all(|(_, agent)| backlog(agent) == 0) && erp.effects().len() >= wanted.len())
+            .then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "backlogs {:?}, {} of {} in the ERP",
+        sites.iter().map(|(_, a)| backlog(a)).collect::<Vec<_>>(),
+        erp.effects().len(),
+        wanted.len()
+    );
+    assert_exactly_once_in_order(&erp, &wanted);
+    let emptied = poll_until(Duration::from_secs(30), || {
+        (outbox_rows(&postgres) == 0).then_some(())
+    });
+    assert!(
+        emptied.is_some(),
+        "{} events left in the outbox",
+        outbox_rows(&postgres)
+    );
+    // Every relay answers for the whole fleet.
+    for relay in &relays {
+        let listed = poll_until(Duration::from_secs(10), || {
+            let sites = relay.sites();
+            (sites["sites"].as_array().map(Vec::len) == Some(SITES)).then_some(())
+        });
+        assert!(listed.is_some(), "{}", relay.sites());
+    }
+    let arrivals = erp.requests().len();
+    eprintln!(
+        "{} events, {} effects, {} requests to the ERP (repeats after kills are idempotent)",
+        wanted.len(),
+        erp.effects().len(),
+        arrivals
+    );
+}
+
+#[test]
+fn check_config_refuses_postgres_settings_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(backhaul_tests::example_config("relay.toml")).unwrap();
+    let check = |name: &str, text: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = run_binary(
+            "backhaul-relay",
+            &["check-config", "--config", &file.to_string_lossy()],
+        );
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = check(
+        "no-url.toml",
+        &shipped.replace("[outbox]\n", "[outbox]\nbackend = \"postgres\"\n"),
+    );
+    assert!(!ok);
+    assert!(stderr.contains("key `outbox.url`"), "{stderr}");
+    let (ok, stderr) = check(
+        "ledger-shared.toml",
+        &shipped
+            .replace(
+                "[outbox]\n",
+                "[outbox]\nbackend = \"postgres\"\nurl = \"postgresql://backhaul@db/backhaul\"\n",
+            )
+            .replace(
+                "# shared_group = \"backhaul-relays\"",
+                "shared_group = \"backhaul-relays\"",
+            ),
+    );
+    assert!(!ok);
+    assert!(stderr.contains("key `sink.ledger`"), "{stderr}");
+    assert!(
+        stderr.contains("each relay would write its own"),
+        "{stderr}"
+    );
+}
