@@ -79,6 +79,75 @@ impl Mosquitto {
         unreachable!("the last attempt panics or returns")
     }
 
+    /// A broker on a configuration of the test's own, written exactly as `config` makes it
+    /// from `ports` distinct free ports: nothing of [`Mosquitto::start`]'s is added (no
+    /// anonymous listener, no limits, no log settings). Returns once the broker takes TCP
+    /// connections on every one of them, with the ports; [`Mosquitto::port`] is the first.
+    /// The broker's output goes to [`Mosquitto::log`].
+    pub fn start_with_config_file(
+        ports: usize,
+        config: impl Fn(&[u16]) -> String,
+    ) -> (Mosquitto, Vec<u16>) {
+        assert!(ports >= 1, "a broker listens on at least one port");
+        let dir = tempfile::Builder::new()
+            .prefix("backhaul-mosquitto-test-")
+            .tempdir()
+            .expect("a temporary directory");
+        let mut broker = Mosquitto {
+            dir,
+            port: 0,
+            extra_config: String::new(),
+            child: None,
+        };
+        // Another test may take a port between free_port() and the broker's bind.
+        for attempt in 1..=3 {
+            let mut chosen: Vec<u16> = Vec::with_capacity(ports);
+            while chosen.len() < ports {
+                let port = free_port();
+                if !chosen.contains(&port) {
+                    chosen.push(port);
+                }
+            }
+            broker.port = chosen[0];
+            std::fs::write(broker.config_path(), config(&chosen)).expect("write mosquitto.conf");
+            let started = broker
+                .spawn_and_wait()
+                .and_then(|()| broker.wait_listening(&chosen[1..]));
+            match started {
+                Ok(()) => return (broker, chosen),
+                Err(_) if attempt < 3 => broker.kill9(),
+                Err(log) => panic!("mosquitto did not start:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt panics or returns")
+    }
+
+    /// Waits until the running broker takes TCP connections on each of `ports`.
+    fn wait_listening(&mut self, ports: &[u16]) -> Result<(), String> {
+        for &port in ports {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let up = poll_until(Duration::from_secs(20), || {
+                if !self.is_running() {
+                    return Some(Err("mosquitto exited".to_string()));
+                }
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                    .ok()
+                    .map(|_| Ok(()))
+            });
+            match up {
+                Some(Ok(())) => {}
+                Some(Err(exited)) => return Err(format!("{exited}; log:\n{}", self.log())),
+                None => {
+                    return Err(format!(
+                        "mosquitto never listened on {addr}; log:\n{}",
+                        self.log()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn host(&self) -> &'static str {
         "127.0.0.1"
     }
