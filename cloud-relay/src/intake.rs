@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
 use crate::metrics::{ReasonLabel, RelayMetrics};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Stored};
 
 /// Batches stored in one commit at most.
 const MAX_BATCHES_PER_COMMIT: usize = 64;
@@ -236,15 +236,21 @@ impl Intake {
             let results = match result {
                 Ok(results) => results,
                 Err(e) if e.is_transient() => {
-                    // Not acknowledged: the agents keep the batches and send them again.
-                    self.metrics
-                        .batches_refused
-                        .get_or_create(&ReasonLabel {
-                            reason: "outbox_unavailable",
+                    // Refused, so the agents keep the batches, say why, and send them again.
+                    tracing::warn!(error = %e, batches = batches.len(), "batches not stored: the outbox is unavailable; the agents keep them");
+                    batches
+                        .iter()
+                        .map(|batch| Stored {
+                            site: batch.site.clone(),
+                            epoch: batch.epoch,
+                            acked_through: batch.acked_through,
+                            stored: 0,
+                            duplicates: 0,
+                            refused: Some(BatchRefusal::OutboxUnavailable),
+                            stale_epoch: false,
+                            outcomes: Vec::new(),
                         })
-                        .inc_by(batches.len() as u64);
-                    tracing::warn!(error = %e, batches = batches.len(), "batches not stored and not acknowledged: the outbox is unavailable; the agents keep them");
-                    continue;
+                        .collect()
                 }
                 Err(e) => {
                     // Nothing is acknowledged; the agents keep the batches and re-send them
@@ -275,6 +281,14 @@ impl Intake {
                             .get_or_create(&ReasonLabel { reason: "gap" })
                             .inc();
                         tracing::info!(site = %batch.site, epoch = %batch.epoch, first = batch.first_seq, stored_through = result.acked_through, "batch starts past a gap; waiting for the agent to re-send in order");
+                    }
+                    Some(BatchRefusal::OutboxUnavailable) => {
+                        self.metrics
+                            .batches_refused
+                            .get_or_create(&ReasonLabel {
+                                reason: "outbox_unavailable",
+                            })
+                            .inc();
                     }
                     Some(BatchRefusal::OutboxFull) => {
                         self.metrics

@@ -129,7 +129,8 @@ pub struct MqttListener {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkStatus {
     /// "connecting", "up", "down", "stalled" (connected, but nothing acknowledged within the
-    /// ack timeout) or "relay full" (the relay refuses batches until its outbox has room).
+    /// ack timeout), "relay full" (the relay refuses batches until its outbox has room) or
+    /// "relay outbox down" (the relay refuses batches until its outbox database is back).
     pub state: String,
     /// Since when the link is in its current state (ms since the Unix epoch).
     pub since_ms: i64,

@@ -99,6 +99,10 @@ pub enum BatchRefusal {
     /// The outbox is at its disk cap (`outbox.max_bytes`) while the ERP catches up. The agent
     /// keeps the events and offers them again later.
     OutboxFull,
+    /// The outbox's database cannot be reached or cannot take writes (PostgreSQL down, its
+    /// disk full). The agent keeps the events and offers them again later. Agents older than
+    /// this answer cannot read it and show the link as stalled.
+    OutboxUnavailable,
 }
 
 /// What the ERP did with a site's events, published on the site's outcomes topic.

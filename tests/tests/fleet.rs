@@ -145,6 +145,24 @@ fn a_relay_on_postgres_loses_nothing_through_its_sigkill_and_the_databases() {
     wanted.extend(post(&agent, "wh-a", 600, 300));
     postgres.kill9();
     wanted.extend(post(&agent, "wh-a", 900, 300));
+    // The relay refuses what it cannot store, and the site says why.
+    let refused = poll_until(Duration::from_secs(30), || {
+        let link = &agent.status()["link"];
+        (link["state"] == "relay outbox down").then(|| link.clone())
+    });
+    assert!(refused.is_some(), "{}", agent.status());
+    assert!(
+        relay
+            .metrics()
+            .contains("backhaul_relay_batches_refused_total{reason=\"outbox_unavailable\"}"),
+        "{}",
+        relay.metrics()
+    );
+    assert!(
+        backlog(&agent) >= 300,
+        "the agent keeps what was refused: {}",
+        agent.status()
+    );
     postgres.restart();
     wanted.extend(post(&agent, "wh-a", 1200, 300));
 

@@ -14,7 +14,7 @@ use backhaul_events::Epoch;
 use backhaul_events::OutcomeFrame;
 use backhaul_events::config::Secret;
 use backhaul_events::frame::Outcome;
-use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame};
+use backhaul_events::frame::{AckFrame, BatchEntry, BatchFrame, BatchRefusal};
 use backhaul_events::service::Backoff;
 use backhaul_events::service::Heartbeat;
 use backhaul_events::signing::{SiteKeys, is_sealed};
@@ -42,11 +42,16 @@ const MAX_FRAME_BYTES: usize = 8 << 20;
 /// Requests (publishes, subscribes) the MQTT client queues for its event loop.
 const REQUEST_QUEUE: usize = 64;
 
+/// The link states in which the relay holds events back on purpose, so the link is not stalled.
+const RELAY_FULL: &str = "relay full";
+const RELAY_OUTBOX_DOWN: &str = "relay outbox down";
+
 /// What the status page says about the link to the broker and the relay.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LinkStatus {
     /// "connecting", "up", "down", "stalled" (connected, but nothing acknowledged within the
-    /// ack timeout) or "relay full" (the relay refuses batches until its outbox has room).
+    /// ack timeout), "relay full" (the relay refuses batches until its outbox has room) or
+    /// "relay outbox down" (the relay refuses batches until its outbox database is back).
     pub state: &'static str,
     /// Since when the link is in its current state (ms since the Unix epoch).
     pub since_ms: i64,
@@ -375,12 +380,23 @@ impl Forwarder {
         }
         let answer = window.acknowledged(ack.acked_through, ack.refused, Instant::now());
         if answer.relay_full {
+            let (state, why) = if ack.refused == Some(BatchRefusal::OutboxUnavailable) {
+                (
+                    RELAY_OUTBOX_DOWN,
+                    "the relay's outbox database is unavailable: events wait here and are offered again",
+                )
+            } else {
+                (
+                    RELAY_FULL,
+                    "the relay's outbox is full (outbox.max_bytes) while the ERP catches up: events wait here and are offered again",
+                )
+            };
             self.set_status(|s| {
-                if s.state != "relay full" {
-                    s.state = "relay full";
+                if s.state != state {
+                    s.state = state;
                     s.since_ms = now_ms();
                 }
-                s.last_error = Some("the relay's outbox is full (outbox.max_bytes) while the ERP catches up: events wait here and are offered again".into());
+                s.last_error = Some(why.into());
             });
         }
         let Some(through) = answer.delete_through else {
@@ -403,7 +419,8 @@ impl Forwarder {
                 self.metrics.last_ack_ms.set(now_ms());
                 let (batches, in_flight) = (window.batches_in_flight(), window.events_in_flight());
                 self.set_status(|s| {
-                    if s.state == "stalled" || s.state == "relay full" {
+                    if s.state == "stalled" || s.state == RELAY_FULL || s.state == RELAY_OUTBOX_DOWN
+                    {
                         s.state = "up";
                         s.since_ms = now_ms();
                     }

@@ -42,7 +42,8 @@ struct InFlight {
 pub struct AckAnswer {
     /// Delete the log through this number (then call [`Window::deleted_through`]).
     pub delete_through: Option<u64>,
-    /// The relay refused the batch because its outbox is full.
+    /// The relay refused the batch because its outbox is full or its database unavailable:
+    /// it holds back, and is not stalled.
     pub relay_full: bool,
 }
 
@@ -173,7 +174,7 @@ impl Window {
             }
             // Back-pressure: the events stay here and go again after the ack timeout, by when
             // deliveries may have made room.
-            Some(BatchRefusal::OutboxFull) => {
+            Some(BatchRefusal::OutboxFull | BatchRefusal::OutboxUnavailable) => {
                 self.full_refused_at = Some(now);
                 relay_full = true;
             }
