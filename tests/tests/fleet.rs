@@ -14,6 +14,7 @@ use backhaul_tests::postgres::Postgres;
 use backhaul_tests::proxy::TcpProxy;
 use backhaul_tests::relay::RelayProcess;
 use backhaul_tests::{poll_until, run_binary};
+use rand::RngExt;
 use serde_json::Value;
 
 const ORDERS_PER_SITE: usize = 5;
@@ -196,9 +197,12 @@ fn a_relay_on_postgres_loses_nothing_through_its_sigkill_and_the_databases() {
     );
 }
 
+/// Fifty real agents (the real uplink, its signing, log and acknowledgement rules, rather than
+/// a simulation of them) into three relays on one PostgreSQL.
 #[test]
 fn three_relays_share_one_outbox_through_kills_a_database_restart_and_a_cut_link() {
-    const SITES: usize = 4;
+    const SITES: usize = 50;
+    const PER_WAVE: usize = 10;
     let dir = tempfile::tempdir().unwrap();
     let mut postgres = Postgres::start();
     let broker = Mosquitto::start();
@@ -217,7 +221,7 @@ fn three_relays_share_one_outbox_through_kills_a_database_restart_and_a_cut_link
     let proxy = TcpProxy::start(broker.addr());
     let sites: Vec<(String, AgentProcess)> = (0..SITES)
         .map(|i| {
-            let site = format!("wh-{i}");
+            let site = format!("wh-{i:02}");
             // The last site reaches the broker through a link the test cuts.
             let port = if i == SITES - 1 {
                 proxy.port()
@@ -233,36 +237,39 @@ fn three_relays_share_one_outbox_through_kills_a_database_restart_and_a_cut_link
     let mut next = 0;
     let wave = |wanted: &mut Vec<String>, next: &mut usize| {
         for (site, agent) in &sites {
-            wanted.extend(post(agent, site, *next, 100));
+            wanted.extend(post(agent, site, *next, PER_WAVE));
         }
-        *next += 100;
+        *next += PER_WAVE;
     };
-    for round in 0..6 {
+    let mut rng = rand::rng();
+    let mut killed = Vec::new();
+    for round in 0..10 {
         wave(&mut wanted, &mut next);
-        let victim = round % relays.len();
+        let victim = rng.random_range(0..relays.len());
+        killed.push(victim);
         relays[victim].kill9();
         wave(&mut wanted, &mut next);
         relays[victim].restart();
         match round {
-            1 => proxy.cut(),
-            2 => {
+            2 => proxy.cut(),
+            4 => {
                 postgres.kill9();
                 wave(&mut wanted, &mut next);
                 postgres.restart();
             }
-            4 => proxy.restore(),
+            7 => proxy.restore(),
             _ => {}
         }
     }
     wave(&mut wanted, &mut next);
 
-    let done = poll_until(Duration::from_secs(120), || {
+    let done = poll_until(Duration::from_secs(180), || {
         (sites.iter().all(|(_, agent)| backlog(agent) == 0) && erp.effects().len() >= wanted.len())
             .then_some(())
     });
     assert!(
         done.is_some(),
-        "backlogs {:?}, {} of {} in the ERP",
+        "relays killed {killed:?}; backlogs {:?}, {} of {} in the ERP",
         sites.iter().map(|(_, a)| backlog(a)).collect::<Vec<_>>(),
         erp.effects().len(),
         wanted.len()
@@ -284,12 +291,12 @@ fn three_relays_share_one_outbox_through_kills_a_database_restart_and_a_cut_link
         });
         assert!(listed.is_some(), "{}", relay.sites());
     }
-    let arrivals = erp.requests().len();
     eprintln!(
-        "{} events, {} effects, {} requests to the ERP (repeats after kills are idempotent)",
+        "relays killed {killed:?}: {} events, {} effects, {} requests to the ERP (repeats after \
+         kills are idempotent)",
         wanted.len(),
         erp.effects().len(),
-        arrivals
+        erp.requests().len()
     );
 }
 
