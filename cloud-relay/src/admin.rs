@@ -89,6 +89,7 @@ fn site_summary(record: SiteRecord) -> SiteSummary {
         events_duplicate,
         events_delivered,
         events_dead_lettered,
+        events_discarded,
         // The numbering of refusals is the outbox's bookkeeping, not the operator's.
         refusals_numbered: _,
         refusals_unacknowledged,
@@ -102,6 +103,7 @@ fn site_summary(record: SiteRecord) -> SiteSummary {
         events_duplicate,
         events_delivered,
         events_dead_lettered,
+        events_discarded,
         refusals_unacknowledged,
         outbox_depth,
     }

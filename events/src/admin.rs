@@ -256,6 +256,9 @@ pub struct SiteSummary {
     pub events_delivered: u64,
     /// The site's events in the dead-letter queue.
     pub events_dead_lettered: u64,
+    /// Dead letters an operator discarded for good.
+    #[serde(default)]
+    pub events_discarded: u64,
     /// ERP refusals kept until the site's agent acknowledges them.
     pub refusals_unacknowledged: u64,
     /// The site's events waiting for delivery.

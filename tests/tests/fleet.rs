@@ -300,6 +300,92 @@ fn three_relays_share_one_outbox_through_kills_a_database_restart_and_a_cut_link
     );
 }
 
+/// Dead letters, replay, discard, status and the sites table work the same on PostgreSQL,
+/// from any relay: one relay dead-letters, the other lists, replays and discards.
+#[test]
+fn dead_letters_are_seen_and_handled_from_any_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = Postgres::start();
+    let broker = Mosquitto::start();
+    let erp = ErpStandIn::start();
+    erp.refuse_sku("SKU-BAD");
+    let first = relay(
+        &dir.path().join("first"),
+        broker.port(),
+        &postgres,
+        &erp,
+        true,
+    );
+    let second = relay(
+        &dir.path().join("second"),
+        broker.port(),
+        &postgres,
+        &erp,
+        true,
+    );
+    let agent = site_agent(broker.port(), "wh-dlq");
+    let events: Vec<Value> = (0..9)
+        .map(|i| {
+            let sku = if i % 3 == 1 { "SKU-BAD" } else { "SKU-OK" };
+            serde_json::json!({"v": 1, "id": format!("dlq-{i}"), "type": "receive",
+                "ts": "2026-11-22T10:15:00Z", "sku": sku, "qty": 1, "location": format!("L-{i}")})
+        })
+        .collect();
+    let response = agent.post_events(&Value::Array(events), None);
+    assert_eq!(response.status().as_u16(), 202);
+
+    let dead_letters = |relay: &RelayProcess| -> Option<Value> {
+        serde_json::from_str(&relay.cli(&["dlq", "list", "--json"])).ok()
+    };
+    for relay in [&first, &second] {
+        let listed = poll_until(Duration::from_secs(30), || {
+            dead_letters(relay).filter(|list| list["total"] == 3)
+        });
+        assert!(listed.is_some(), "{:?}", dead_letters(relay));
+        let sites = poll_until(Duration::from_secs(10), || {
+            let sites = relay.sites();
+            (sites["sites"][0]["events_dead_lettered"] == 3).then_some(sites)
+        });
+        assert!(sites.is_some(), "{}", relay.sites());
+    }
+    assert_eq!(erp.effects().len(), 6, "the good events are not held back");
+    let listed = dead_letters(&second).unwrap();
+    let ids: Vec<String> = listed["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].to_string())
+        .collect();
+    let shown = first.cli(&["dlq", "show", &ids[0]]);
+    assert!(shown.contains("unknown product SKU-BAD"), "{shown}");
+
+    // One is discarded through the first relay, the rest replayed through the second.
+    erp.accept_sku("SKU-BAD");
+    let discarded = first.cli(&["dlq", "discard", &ids[2]]);
+    assert!(discarded.contains('1'), "{discarded}");
+    let replayed = second.cli(&["dlq", "replay", "--all"]);
+    assert!(replayed.contains("2 dead letters sent back"), "{replayed}");
+    let effects = poll_until(Duration::from_secs(30), || {
+        (erp.effects().len() == 8).then(|| erp.effects())
+    });
+    assert!(effects.is_some(), "{:?}", erp.effects());
+    for relay in [&first, &second] {
+        let emptied = poll_until(Duration::from_secs(10), || {
+            dead_letters(relay).filter(|list| list["total"] == 0)
+        });
+        assert!(emptied.is_some(), "{:?}", dead_letters(relay));
+        // A discarded dead letter has left the outbox too.
+        let empty = poll_until(Duration::from_secs(10), || {
+            (relay.status()["outbox_depth"] == 0).then_some(())
+        });
+        assert!(empty.is_some(), "{}", relay.status());
+        let site = &relay.sites()["sites"][0];
+        assert_eq!(site["events_discarded"], 1, "{site}");
+        assert_eq!(site["events_delivered"], 8, "{site}");
+    }
+    assert_eq!(outbox_rows(&postgres), 0);
+}
+
 #[test]
 fn check_config_refuses_postgres_settings_that_cannot_work() {
     let dir = tempfile::tempdir().unwrap();

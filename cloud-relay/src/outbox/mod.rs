@@ -149,6 +149,9 @@ pub struct SiteRecord {
     pub events_delivered: u64,
     #[serde(default)]
     pub events_dead_lettered: u64,
+    /// Dead letters discarded for good: they left the outbox without being delivered.
+    #[serde(default)]
+    pub events_discarded: u64,
     /// The number of the site's latest refusal.
     #[serde(default)]
     pub refusals_numbered: u64,
@@ -162,6 +165,7 @@ impl SiteRecord {
         self.events_stored
             .saturating_sub(self.events_delivered)
             .saturating_sub(self.events_dead_lettered)
+            .saturating_sub(self.events_discarded)
     }
 }
 

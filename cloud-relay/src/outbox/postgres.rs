@@ -38,6 +38,7 @@ CREATE TABLE backhaul.sites (
     events_duplicate bigint NOT NULL DEFAULT 0,
     events_delivered bigint NOT NULL DEFAULT 0,
     events_dead_lettered bigint NOT NULL DEFAULT 0,
+    events_discarded bigint NOT NULL DEFAULT 0,
     refusals_numbered bigint NOT NULL DEFAULT 0,
     refusals_unacknowledged bigint NOT NULL DEFAULT 0,
     held_bytes bigint NOT NULL DEFAULT 0
@@ -335,7 +336,7 @@ impl PgOutbox {
             .query(
                 "SELECT site, epoch, highest_seq, last_seen_ms, events_stored, events_duplicate,
                         events_delivered, events_dead_lettered, refusals_numbered,
-                        refusals_unacknowledged, held_bytes
+                        refusals_unacknowledged, held_bytes, events_discarded
                  FROM backhaul.sites ORDER BY site",
                 &[],
             )
@@ -353,6 +354,7 @@ impl PgOutbox {
                 events_dead_lettered: count(row.get(7)),
                 refusals_numbered: count(row.get(8)),
                 refusals_unacknowledged: count(row.get(9)),
+                events_discarded: count(row.get(11)),
             })
             .collect();
         let snapshot = Snapshot {
@@ -526,6 +528,7 @@ impl PgOutbox {
                     events_duplicate = events_duplicate + $7,
                     events_delivered = events_delivered + $8,
                     events_dead_lettered = events_dead_lettered + $9,
+                    events_discarded = events_discarded + $13,
                     refusals_numbered = refusals_numbered + $10,
                     refusals_unacknowledged = refusals_unacknowledged + $11,
                     held_bytes = GREATEST(held_bytes + $12, 0)
@@ -543,6 +546,7 @@ impl PgOutbox {
                     &row.refusals_numbered,
                     &row.refusals_unacknowledged,
                     &row.held_bytes,
+                    &row.discarded,
                 ],
             )?;
         }
@@ -660,6 +664,7 @@ struct SiteRow {
     duplicates: i64,
     delivered: i64,
     dead_lettered: i64,
+    discarded: i64,
     refusals_numbered: i64,
     refusals_unacknowledged: i64,
     held_bytes: i64,
@@ -798,6 +803,9 @@ impl PgOutbox {
                 if let Some(site) = sites.get_mut(&row.get::<_, String>(0)) {
                     site.held_bytes -= i64::from(row.get::<_, i32>(1));
                     site.dead_lettered -= 1;
+                    if !requeue {
+                        site.discarded += 1;
+                    }
                 }
             }
             if requeue {

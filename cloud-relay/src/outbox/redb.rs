@@ -905,6 +905,9 @@ impl RedbOutbox {
                 };
                 if let Some(record) = sites.get_mut(&letter.event.site) {
                     record.events_dead_lettered = record.events_dead_lettered.saturating_sub(1);
+                    if !requeue {
+                        record.events_discarded += 1;
+                    }
                 }
                 if requeue {
                     let id_key = site_key(&letter.event.site, letter.event.event.id.as_bytes());

@@ -155,6 +155,8 @@ mod master_data;
 mod rpc;
 
 pub use config::{TrytonConfig, TrytonLocation};
+/// How one answer of Tryton's JSON-RPC is sorted; public for the `tryton_rpc` fuzz target.
+pub use rpc::{Answer, RpcError, read_answer};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex as StdMutex};

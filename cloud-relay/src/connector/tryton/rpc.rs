@@ -28,7 +28,7 @@ const MAX_WARNINGS_PER_CALL: usize = 8;
 
 /// What went wrong with one JSON-RPC call.
 #[derive(Debug, Clone)]
-pub(super) enum RpcError {
+pub enum RpcError {
     /// Worth retrying: busy, unreachable, timed out, rate limited, login refused.
     Transient {
         reason: String,
@@ -94,7 +94,8 @@ pub(super) struct Rpc {
 }
 
 /// One answer of the server, before retries.
-enum Answer {
+#[derive(Debug)]
+pub enum Answer {
     Result(Value),
     Unauthorized,
     Warning { name: String, message: String },
@@ -257,73 +258,99 @@ impl Rpc {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .map(str::to_owned);
         let text = match response.text().await {
             Ok(text) => text,
             Err(e) => return Answer::Failed(transport_error(method, &e)),
         };
-        match status {
-            StatusCode::OK => {}
-            StatusCode::UNAUTHORIZED => return Answer::Unauthorized,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-                return Answer::Failed(RpcError::Throttled {
-                    reason: format!(
-                        "Tryton is asking for fewer requests (HTTP {}) to {method}",
-                        status.as_u16()
-                    ),
-                    retry_after,
-                });
-            }
-            StatusCode::NOT_FOUND => {
-                return Answer::Failed(RpcError::Transient {
-                    reason: format!(
-                        "Tryton answered 404 at {}: is sink.tryton.database a database the \
-                         server was started with?",
-                        self.endpoint
-                    ),
-                    retry_after: Some(SETUP_RETRY),
-                });
-            }
-            s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
-                return Answer::Failed(RpcError::Transient {
-                    reason: format!(
-                        "Tryton answered HTTP {} to {method}: {}",
-                        s.as_u16(),
-                        html_text(&text)
-                    ),
-                    retry_after,
-                });
-            }
-            s => {
-                return Answer::Failed(RpcError::Request(format!(
-                    "HTTP {} to {method}: {}",
+        read_answer(
+            method,
+            status.as_u16(),
+            retry_after.as_deref(),
+            &text,
+            self.endpoint.as_str(),
+        )
+    }
+}
+
+/// Sorts one HTTP answer of Tryton's JSON-RPC: its status, `Retry-After` header and body
+/// (sent to `endpoint`, for `method`). Takes bytes from the network, so it never panics and
+/// keeps the reasons it quotes short. Public for the `tryton_rpc` fuzz target.
+pub fn read_answer(
+    method: &str,
+    status: u16,
+    retry_after: Option<&str>,
+    text: &str,
+    endpoint: &str,
+) -> Answer {
+    let retry_after = retry_after
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let Ok(status) = StatusCode::from_u16(status) else {
+        return Answer::Failed(RpcError::Request(format!(
+            "HTTP {status} to {method}: {}",
+            html_text(text)
+        )));
+    };
+    match status {
+        StatusCode::OK => {}
+        StatusCode::UNAUTHORIZED => return Answer::Unauthorized,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            return Answer::Failed(RpcError::Throttled {
+                reason: format!(
+                    "Tryton is asking for fewer requests (HTTP {}) to {method}",
+                    status.as_u16()
+                ),
+                retry_after,
+            });
+        }
+        StatusCode::NOT_FOUND => {
+            return Answer::Failed(RpcError::Transient {
+                reason: format!(
+                    "Tryton answered 404 at {endpoint}: is sink.tryton.database a database the \
+                     server was started with?"
+                ),
+                retry_after: Some(SETUP_RETRY),
+            });
+        }
+        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
+            return Answer::Failed(RpcError::Transient {
+                reason: format!(
+                    "Tryton answered HTTP {} to {method}: {}",
                     s.as_u16(),
-                    html_text(&text)
-                )));
-            }
+                    html_text(text)
+                ),
+                retry_after,
+            });
         }
-        let answer: Value = match serde_json::from_str(&text) {
-            Ok(answer) => answer,
-            Err(e) => {
-                return Answer::Failed(RpcError::Transient {
-                    reason: format!(
-                        "Tryton's answer to {method} is not JSON ({e}): {}",
-                        truncate(&text)
-                    ),
-                    retry_after: None,
-                });
-            }
-        };
-        match answer.get("error") {
-            None | Some(Value::Null) => match answer.get("result") {
-                Some(result) => Answer::Result(result.clone()),
-                None => Answer::Failed(RpcError::Request(format!(
-                    "Tryton's answer to {method} has neither result nor error"
-                ))),
-            },
-            Some(error) => classify_error(method, error),
+        s => {
+            return Answer::Failed(RpcError::Request(format!(
+                "HTTP {} to {method}: {}",
+                s.as_u16(),
+                html_text(text)
+            )));
         }
+    }
+    let answer: Value = match serde_json::from_str(text) {
+        Ok(answer) => answer,
+        Err(e) => {
+            return Answer::Failed(RpcError::Transient {
+                reason: format!(
+                    "Tryton's answer to {method} is not JSON ({e}): {}",
+                    truncate(text)
+                ),
+                retry_after: None,
+            });
+        }
+    };
+    match answer.get("error") {
+        None | Some(Value::Null) => match answer.get("result") {
+            Some(result) => Answer::Result(result.clone()),
+            None => Answer::Failed(RpcError::Request(format!(
+                "Tryton's answer to {method} has neither result nor error"
+            ))),
+        },
+        Some(error) => classify_error(method, error),
     }
 }
 
