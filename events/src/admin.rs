@@ -411,7 +411,8 @@ mod tests {
         round_trip::<SitesAnswer>(json!({"sites": [{
             "site": "east", "epoch": "0123456789abcdef0123456789abcdef", "highest_seq": 10,
             "last_seen_ms": 5, "events_stored": 10, "events_duplicate": 0,
-            "events_delivered": 8, "events_dead_lettered": 2, "refusals_unacknowledged": 1,
+            "events_delivered": 8, "events_dead_lettered": 2, "events_discarded": 0,
+            "refusals_unacknowledged": 1,
             "outbox_depth": 0,
         }]}));
         round_trip::<DeadLettersAnswer>(json!({"total": 1, "dead_letters": [{
