@@ -114,6 +114,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         })?;
     tracing::info!(listen = %config.admin.listen, "relay admin listening");
     let admin_stop = stop.clone();
+    let releasing = outbox.clone();
     let app = router(
         AdminState {
             outbox,
@@ -144,6 +145,10 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     }
     if !tasks.drain(STOP_TIMEOUT).await {
         tracing::warn!("stopped before every task finished");
+    }
+    // Keys this relay held go to the other relays now rather than when their leases run out.
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || releasing.release()).await {
+        tracing::warn!(error = %e, "the keys this relay held could not be handed back; they pass to other relays when their leases run out");
     }
     tracing::info!("relay stopped");
     Ok(())

@@ -135,6 +135,12 @@ impl RelayProcess {
         }
     }
 
+    /// SIGTERM, and the exit status once the process is gone (`None` if it did not stop).
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        child.terminate(Duration::from_secs(30))
+    }
+
     pub fn ledger_path(&self) -> PathBuf {
         self.dir.join("ledger.jsonl")
     }

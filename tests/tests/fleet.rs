@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use backhaul_tests::agent::{AgentOptions, AgentProcess};
-use backhaul_tests::erp_standin::ErpStandIn;
+use backhaul_tests::erp_standin::{ErpStandIn, Mode};
 use backhaul_tests::events::pick;
 use backhaul_tests::mosquitto::Mosquitto;
 use backhaul_tests::postgres::Postgres;
@@ -384,6 +384,32 @@ fn dead_letters_are_seen_and_handled_from_any_relay() {
         assert_eq!(site["events_delivered"], 8, "{site}");
     }
     assert_eq!(outbox_rows(&postgres), 0);
+
+    // Relays that stop cleanly hand back the keys they hold: with the ERP failing, a key
+    // stays held while it is retried, until both relays stop.
+    erp.set_mode(Mode::Fail);
+    let response = agent.post_events(&Value::Array(vec![pick("dlq-held", "SO-HELD")]), None);
+    assert_eq!(response.status().as_u16(), 202);
+    let held = || -> i64 {
+        postgres
+            .client()
+            .query_one(
+                "SELECT count(*) FROM backhaul.queues WHERE lease_owner IS NOT NULL",
+                &[],
+            )
+            .map(|row| row.get(0))
+            .unwrap_or(-1)
+    };
+    assert!(
+        poll_until(Duration::from_secs(30), || (held() >= 1).then_some(())).is_some(),
+        "no relay took the key"
+    );
+    let (mut first, mut second) = (first, second);
+    for relay in [&mut first, &mut second] {
+        let status = relay.terminate().expect("the relay stops on SIGTERM");
+        assert!(status.success(), "{status}");
+    }
+    assert_eq!(held(), 0, "keys still held by stopped relays");
 }
 
 #[test]

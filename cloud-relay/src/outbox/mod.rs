@@ -108,6 +108,11 @@ pub trait Outbox: Send + Sync {
     fn frontier_blocked(&self) -> bool {
         false
     }
+
+    /// Hands back what this relay holds for delivery, at a clean stop.
+    fn release(&self) -> Result<(), OutboxError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1126,4 +1126,15 @@ impl Outbox for PgOutbox {
             .map(|p| p.sites.iter().map(|s| s.events_dead_lettered).sum())
             .unwrap_or(0)
     }
+
+    fn release(&self) -> Result<(), OutboxError> {
+        self.transaction(|txn| {
+            txn.execute(
+                "UPDATE backhaul.queues SET lease_owner = NULL, lease_until = NULL
+                 WHERE lease_owner = $1",
+                &[&self.relay_id],
+            )?;
+            Ok(())
+        })
+    }
 }
