@@ -124,6 +124,17 @@ fn outbox_rows(postgres: &Postgres) -> i64 {
         .get(0)
 }
 
+fn assert_outbox_empties(postgres: &Postgres) {
+    let emptied = poll_until(Duration::from_secs(30), || {
+        (outbox_rows(postgres) == 0).then_some(())
+    });
+    assert!(
+        emptied.is_some(),
+        "{} events left in the outbox",
+        outbox_rows(postgres)
+    );
+}
+
 #[test]
 fn a_relay_on_postgres_loses_nothing_through_its_sigkill_and_the_databases() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,14 +190,7 @@ fn a_relay_on_postgres_loses_nothing_through_its_sigkill_and_the_databases() {
         relay.log_tail()
     );
     assert_exactly_once_in_order(&erp, &wanted);
-    let emptied = poll_until(Duration::from_secs(30), || {
-        (outbox_rows(&postgres) == 0).then_some(())
-    });
-    assert!(
-        emptied.is_some(),
-        "{} events left in the outbox",
-        outbox_rows(&postgres)
-    );
+    assert_outbox_empties(&postgres);
     let status = relay.status();
     assert!(
         status["outbox_path"]
@@ -275,14 +279,7 @@ fn three_relays_share_one_outbox_through_kills_a_database_restart_and_a_cut_link
         wanted.len()
     );
     assert_exactly_once_in_order(&erp, &wanted);
-    let emptied = poll_until(Duration::from_secs(30), || {
-        (outbox_rows(&postgres) == 0).then_some(())
-    });
-    assert!(
-        emptied.is_some(),
-        "{} events left in the outbox",
-        outbox_rows(&postgres)
-    );
+    assert_outbox_empties(&postgres);
     // Every relay answers for the whole fleet.
     for relay in &relays {
         let listed = poll_until(Duration::from_secs(10), || {
@@ -430,7 +427,7 @@ fn check_config_refuses_postgres_settings_that_cannot_work() {
     };
     let (ok, stderr) = check(
         "no-url.toml",
-        &shipped.replace("[outbox]\n", "[outbox]\nbackend = \"postgres\"\n"),
+        &shipped.replace("backend = \"redb\"", "backend = \"postgres\""),
     );
     assert!(!ok);
     assert!(stderr.contains("key `outbox.url`"), "{stderr}");
@@ -438,8 +435,8 @@ fn check_config_refuses_postgres_settings_that_cannot_work() {
         "ledger-shared.toml",
         &shipped
             .replace(
-                "[outbox]\n",
-                "[outbox]\nbackend = \"postgres\"\nurl = \"postgresql://backhaul@db/backhaul\"\n",
+                "backend = \"redb\"",
+                "backend = \"postgres\"\nurl = \"postgresql://backhaul@db/backhaul\"",
             )
             .replace(
                 "# shared_group = \"backhaul-relays\"",

@@ -63,6 +63,15 @@ fn no_secret_appears_in_logs_check_config_metrics_or_errors() {
                     .unwrap(),
             ),
             ("broker.username", "relay".into()),
+            // The embedded broker takes only its logins: the site's is one of them.
+            (
+                "broker.users",
+                format!(
+                    "[{{ username = \"wh-s\", password = {{ value = \"{BROKER_PASSWORD}\" }} }}]"
+                )
+                .parse()
+                .unwrap(),
+            ),
             ("broker.password", value(BROKER_PASSWORD)),
             ("delivery.retry_min_ms", 100.into()),
         ],

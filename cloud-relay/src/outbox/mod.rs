@@ -193,6 +193,64 @@ pub struct Stored {
     pub outcomes: Vec<EventOutcome>,
 }
 
+/// How a batch stands against what the outbox holds of its site: the rules every backend
+/// applies before it stores a batch's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Of an epoch the site has moved on from: nothing is stored or acknowledged.
+    StaleEpoch,
+    /// Not now: the agent keeps the batch and sends it again.
+    Refused(BatchRefusal),
+    /// To be stored: the site's epoch is durable through `from`, and the batch continues it.
+    Take { from: u64 },
+}
+
+/// Decides a batch of a site whose latest epoch is `site_epoch`, when the outbox holds that
+/// batch's epoch through `known` (`None`: an epoch never seen).
+pub(crate) fn admit(
+    batch: &BatchFrame,
+    known: Option<u64>,
+    site_epoch: &str,
+    full: bool,
+) -> Admission {
+    // An epoch is a log's life: once a site's agent starts a new one, it never writes in an
+    // older one again. A batch of an epoch stored before but no longer the site's is a
+    // replay (a signature is valid forever) or a second agent with this site's name.
+    if known.is_some() && !site_epoch.is_empty() && site_epoch != batch.epoch.to_string() {
+        return Admission::StaleEpoch;
+    }
+    // A batch must continue without a gap from what is durable: an acknowledgement promises
+    // everything up to its number. Durable is what this outbox holds, or what the agent says
+    // was acknowledged (by an outbox since moved aside or restored from a backup, or by
+    // another relay): the agent has deleted that, so nothing can come before it. A batch that
+    // starts further on follows batches that never arrived here, and waits for the re-send.
+    let from = known.unwrap_or(0).max(batch.acked_through);
+    if batch.first_seq > from + 1 {
+        return Admission::Refused(BatchRefusal::Gap);
+    }
+    // Full: nothing new goes in, but a re-sent batch already stored is still acknowledged.
+    if full && batch.last_seq > known.unwrap_or(0) {
+        return Admission::Refused(BatchRefusal::OutboxFull);
+    }
+    Admission::Take { from }
+}
+
+impl Stored {
+    /// A batch's result before anything of it is stored: it acknowledges what was durable.
+    pub(crate) fn before(batch: &BatchFrame, known: Option<u64>) -> Stored {
+        Stored {
+            site: batch.site.clone(),
+            epoch: batch.epoch,
+            acked_through: known.unwrap_or(0),
+            stored: 0,
+            duplicates: 0,
+            refused: None,
+            stale_epoch: false,
+            outcomes: Vec::new(),
+        }
+    }
+}
+
 /// A dead letter: the event, the ERP's reason, and when it happened.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetter {

@@ -18,12 +18,13 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
-use backhaul_events::{BatchFrame, BatchRefusal, EventOutcome, Outcome, Refusal, StampedEvent};
+use backhaul_events::{BatchFrame, EventOutcome, Outcome, Refusal, StampedEvent};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 
 use super::{
-    DeadLetter, Head, Outbox, OutboxError, SiteRecord, Stored, decode_record, now_ms, queue_of,
+    Admission, DeadLetter, Head, Outbox, OutboxError, SiteRecord, Stored, admit, decode_record,
+    now_ms, queue_of,
 };
 use crate::connector::CommitToken;
 
@@ -409,33 +410,23 @@ impl PgOutbox {
                 &[&batch.site, &epoch],
             )?
             .map(|row| count(row.get(0)));
-        let mut result = Stored {
-            site: batch.site.clone(),
-            epoch: batch.epoch,
-            acked_through: known.unwrap_or(0),
-            stored: 0,
-            duplicates: 0,
-            refused: None,
-            stale_epoch: false,
-            outcomes: Vec::new(),
+        let mut result = Stored::before(batch, known);
+        let from = match admit(batch, known, &site.epoch, full) {
+            Admission::StaleEpoch => {
+                result.stale_epoch = true;
+                return Ok(result);
+            }
+            Admission::Refused(refusal) => {
+                site.seen = true;
+                site.epoch = epoch;
+                site.highest_seq = Some(known.unwrap_or(0));
+                result.refused = Some(refusal);
+                return Ok(result);
+            }
+            Admission::Take { from } => from,
         };
-        // As in the redb outbox: a known epoch that is no longer the site's is a replay.
-        if known.is_some() && !site.epoch.is_empty() && site.epoch != epoch {
-            result.stale_epoch = true;
-            return Ok(result);
-        }
         site.seen = true;
         site.epoch = epoch.clone();
-        let from = known.unwrap_or(0).max(batch.acked_through);
-        site.highest_seq = Some(known.unwrap_or(0));
-        if batch.first_seq > from + 1 {
-            result.refused = Some(BatchRefusal::Gap);
-            return Ok(result);
-        }
-        if full && batch.last_seq > known.unwrap_or(0) {
-            result.refused = Some(BatchRefusal::OutboxFull);
-            return Ok(result);
-        }
         let fresh: Vec<_> = batch
             .events
             .iter()

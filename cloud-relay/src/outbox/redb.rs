@@ -17,9 +17,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use backhaul_events::{
-    BatchFrame, BatchRefusal, Epoch, Event, EventOutcome, Outcome, Refusal, StampedEvent,
-};
+use backhaul_events::{BatchFrame, Epoch, Event, EventOutcome, Outcome, Refusal, StampedEvent};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -27,8 +25,8 @@ use redb::{
 use serde::Serialize;
 
 use super::{
-    DeadLetter, Head, Outbox, OutboxError, SiteRecord, Stored, decode_record, now_ms, queue_bytes,
-    queue_of, site_key,
+    Admission, DeadLetter, Head, Outbox, OutboxError, SiteRecord, Stored, admit, decode_record,
+    now_ms, queue_bytes, queue_of, site_key,
 };
 use crate::connector::CommitToken;
 
@@ -598,43 +596,23 @@ fn store_batch(
             site: batch.site.clone(),
             ..SiteRecord::default()
         });
-    let mut result = Stored {
-        site: batch.site.clone(),
-        epoch: batch.epoch,
-        acked_through: known.unwrap_or(0),
-        stored: 0,
-        duplicates: 0,
-        refused: None,
-        stale_epoch: false,
-        outcomes: Vec::new(),
+    let mut result = Stored::before(batch, known);
+    let from = match admit(batch, known, &record.epoch, full) {
+        Admission::StaleEpoch => {
+            result.stale_epoch = true;
+            return Ok(result);
+        }
+        Admission::Refused(refusal) => {
+            record.last_seen_ms = now_ms();
+            record.epoch = batch.epoch.to_string();
+            record.highest_seq = known.unwrap_or(0);
+            result.refused = Some(refusal);
+            return Ok(result);
+        }
+        Admission::Take { from } => from,
     };
-    // An epoch is a log's life: once a site's agent starts a new one, it never writes in an
-    // older one again. A batch of an epoch stored before but no longer the site's is a
-    // replay (a signature is valid forever) or a second agent with this site's name.
-    let epoch = batch.epoch.to_string();
-    if known.is_some() && !record.epoch.is_empty() && record.epoch != epoch {
-        result.stale_epoch = true;
-        return Ok(result);
-    }
     record.last_seen_ms = now_ms();
-    record.epoch = epoch;
-    // A batch must continue without a gap from what is durable: an acknowledgement promises
-    // everything up to its number. Durable is what this outbox holds, or what the agent says
-    // was acknowledged (by an outbox since moved aside or restored from a backup, or by
-    // another relay): the agent has deleted that, so nothing can come before it. A batch that
-    // starts further on follows batches that never arrived here, and waits for the re-send.
-    let from = known.unwrap_or(0).max(batch.acked_through);
-    if batch.first_seq > from + 1 {
-        result.refused = Some(BatchRefusal::Gap);
-        record.highest_seq = known.unwrap_or(0);
-        return Ok(result);
-    }
-    // Full: nothing new goes in, but a re-sent batch already stored is still acknowledged.
-    if full && batch.last_seq > known.unwrap_or(0) {
-        result.refused = Some(BatchRefusal::OutboxFull);
-        record.highest_seq = known.unwrap_or(0);
-        return Ok(result);
-    }
+    record.epoch = batch.epoch.to_string();
     if let Some(highest) = known
         && batch.acked_through > highest
     {
