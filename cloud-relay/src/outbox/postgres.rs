@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
-use backhaul_events::{BatchFrame, EventOutcome, Outcome, Refusal, StampedEvent};
+use backhaul_events::{BatchFrame, BatchRefusal, EventOutcome, Outcome, Refusal, StampedEvent};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 
@@ -72,6 +72,7 @@ CREATE TABLE backhaul.queues (
     lease_until timestamptz
 );
 CREATE INDEX queues_waiting ON backhaul.queues (queue) WHERE waiting > 0;
+CREATE INDEX queues_by_holder ON backhaul.queues (lease_owner) WHERE lease_owner IS NOT NULL;
 CREATE TABLE backhaul.dead_letters (
     id bigint PRIMARY KEY,
     site text NOT NULL,
@@ -94,6 +95,16 @@ const MIGRATION_LOCK: i64 = 0x6261_636b_6861_756c;
 const META_CONNECTOR_COMMIT: &str = "connector_commit";
 /// How often readers' snapshot of the sites is refreshed from the database.
 const REFRESH_EVERY: Duration = Duration::from_millis(500);
+/// How long a batch that starts past a gap waits for the batches before it, step by step,
+/// before it is refused (about a quarter of a second in all).
+const GAP_WAITS: [Duration; 6] = [
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(20),
+    Duration::from_millis(40),
+    Duration::from_millis(60),
+    Duration::from_millis(100),
+];
 /// Transactions aborted by a deadlock or serialisation failure are run again this often.
 const RETRIES: usize = 8;
 
@@ -839,17 +850,38 @@ impl Outbox for PgOutbox {
 
     fn store(&self, batches: &[BatchFrame]) -> Result<Vec<Stored>, OutboxError> {
         let full = self.held_bytes() >= self.max_bytes;
-        self.transaction(|txn| {
-            let names: BTreeSet<&str> = batches.iter().map(|b| b.site.as_str()).collect();
-            let mut sites = Self::lock_sites(txn, &names)?;
-            let mut results = Vec::with_capacity(batches.len());
-            for batch in batches {
-                let site = sites.entry(batch.site.clone()).or_default();
-                results.push(Self::store_batch(txn, batch, site, full)?);
+        let store = |batches: &[&BatchFrame]| {
+            self.transaction(|txn| {
+                let names: BTreeSet<&str> = batches.iter().map(|b| b.site.as_str()).collect();
+                let mut sites = Self::lock_sites(txn, &names)?;
+                let mut results = Vec::with_capacity(batches.len());
+                for batch in batches {
+                    let site = sites.entry(batch.site.clone()).or_default();
+                    results.push(Self::store_batch(txn, batch, site, full)?);
+                }
+                Self::write_sites(txn, &sites)?;
+                Ok(results)
+            })
+        };
+        let all: Vec<&BatchFrame> = batches.iter().collect();
+        let mut results = store(&all)?;
+        // A shared subscription hands a site's consecutive batches to different relays, so
+        // the batch before a gap is often being committed by another relay right now. Waiting
+        // for it a moment here costs little; refusing costs the agent a second and a re-send.
+        for wait in GAP_WAITS {
+            let gaps: Vec<usize> = (0..results.len())
+                .filter(|i| results[*i].refused == Some(BatchRefusal::Gap))
+                .collect();
+            if gaps.is_empty() {
+                break;
             }
-            Self::write_sites(txn, &sites)?;
-            Ok(results)
-        })
+            std::thread::sleep(wait);
+            let again: Vec<&BatchFrame> = gaps.iter().map(|i| &batches[*i]).collect();
+            for (i, result) in gaps.into_iter().zip(store(&again)?) {
+                results[i] = result;
+            }
+        }
+        Ok(results)
     }
 
     fn heads(&self, limit: usize, skip: &dyn Fn(&[u8]) -> bool) -> Result<Vec<Head>, OutboxError> {
