@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{cargo, drain, erp_bench, ingest, run, tryton, workspace_root};
+use crate::{cargo, drain, erp_bench, hostile, ingest, run, tryton, workspace_root};
 
 /// Every benchmark `cargo xtask bench` (= `all`) runs, in order.
 pub const BENCHES: &[&str] = &["ingest", "drain", "erp"];
+/// Benchmarks that run only when named: `hostile` measures the agent's defences against
+/// hostile clients, not its speed.
+pub const NAMED_ONLY: &[&str] = &["hostile"];
 
 /// Set in the environment of the release xtask a debug xtask hands the run to.
 const HANDED_OVER: &str = "BACKHAUL_BENCH_HANDED_OVER";
@@ -30,6 +33,10 @@ pub struct BenchOptions {
     pub drain_events: u64,
     pub protocol: Option<String>,
     pub erp_events: usize,
+    /// drain: the outboxes compared (`redb`, `postgres`).
+    pub outbox: Vec<String>,
+    /// drain: relay counts, one PostgreSQL drain each.
+    pub relays: Vec<usize>,
 }
 
 /// The cargo target directory: `$CARGO_TARGET_DIR` when set, else `<workspace>/target`.
@@ -52,11 +59,12 @@ pub fn target_dir() -> anyhow::Result<PathBuf> {
 pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     let selected: Vec<&str> = match options.which.as_str() {
         "all" => BENCHES.to_vec(),
-        name => match BENCHES.iter().find(|b| **b == name) {
+        name => match BENCHES.iter().chain(NAMED_ONLY).find(|b| **b == name) {
             Some(b) => vec![*b],
             None => bail!(
-                "no benchmark named {name:?}; there is: all, {}",
-                BENCHES.join(", ")
+                "no benchmark named {name:?}; there is: all ({}), {}",
+                BENCHES.join(", "),
+                NAMED_ONLY.join(", ")
             ),
         },
     };
@@ -65,6 +73,9 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     }
     if options.window == Some(0) {
         bail!("--window must be at least 1");
+    }
+    if selected.contains(&"drain") {
+        drain::check_options(&options)?;
     }
     if selected.contains(&"ingest") || selected.contains(&"drain") {
         ingest::find_mosquitto()?;
@@ -123,6 +134,7 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
                     "ingest" => ingest::run(&options, &release, &out_dir).await?,
                     "drain" => drain::run(&options, &release, &out_dir).await?,
                     "erp" => erp_bench::run(&options, &release, &out_dir).await?,
+                    "hostile" => hostile::run(&options, &release, &out_dir).await?,
                     other => bail!("benchmark {other:?} is listed but not wired up"),
                 }
             }

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own commands. `test` runs every check CI runs and installs what
-//! the tests need; `demo` runs the whole pipeline on one machine; `bench` measures.
+//! the tests need; `demo` runs the whole pipeline on one machine; `bench` measures; `fuzz` runs
+//! the fuzz targets.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -11,10 +12,13 @@ mod bench;
 mod demo;
 mod drain;
 mod erp_bench;
+mod fuzz;
+mod hostile;
 mod ingest;
 mod loadgen;
 mod openmetrics;
 mod package;
+mod pg;
 mod procs;
 mod tryton;
 
@@ -76,9 +80,29 @@ enum Task {
         /// erp: stock adjustments posted to Tryton by each client.
         #[arg(long, default_value_t = 1500)]
         erp_events: usize,
+        /// drain: outboxes to compare, such as redb,postgres. With postgres, every drain runs
+        /// through Mosquitto to relays delivering to a stand-in HTTP ERP.
+        #[arg(long, value_delimiter = ',', default_value = "redb", value_parser = ["redb", "postgres"])]
+        outbox: Vec<String>,
+        /// drain: relays sharing the PostgreSQL outbox, one drain per count, such as 1,3.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        relays: Vec<usize>,
     },
     /// Build the Debian packages of both services (needs dpkg-deb, not cargo-deb).
     Package(package::PackageArgs),
+    /// Run the fuzz targets under fuzz/ (needs the nightly toolchain; installs cargo-fuzz);
+    /// prints a table and writes target/fuzz/summary.json. Fails when a target crashed.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (repeatable): event_parse, mqtt_packets, frames, tryton_rpc, config.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// The cheap build `cargo xtask test` smokes with (unoptimized, no sanitizer).
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,6 +125,8 @@ fn main() -> ExitCode {
             drain_events,
             protocol,
             erp_events,
+            outbox,
+            relays,
         } => seconds_arg("--warmup", warmup).and_then(|warmup| {
             bench::bench(bench::BenchOptions {
                 which,
@@ -112,9 +138,25 @@ fn main() -> ExitCode {
                 drain_events,
                 protocol,
                 erp_events,
+                outbox,
+                relays,
             })
         }),
         Task::Package(args) => package::run(&workspace_root(), args),
+        Task::Fuzz {
+            seconds,
+            targets,
+            smoke,
+        } => fuzz::run(
+            &workspace_root(),
+            if smoke {
+                fuzz::Build::Smoke
+            } else {
+                fuzz::Build::Full
+            },
+            seconds.max(1),
+            &targets,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -214,6 +256,10 @@ fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
         cargo().args(["fmt", "--all", "--check"]),
     )?;
     run(
+        "cargo fmt --check (fuzz targets)",
+        cargo().args(["fmt", "--check", "--manifest-path", "fuzz/Cargo.toml"]),
+    )?;
+    run(
         "cargo clippy",
         cargo().args([
             "clippy",
@@ -240,14 +286,44 @@ fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
         "cargo build (binaries)",
         cargo().args(["build", "--workspace", "--bins"]),
     )?;
+    // Licences, forbidden crates and sources of the dependency tree (deny.toml); advisories
+    // need the internet and are checked elsewhere.
+    let deny = fuzz::ensure_cargo_tool(&workspace_root(), "cargo-deny", "deny")?;
+    let mut deny_check = cargo();
+    deny_check.args([
+        "deny",
+        "--locked",
+        "check",
+        "--hide-inclusion-graph",
+        "licenses",
+        "bans",
+        "sources",
+    ]);
+    fuzz::prepend_path(&mut deny_check, &deny);
+    run("cargo deny check licenses bans sources", &mut deny_check)?;
     let mut nextest = cargo();
     nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     if long {
         nextest.env("BACKHAUL_LONG_TESTS", "1");
     }
     nextest.args(nextest_args);
-    run("cargo nextest run", &mut nextest)
+    run("cargo nextest run", &mut nextest)?;
+    // A smoke of every fuzz target, on the cheap build (unoptimized, no sanitizer); the
+    // committed seeds, crashes of the past among them, run first. Skipped when only some
+    // tests were asked for.
+    if nextest_args.is_empty() {
+        fuzz::run(
+            &workspace_root(),
+            fuzz::Build::Smoke,
+            FUZZ_SMOKE_SECONDS,
+            &[],
+        )?;
+    }
+    Ok(())
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SMOKE_SECONDS: u64 = 3;
 
 fn seconds_arg(name: &str, seconds: f64) -> anyhow::Result<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(seconds)

@@ -149,12 +149,15 @@ pub fn connect_version(buf: &[u8], max: usize) -> Result<Option<Version>, CodecE
     if buf.first().is_some_and(|b| b >> 4 != 1) {
         return Err(CodecError::NotConnect);
     }
-    match m4::check(buf.iter(), max) {
-        Ok(_) => {}
+    let frame_length = match m4::check(buf.iter(), max) {
+        Ok(header) => header.frame_length(),
         Err(m4::Error::InsufficientBytes(_)) => return Ok(None),
         Err(m4::Error::PayloadSizeLimitExceeded(n)) => return Err(CodecError::TooLarge(n)),
         Err(e) => return Err(CodecError::Malformed(e.to_string())),
-    }
+    };
+    // Only the CONNECT's own bytes: what follows it is the next packet, and whether it has
+    // arrived yet must not change the answer.
+    let buf = buf.get(..frame_length).unwrap_or(buf);
     if buf.first().map(|b| b >> 4) != Some(1) {
         return Err(CodecError::NotConnect);
     }
@@ -187,6 +190,29 @@ fn qos5(q: m5::QoS) -> u8 {
 
 /// Reads one packet; `Ok(None)` when the buffer holds no complete packet yet.
 pub fn read(
+    version: Version,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<Incoming>, CodecError> {
+    let buffered = buf.len();
+    match read_packet(version, buf, max) {
+        // rumqttc takes a whole packet off the buffer before reading inside it: "more bytes
+        // needed" once bytes are gone means a field ran past the end of its packet. Taken for
+        // more bytes, the packet would vanish unanswered and the packets after it would wait
+        // for the client's next read.
+        Ok(None) if buf.len() != buffered => Err(CodecError::Malformed(
+            "a field runs past the end of its packet".into(),
+        )),
+        // MQTT 3.1.1 §3.10.3 and 5 §3.10.3: a protocol violation. Answered, its 5.0 UNSUBACK
+        // would hold no reason code, which clients cannot read.
+        Ok(Some(Incoming::Unsubscribe { count: 0, .. })) => Err(CodecError::Malformed(
+            "an UNSUBSCRIBE without a topic filter".into(),
+        )),
+        result => result,
+    }
+}
+
+fn read_packet(
     version: Version,
     buf: &mut BytesMut,
     max: usize,
@@ -487,4 +513,88 @@ fn write_v5(packet: Outgoing, out: &mut BytesMut) -> Result<(), String> {
         }
     };
     result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `mqtt_packets` fuzz target: a packet whose fields run past its end was
+    /// taken off the buffer and then reported as "more bytes needed", so it vanished and the
+    /// packets after it waited for the client's next read.
+    #[test]
+    fn a_field_past_the_end_of_its_packet_is_malformed() {
+        // The fuzzer's input: a CONNACK without its property length, at level 5.
+        let mut buf = BytesMut::from(&[0x2f, 0x02, 0x10, 0x0c, 0x2f, 0x02, 0x10, 0x0c][..]);
+        assert!(matches!(
+            read(Version::V5, &mut buf, 1024),
+            Err(CodecError::Malformed(_))
+        ));
+        // A 5.0 PUBLISH to "a/b" without its property length, then a PINGREQ.
+        let mut buf = BytesMut::from(&[0x30, 0x05, 0x00, 0x03, b'a', b'/', b'b', 0xc0, 0x00][..]);
+        assert!(matches!(
+            read(Version::V5, &mut buf, 1024),
+            Err(CodecError::Malformed(_))
+        ));
+        // A packet cut by the network is still only incomplete, and nothing is taken.
+        let mut buf = BytesMut::from(&[0x30, 0x06, 0x00, 0x03, b'a', b'/'][..]);
+        assert!(matches!(read(Version::V5, &mut buf, 1024), Ok(None)));
+        assert_eq!(buf.len(), 6);
+        buf.extend_from_slice(b"b\x00");
+        assert!(matches!(
+            read(Version::V5, &mut buf, 1024),
+            Ok(Some(Incoming::Publish { ref topic, .. })) if topic == "a/b"
+        ));
+    }
+
+    /// Found by the `mqtt_packets` fuzz target: a CONNECT too short to hold its protocol name
+    /// was read as 3.1.1 from the bytes after it when they had arrived with it, and refused as
+    /// malformed when they had not.
+    #[test]
+    fn the_protocol_level_is_read_from_the_connect_alone() {
+        let stream = [
+            0x10, 0x04, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c,
+        ];
+        assert!(matches!(
+            connect_version(&stream, 1024),
+            Err(CodecError::Malformed(_))
+        ));
+        assert!(matches!(
+            connect_version(&stream[..6], 1024),
+            Err(CodecError::Malformed(_))
+        ));
+        let whole = [
+            0x10, 0x0a, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c,
+        ];
+        assert!(matches!(
+            connect_version(&whole, 1024),
+            Ok(Some(Version::V5))
+        ));
+        assert!(matches!(connect_version(&whole[..11], 1024), Ok(None)));
+    }
+
+    /// Found by the `mqtt_packets` fuzz target: an UNSUBSCRIBE without a topic filter was
+    /// answered with an UNSUBACK of no reason code, a packet MQTT 5 clients refuse to read.
+    #[test]
+    fn an_unsubscribe_without_a_filter_is_malformed() {
+        // The fuzzer's input at level 5 (packet id 574, no properties), and the same at 3.1.1.
+        let mut buf = BytesMut::from(&[0xac, 0x03, 0x02, 0x3e, 0x00][..]);
+        assert!(matches!(
+            read(Version::V5, &mut buf, 1024),
+            Err(CodecError::Malformed(_))
+        ));
+        let mut buf = BytesMut::from(&[0xa2, 0x02, 0x02, 0x3e][..]);
+        assert!(matches!(
+            read(Version::V311, &mut buf, 1024),
+            Err(CodecError::Malformed(_))
+        ));
+        let mut buf = BytesMut::from(&[0xa2, 0x05, 0x02, 0x3e, 0x00, 0x01, b'x'][..]);
+        assert!(matches!(
+            read(Version::V311, &mut buf, 1024),
+            Ok(Some(Incoming::Unsubscribe {
+                pkid: 574,
+                count: 1
+            }))
+        ));
+    }
 }

@@ -173,7 +173,8 @@ impl Rpc {
                         Answer::Unauthorized => {}
                         Answer::Warning { message, .. } => {
                             return Err(RpcError::Request(format!(
-                                "acknowledging a warning raised another: {message}"
+                                "acknowledging a warning raised another: {}",
+                                truncate(&message)
                             )));
                         }
                         Answer::Failed(e) => return Err(e),
