@@ -14,8 +14,9 @@ const INSTALL_HINT: &str = "install Debian's postgresql (cargo xtask test does)"
 /// The role and database the relays use.
 pub const DATABASE: &str = "backhaul";
 
-/// The directory of `initdb` and `postgres`: Debian keeps them per major version.
-fn bin_dir() -> PathBuf {
+/// The directory of `initdb` and `postgres`: Debian keeps them per major version; the newest
+/// is taken. `None` when the server is not installed.
+pub fn find_bin_dir() -> Option<PathBuf> {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|dir| {
             dir.filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
@@ -24,14 +25,18 @@ fn bin_dir() -> PathBuf {
         })
         .unwrap_or_default();
     versions.sort();
-    versions.pop().unwrap_or_else(|| {
+    versions.pop()
+}
+
+fn bin_dir() -> PathBuf {
+    find_bin_dir().unwrap_or_else(|| {
         panic!("PostgreSQL's initdb not found under /usr/lib/postgresql: {INSTALL_HINT}")
     })
 }
 
 /// PostgreSQL refuses to run as root: as root, the server runs as the package's `postgres`
 /// user, with `setpriv` exec'ing it in place so that killing the child kills the server.
-fn as_server_user(program: &Path) -> Command {
+pub fn as_server_user(program: &Path) -> Command {
     if is_root() {
         let mut command = Command::new("setpriv");
         command
@@ -43,7 +48,8 @@ fn as_server_user(program: &Path) -> Command {
     }
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root, where PostgreSQL must run as its own user.
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and touches no memory.
     unsafe { libc::geteuid() == 0 }
 }

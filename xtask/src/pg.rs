@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use backhaul_tests::postgres::{as_server_user, find_bin_dir, is_root};
+
 use crate::procs::{ChildGuard, free_addr, log_tail};
 
 /// The role the cluster is made with, which the relays log in as.
@@ -46,8 +48,7 @@ impl BenchPostgres {
     pub async fn start(dir: &Path) -> anyhow::Result<BenchPostgres> {
         let bin = bin_dir()?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let root = is_root()?;
-        if root {
+        if is_root() {
             let status = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(dir)
@@ -60,7 +61,7 @@ impl BenchPostgres {
         let data = dir.join("data");
         // initdb's own sync of the empty cluster is skipped: the files it makes are not what
         // the benchmark measures, and the server below syncs every commit.
-        let output = as_server_user(&bin.join("initdb"), root)
+        let output = as_server_user(&bin.join("initdb"))
             .args([
                 "--auth=trust",
                 "--encoding=UTF8",
@@ -80,7 +81,7 @@ impl BenchPostgres {
         }
         let port = free_addr()?.port();
         let log = dir.join("postgres.log");
-        let mut command = as_server_user(&bin.join("postgres"), root);
+        let mut command = as_server_user(&bin.join("postgres"));
         command.arg("-D").arg(&data).args(["-p", &port.to_string()]);
         for (key, value) in SETTINGS {
             command.args(["-c", &format!("{key}={value}")]);
@@ -246,25 +247,15 @@ fn read_stat(pid: u32) -> anyhow::Result<Stat> {
     })
 }
 
-/// The directory of `initdb` and `postgres`: Debian keeps them per major version; the newest
-/// is taken. Installs the package when none is there.
+/// The directory of `initdb` and `postgres`; installs Debian's package when none is there.
 fn bin_dir() -> anyhow::Result<PathBuf> {
-    let find = || {
-        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .map(|dir| {
-                dir.filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
-                    .filter(|bin| bin.join("initdb").is_file() && bin.join("postgres").is_file())
-                    .collect()
-            })
-            .unwrap_or_default();
-        versions.sort();
-        versions.pop()
-    };
-    if let Some(bin) = find() {
+    if let Some(bin) = find_bin_dir() {
         return Ok(bin);
     }
     crate::ensure_debian_packages(&[("pg_ctlcluster", "postgresql")])?;
-    find().context("PostgreSQL's initdb is not under /usr/lib/postgresql even after installing Debian's postgresql")
+    find_bin_dir().context(
+        "PostgreSQL's initdb is not under /usr/lib/postgresql even after installing Debian's postgresql",
+    )
 }
 
 /// The server's major version, from the directory it runs from.
@@ -277,28 +268,4 @@ pub fn version() -> String {
                 .map(|v| v.to_string_lossy().into_owned())
         })
         .unwrap_or_default()
-}
-
-fn as_server_user(program: &Path, root: bool) -> Command {
-    if root {
-        let mut command = Command::new("setpriv");
-        command
-            .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
-            .arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
-}
-
-/// Whether this process runs as root (its effective uid, from `/proc/self/status`).
-fn is_root() -> anyhow::Result<bool> {
-    let text =
-        std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    let effective = text
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .context("/proc/self/status has no Uid line")?;
-    Ok(effective == "0")
 }
