@@ -32,6 +32,8 @@ pub struct AgentMetrics {
     pub quota_refusals: Family<TransportLabel, Counter>,
     pub mqtt_connections: Gauge,
     pub mqtt_protocol_errors: Counter,
+    /// Sockets closed before their CONNECT to make room for newer ones.
+    pub mqtt_pending_evicted: Counter,
     pub flush_seconds: Histogram,
     pub link_up: Gauge,
     pub batches_sent: Counter,
@@ -62,6 +64,7 @@ impl AgentMetrics {
             quota_refusals: Family::default(),
             mqtt_connections: Gauge::default(),
             mqtt_protocol_errors: Counter::default(),
+            mqtt_pending_evicted: Counter::default(),
             flush_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
             link_up: Gauge::default(),
             batches_sent: Counter::default(),
@@ -109,6 +112,11 @@ impl AgentMetrics {
             "mqtt_protocol_errors",
             "MQTT connections closed for breaking the protocol",
             metrics.mqtt_protocol_errors.clone(),
+        );
+        registry.register(
+            "mqtt_pending_evicted",
+            "MQTT sockets closed before their CONNECT to make room for newer ones (too many open without logging in)",
+            metrics.mqtt_pending_evicted.clone(),
         );
         registry.register(
             "log_flush_duration_seconds",

@@ -14,6 +14,7 @@ pub mod event;
 pub mod frame;
 #[cfg(feature = "service")]
 pub mod http_listener;
+pub mod log_rate;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod signing;

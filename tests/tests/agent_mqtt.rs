@@ -1043,12 +1043,15 @@ fn idle_sockets_never_keep_logged_in_scanners_out() {
         .enable_all()
         .build()
         .unwrap();
-    // 200 sockets from another loopback address, none of which ever sends a CONNECT.
+    // 320 sockets from five other loopback addresses, more than the agent keeps waiting for a
+    // CONNECT (256, at most 64 from one address), none of which ever sends one.
+    const IDLE: usize = 320;
     let idle: Vec<tokio::net::TcpStream> = rt.block_on(async {
         let mut held = Vec::new();
-        for _ in 0..200 {
+        for i in 0..IDLE {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let from = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 5) as u8);
+            socket.bind((from, 0).into()).unwrap();
             held.push(
                 socket
                     .connect(addr)
@@ -1080,8 +1083,8 @@ fn idle_sockets_never_keep_logged_in_scanners_out() {
     }
     wait_until_logged(&agent, &ids);
 
-    // The agent closes every idle socket: those over the budget at once, the rest at the
-    // CONNECT deadline.
+    // The agent closes every idle socket: the oldest of the busiest address whenever a newer
+    // socket needs its place, the rest at the CONNECT deadline.
     let closed = rt.block_on(async {
         let mut closed = 0;
         for mut socket in idle {
@@ -1097,7 +1100,14 @@ fn idle_sockets_never_keep_logged_in_scanners_out() {
         }
         closed
     });
-    assert_eq!(closed, 200, "idle sockets the agent closed");
+    assert_eq!(closed, IDLE, "idle sockets the agent closed");
+    let evicted = agent
+        .metric("backhaul_agent_mqtt_pending_evicted_total")
+        .unwrap_or(0.0);
+    assert!(
+        evicted > (IDLE - 256) as f64,
+        "sockets closed to make room: {evicted}"
+    );
     assert_eq!(agent.status()["mqtt"]["connected_clients"], 0);
 }
 

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backhaul_events::event::parse_event;
+use backhaul_events::log_rate::LogRate;
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,6 +46,11 @@ const PENDING_CONNECTS: usize = 256;
 /// the budget.
 const PENDING_CONNECTS_PER_ADDRESS: usize = 64;
 const REJECTS_PREFIX: &str = "rejects/";
+/// Lines about connections closed for breaking the rules, sockets evicted and events
+/// rejected: a hostile client can cause thousands a second.
+static CLOSED_CONNECTIONS: LogRate = LogRate::per_ten_seconds();
+static PENDING_EVICTIONS: LogRate = LogRate::per_ten_seconds();
+static REJECTED_EVENTS: LogRate = LogRate::per_ten_seconds();
 /// `mqtt.max_session_expiry_secs` when the configuration does not set it.
 pub const DEFAULT_MAX_SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The largest expiry an MQTT 5 CONNACK can grant: one more means "never expires".
@@ -120,40 +126,110 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Sockets still waiting for their CONNECT. When the budget (or an address's share of it) is
+/// full, a new socket still gets in: the oldest socket of the address holding the most is
+/// closed instead. A flood from a few addresses so only ever displaces itself, and a scanner
+/// that connects and logs in at once never finds the door shut.
+#[derive(Default)]
+struct PendingSockets {
+    next_id: u64,
+    /// By age (ids only grow): the address and the signal that closes the socket.
+    sockets: std::collections::BTreeMap<u64, (IpAddr, CancellationToken)>,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+impl PendingSockets {
+    /// Registers a socket from `address`; returns its id, its eviction signal, and whether an
+    /// older socket had to make room for it.
+    fn admit(&mut self, address: IpAddr) -> (u64, CancellationToken, bool) {
+        let own = self.by_address.get(&address).copied().unwrap_or(0);
+        let mut evicted = false;
+        if own >= PENDING_CONNECTS_PER_ADDRESS {
+            evicted = self.evict_oldest_of(address);
+        } else if self.sockets.len() >= PENDING_CONNECTS {
+            let busiest = self
+                .by_address
+                .iter()
+                .max_by_key(|(_, count)| **count)
+                .map(|(address, _)| *address);
+            if let Some(busiest) = busiest {
+                evicted = self.evict_oldest_of(busiest);
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let evict = CancellationToken::new();
+        self.sockets.insert(id, (address, evict.clone()));
+        *self.by_address.entry(address).or_insert(0) += 1;
+        (id, evict, evicted)
+    }
+
+    fn evict_oldest_of(&mut self, address: IpAddr) -> bool {
+        let oldest = self
+            .sockets
+            .iter()
+            .find(|(_, (from, _))| *from == address)
+            .map(|(id, _)| *id);
+        match oldest {
+            Some(id) => {
+                if let Some((_, evict)) = self.remove(id) {
+                    evict.cancel();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<(IpAddr, CancellationToken)> {
+        let (address, evict) = self.sockets.remove(&id)?;
+        if let Some(count) = self.by_address.get_mut(&address) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.by_address.remove(&address);
+            }
+        }
+        Some((address, evict))
+    }
+}
+
 /// A socket's place among those waiting for their CONNECT; given back when dropped.
 struct PendingSlot {
-    _permit: OwnedSemaphorePermit,
-    address: IpAddr,
-    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    id: u64,
+    /// Cancelled when a newer socket needed the place.
+    evicted: CancellationToken,
+    registry: Arc<Mutex<PendingSockets>>,
 }
 
 impl PendingSlot {
-    /// A place for a socket from `address`, if the budget and the address's share allow.
-    fn take(endpoint: &Endpoint, address: IpAddr) -> Option<PendingSlot> {
-        let permit = endpoint.pending_slots.clone().try_acquire_owned().ok()?;
-        let mut by_address = endpoint.pending_by_address.lock().ok()?;
-        let count = by_address.entry(address).or_insert(0);
-        if *count >= PENDING_CONNECTS_PER_ADDRESS {
-            return None;
+    fn take(endpoint: &Endpoint, address: IpAddr) -> PendingSlot {
+        let (id, evicted, made_room) = match endpoint.pending.lock() {
+            Ok(mut registry) => registry.admit(address),
+            // A poisoned registry cannot account: the socket still gets its deadline.
+            Err(_) => (u64::MAX, CancellationToken::new(), false),
+        };
+        if made_room {
+            endpoint.metrics.mqtt_pending_evicted.inc();
+            backhaul_events::rate_limited!(
+                PENDING_EVICTIONS,
+                warn,
+                %address,
+                "an MQTT socket that had not sent its CONNECT was closed to make room for a new one: \
+                 too many sockets are open without logging in"
+            );
         }
-        *count += 1;
-        Some(PendingSlot {
-            _permit: permit,
-            address,
-            by_address: endpoint.pending_by_address.clone(),
-        })
+        PendingSlot {
+            id,
+            evicted,
+            registry: endpoint.pending.clone(),
+        }
     }
 }
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
-        if let Ok(mut by_address) = self.by_address.lock()
-            && let Some(count) = by_address.get_mut(&self.address)
-        {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                by_address.remove(&self.address);
-            }
+        if let Ok(mut registry) = self.registry.lock() {
+            registry.remove(self.id);
         }
     }
 }
@@ -168,10 +244,8 @@ pub struct Endpoint {
     /// One permit per connection that may be open: `mqtt.max_connections`, taken once the
     /// CONNECT is read.
     connection_slots: Arc<Semaphore>,
-    /// One permit per socket still waiting for its CONNECT.
-    pending_slots: Arc<Semaphore>,
-    /// Sockets still waiting for their CONNECT, by source address.
-    pending_by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Sockets still waiting for their CONNECT.
+    pending: Arc<Mutex<PendingSockets>>,
 }
 
 impl Endpoint {
@@ -184,8 +258,7 @@ impl Endpoint {
             sessions: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             connection_slots: Arc::new(Semaphore::new(slots)),
-            pending_slots: Arc::new(Semaphore::new(PENDING_CONNECTS)),
-            pending_by_address: Arc::new(Mutex::new(HashMap::new())),
+            pending: Arc::new(Mutex::new(PendingSockets::default())),
         })
     }
 
@@ -242,11 +315,7 @@ impl Endpoint {
             };
             // Until its CONNECT arrives a socket holds only a place among the pending ones,
             // taken here before the task is spawned so a burst cannot pass the budget.
-            let Some(pending) = PendingSlot::take(&self, peer.ip()) else {
-                self.metrics.mqtt_protocol_errors.inc();
-                tracing::debug!(%peer, "MQTT socket closed at once: too many sockets waiting for their CONNECT");
-                continue;
-            };
+            let pending = PendingSlot::take(&self, peer.ip());
             let _ = stream.set_nodelay(true);
             let endpoint = self.clone();
             let shutdown = shutdown.clone();
@@ -254,16 +323,24 @@ impl Endpoint {
                 let stream: Option<Box<dyn ClientStream>> = match &endpoint.settings.tls {
                     None => Some(Box::new(stream)),
                     Some(acceptor) => {
-                        match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => Some(Box::new(tls)),
-                            Ok(Err(e)) => {
-                                tracing::warn!(%peer, error = %e, "MQTT TLS handshake failed");
-                                None
-                            }
-                            Err(_) => {
-                                tracing::warn!(%peer, "MQTT TLS handshake timed out");
-                                None
-                            }
+                        let evicted = pending.evicted.clone();
+                        let handshake =
+                            tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream));
+                        tokio::select! {
+                            handshake = handshake => match handshake {
+                                Ok(Ok(tls)) => Some(Box::new(tls)),
+                                Ok(Err(e)) => {
+                                    endpoint.metrics.mqtt_protocol_errors.inc();
+                                    backhaul_events::rate_limited!(CLOSED_CONNECTIONS, warn, %peer, error = %e, "MQTT TLS handshake failed");
+                                    None
+                                }
+                                Err(_) => {
+                                    endpoint.metrics.mqtt_protocol_errors.inc();
+                                    backhaul_events::rate_limited!(CLOSED_CONNECTIONS, warn, %peer, "MQTT TLS handshake timed out after {CONNECT_TIMEOUT:?}");
+                                    None
+                                }
+                            },
+                            () = evicted.cancelled() => None,
                         }
                     }
                 };
@@ -310,9 +387,11 @@ impl Endpoint {
                 "MQTT connection closed: the same client id connected again (session taken over)"
             ),
             Ok(Closed::Shutdown) => {}
+            // Counted and reported (rate-limited) where the room was made.
+            Ok(Closed::Evicted) => {}
             Ok(Closed::Violation(reason)) | Err(reason) => {
                 self.metrics.mqtt_protocol_errors.inc();
-                tracing::warn!(client = %connection.client_id, %peer, version = connection.version.name(), "MQTT connection closed: {reason}");
+                backhaul_events::rate_limited!(CLOSED_CONNECTIONS, warn, client = %connection.client_id, %peer, version = connection.version.name(), "MQTT connection closed: {reason}");
             }
         }
     }
@@ -350,6 +429,8 @@ enum Closed {
     ByClient,
     TakenOver,
     Shutdown,
+    /// Closed before its CONNECT to make room for a newer socket.
+    Evicted,
     /// The client broke the protocol where MQTT says the connection must close (a wildcard in
     /// a PUBLISH topic, a packet over the announced maximum): answered, then closed.
     Violation(String),
@@ -388,9 +469,16 @@ struct Connection {
 
 impl Connection {
     async fn run(&mut self, shutdown: CancellationToken) -> Result<Closed, String> {
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.read_connect()).await;
+        let evicted = match &self.pending_slot {
+            Some(slot) => slot.evicted.clone(),
+            None => CancellationToken::new(),
+        };
+        let connect = tokio::select! {
+            connect = tokio::time::timeout(CONNECT_TIMEOUT, self.read_connect()) => connect,
+            () = evicted.cancelled() => return Ok(Closed::Evicted),
+        };
         let connect = match connect {
-            Err(_) => return Err("no CONNECT within 10 s".into()),
+            Err(_) => return Err(format!("no CONNECT within {CONNECT_TIMEOUT:?}")),
             Ok(Ok(Some(packet))) => packet,
             Ok(Ok(None)) => return Ok(Closed::ByClient),
             Ok(Err(e)) => return Err(e),
@@ -854,7 +942,7 @@ impl Connection {
                     violations.0,
                 ));
                 endpoint.metrics.rejected.get_or_create(&MQTT).inc();
-                tracing::info!(client = %self.client_id, event = id.as_deref().unwrap_or(""), reasons = %text, "MQTT event rejected");
+                backhaul_events::rate_limited!(REJECTED_EVENTS, info, client = %self.client_id, event = id.as_deref().unwrap_or(""), reasons = %text, "MQTT event rejected");
                 let notify = self.notifier();
                 self.pending.push_back(Box::pin(async move {
                     if let Err(e) = stored.await {
