@@ -165,9 +165,22 @@ fn a_damaged_log_fails_to_open_and_keeps_failing_until_moved_aside() {
     let path = dir.path().join("events.redb");
     let mut bytes = std::fs::read(&path).unwrap();
     let len = bytes.len();
-    // Scribble over the middle of the file, where the data pages are.
-    for b in &mut bytes[len / 2..len / 2 + 4096] {
-        *b ^= 0x5a;
+    // Scribble over every page that holds one event's id: the live copy is among them
+    // wherever the allocator put it, so the damage is always somewhere the log reads.
+    const PAGE: usize = 4096;
+    let needle = b"d150";
+    let pages: std::collections::BTreeSet<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, window)| window == needle)
+        .map(|(at, _)| at / PAGE)
+        .collect();
+    assert!(!pages.is_empty(), "the event's id is in the file");
+    for page in pages {
+        let end = ((page + 1) * PAGE).min(len);
+        for b in &mut bytes[page * PAGE..end] {
+            *b ^= 0x5a;
+        }
     }
     std::fs::write(&path, &bytes).unwrap();
     let error = match backhaul_tests_support::try_reopen(dir.path(), options) {
