@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Router, middleware};
 use backhaul_events::admin::{
     self, AgentStatus, Backlog, ByTransport, EventsAnswer, Ingest, LogFile, MqttListener, Quota,
     RejectsAnswer,
@@ -24,6 +24,7 @@ use backhaul_events::{Event, Violation};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 
 use crate::log::{Appended, EventLog, LogError, RejectRecord, RejectsPage, now_ms};
 use crate::metrics::{AgentMetrics, HTTP, MQTT, SITE_BROKER, TransportLabel};
@@ -47,16 +48,57 @@ pub struct HttpState {
     pub site_broker: Option<crate::site_broker::SharedSiteBrokerStatus>,
 }
 
+/// Room for a full array of maximal events and its punctuation.
+const BODY_LIMIT: usize = MAX_EVENTS_PER_REQUEST * (MAX_EVENT_BYTES + 2) + 1024;
+/// Request bodies the ingest listener holds in memory at once, at most, in KiB. A request
+/// over it is answered 503 with Retry-After before its body is read: a few clients posting
+/// the largest bodies must not take the memory the log and MQTT need.
+const BODIES_IN_MEMORY_KIB: u32 = 64 * 1024;
+
 /// The ingest listener (`[http]`): what the WMS needs, and nothing that hands events out.
 pub fn ingest_router(state: HttpState) -> Router {
-    // Room for a full array of maximal events and its punctuation.
-    let body_limit = MAX_EVENTS_PER_REQUEST * (MAX_EVENT_BYTES + 2) + 1024;
+    let bodies = Arc::new(Semaphore::new(BODIES_IN_MEMORY_KIB as usize));
     Router::new()
-        .route("/v1/events", post(post_events))
+        .route(
+            "/v1/events",
+            post(post_events).layer(middleware::from_fn_with_state(bodies, reserve_body_memory)),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// Takes the request body's share of [`BODIES_IN_MEMORY_KIB`] (its `Content-Length`, or the
+/// largest body allowed when it has none) for as long as the request is handled.
+async fn reserve_body_memory(
+    State(bodies): State<Arc<Semaphore>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(BODY_LIMIT)
+        .min(BODY_LIMIT);
+    let kib = (declared.div_ceil(1024).max(1) as u32).min(BODIES_IN_MEMORY_KIB);
+    let Ok(_reserved) = bodies.try_acquire_many(kib) else {
+        let mut response = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the agent holds {} MiB of request bodies in memory at once and that is in use; \
+                 retry shortly",
+                BODIES_IN_MEMORY_KIB / 1024
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    next.run(request).await
 }
 
 /// The admin listener (`[admin]`): health for anyone who can reach it, everything that shows
@@ -418,6 +460,7 @@ async fn status(State(state): State<HttpState>) -> Response {
                 .unwrap_or(0),
         },
         rejects_stored: stats.rejects_stored,
+        rejects_not_kept: stats.rejects_not_kept,
         link: state
             .link
             .as_ref()

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -36,6 +37,10 @@ const META_NEXT_REJECT: &str = "next_reject";
 const PER_EVENT_OVERHEAD: u64 = 8 + 8 + 16;
 /// The longest raw payload kept with a reject.
 const MAX_REJECT_PAYLOAD: usize = 16 * 1024;
+/// Rejects waiting for the writer, in bytes, at most. Past this a reject is answered and
+/// counted but not kept: clients that send nothing but bad events (faster than the disk keeps
+/// them) must neither grow the agent's memory nor delay the flushes good events wait for.
+const MAX_QUEUED_REJECT_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -103,6 +108,16 @@ pub struct RejectRecord {
 }
 
 impl RejectRecord {
+    /// Roughly what the record takes in memory and on disk.
+    fn weight(&self) -> u64 {
+        let violations: usize = self
+            .violations
+            .iter()
+            .map(|v| v.field.len() + v.rule.len() + 16)
+            .sum();
+        (self.payload.len() + self.sender.len() + self.transport.len() + violations + 64) as u64
+    }
+
     pub fn new(
         transport: &str,
         sender: String,
@@ -144,7 +159,8 @@ pub struct LogStats {
     pub rejects_stored: u64,
     /// Bytes of the stored rejects, which count in the disk quota.
     pub rejects_bytes: u64,
-    /// Rejects answered but not kept, because acknowledged events filled the quota.
+    /// Rejects answered but not kept: acknowledged events filled the quota, or rejects came
+    /// faster than the disk kept them.
     pub rejects_not_kept: u64,
     pub erp_refusals_stored: u64,
     pub file_bytes: u64,
@@ -162,11 +178,40 @@ enum Request {
         record: Box<RejectRecord>,
         enqueued: Instant,
         reply: oneshot::Sender<Result<(), LogError>>,
+        _queued: QueuedReject,
     },
     AckThrough {
         seq: u64,
         reply: oneshot::Sender<Result<u64, LogError>>,
     },
+}
+
+/// A reject's bytes among those waiting for the writer, given back when its request is done
+/// with, however that ends.
+struct QueuedReject {
+    bytes: u64,
+    queued: Arc<AtomicU64>,
+}
+
+impl QueuedReject {
+    /// A place for `bytes` more, if the queue has room.
+    fn take(queued: &Arc<AtomicU64>, bytes: u64) -> Option<QueuedReject> {
+        queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now + bytes <= MAX_QUEUED_REJECT_BYTES).then_some(now + bytes)
+            })
+            .ok()?;
+        Some(QueuedReject {
+            bytes,
+            queued: queued.clone(),
+        })
+    }
+}
+
+impl Drop for QueuedReject {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// Told the duration of each durable flush and how many requests it served.
@@ -188,6 +233,10 @@ struct Shared {
     /// Set once the writer thread has ended, however it ended.
     writer_ended: tokio::sync::watch::Sender<bool>,
     max_rejects: u64,
+    /// Bytes of the rejects waiting for the writer.
+    queued_reject_bytes: Arc<AtomicU64>,
+    /// Rejects not kept because the queue to the writer was full.
+    rejects_shed: AtomicU64,
 }
 
 /// Tells waiters the writer ended when the writer thread drops it: on return or in a panic.
@@ -265,6 +314,8 @@ impl EventLog {
             heartbeat: Mutex::new(None),
             writer_ended: tokio::sync::watch::Sender::new(false),
             max_rejects: options.max_rejects,
+            queued_reject_bytes: Arc::new(AtomicU64::new(0)),
+            rejects_shed: AtomicU64::new(0),
         });
         let (requests, receiver) = mpsc::channel();
         let writer_shared = shared.clone();
@@ -330,11 +381,14 @@ impl EventLog {
     }
 
     pub fn stats(&self) -> LogStats {
-        self.shared
+        let mut stats = self
+            .shared
             .stats
             .lock()
             .map(|s| s.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        stats.rejects_not_kept += self.shared.rejects_shed.load(Ordering::Relaxed);
+        stats
     }
 
     /// Appends events; the returned future resolves only after they are flushed to disk.
@@ -364,14 +418,26 @@ impl EventLog {
         record: RejectRecord,
     ) -> impl Future<Output = Result<(), LogError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        let sent = self.requests.send(Request::Reject {
-            record: Box::new(record),
-            enqueued: Instant::now(),
-            reply,
-        });
+        let sent = match QueuedReject::take(&self.shared.queued_reject_bytes, record.weight()) {
+            Some(queued) => Some(self.requests.send(Request::Reject {
+                record: Box::new(record),
+                enqueued: Instant::now(),
+                reply,
+                _queued: queued,
+            })),
+            None => {
+                self.shared.rejects_shed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        };
         async move {
-            sent.map_err(|_| LogError::Closed)?;
-            answer.await.map_err(|_| LogError::Closed)?
+            match sent {
+                Some(sent) => {
+                    sent.map_err(|_| LogError::Closed)?;
+                    answer.await.map_err(|_| LogError::Closed)?
+                }
+                None => Ok(()),
+            }
         }
     }
 

@@ -52,6 +52,7 @@ pub struct AgentMetrics {
     quota_exceeded: Gauge,
     log_file_bytes: Gauge,
     rejects_stored: Gauge,
+    rejects_not_kept: Gauge,
 }
 
 impl AgentMetrics {
@@ -81,6 +82,7 @@ impl AgentMetrics {
             quota_exceeded: Gauge::default(),
             log_file_bytes: Gauge::default(),
             rejects_stored: Gauge::default(),
+            rejects_not_kept: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -193,6 +195,11 @@ impl AgentMetrics {
             "Rejected events kept in the reject store",
             metrics.rejects_stored.clone(),
         );
+        registry.register(
+            "rejects_not_kept",
+            "Rejected events answered but not kept since start (quota full of backlog, or rejects faster than the disk keeps them)",
+            metrics.rejects_not_kept.clone(),
+        );
         // Every transport shows up from the start, at 0, so dashboards and alerts see it.
         for transport in [MQTT, HTTP, SITE_BROKER] {
             let _ = metrics.accepted.get_or_create(&transport);
@@ -222,6 +229,7 @@ impl AgentMetrics {
         self.quota_exceeded.set(i64::from(stats.quota_exceeded));
         self.log_file_bytes.set(stats.file_bytes as i64);
         self.rejects_stored.set(stats.rejects_stored as i64);
+        self.rejects_not_kept.set(stats.rejects_not_kept as i64);
         let last_ack = self.last_ack_ms.get();
         self.last_ack_age_seconds.set(if last_ack == 0 {
             -1.0

@@ -47,6 +47,10 @@ pub struct AgentStatus {
     pub ingest: Ingest,
     pub mqtt: MqttListener,
     pub rejects_stored: u64,
+    /// Rejects answered but not kept since the agent started: the quota was full of events
+    /// waiting to be forwarded, or rejects came faster than the disk kept them.
+    #[serde(default)]
+    pub rejects_not_kept: u64,
     /// `null` when no uplink is configured.
     #[serde(deserialize_with = "nullable")]
     pub link: Option<LinkStatus>,

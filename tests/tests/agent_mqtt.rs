@@ -1151,3 +1151,122 @@ fn notices_go_to_the_publishing_session_only() {
     let first: Value = serde_json::from_slice(&first.payload).unwrap();
     assert_eq!(first["id"], id_of(&own), "another session's notice leaked");
 }
+
+/// Clients that publish nothing but large refused events and never read their answers hold a
+/// bounded share of the agent's memory (a connection is not read further while its answers
+/// wait; rejects beyond what the disk keeps up with are answered and counted, not queued), and
+/// a scanner's good events still get their PUBACKs.
+#[test]
+fn floods_of_refused_events_from_clients_that_never_read_stay_bounded() {
+    const FLOODERS: usize = 8;
+    const PUBLISHES_EACH: usize = 600;
+    // Room for every reject, so each one is either kept or counted as not kept.
+    let agent = AgentProcess::start(AgentOptions::default().set("log.max_rejects", 1_000_000i64));
+    let addr = agent.mqtt_addr();
+    let pid = agent.pid().expect("the agent runs");
+    // ~16 KiB of unknown fields: refused, with as many violations as the agent reports.
+    let mut refused = String::from(r#"{"v":1,"id":"flood","type":"pick""#);
+    let mut field = 0;
+    while refused.len() < 16 * 1024 - 32 {
+        refused.push_str(&format!(r#","unknown_{field}":1"#));
+        field += 1;
+    }
+    refused.push('}');
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..FLOODERS)
+        .map(|i| {
+            let client_id = format!("flood-{i}");
+            let publish = publish_packet(
+                format!("scans/{client_id}").as_bytes(),
+                refused.as_bytes(),
+                false,
+            );
+            let stop = stop.clone();
+            std::thread::spawn(move || -> usize {
+                let Ok(mut stream) = TcpStream::connect(addr) else {
+                    return 0;
+                };
+                // A write that cannot go on for 3 s means the agent stopped reading us.
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(3)));
+                if stream.write_all(&connect_311(&client_id)).is_err() {
+                    return 0;
+                }
+                let mut sent = 0;
+                while sent < PUBLISHES_EACH && !stop.load(Ordering::SeqCst) {
+                    if stream.write_all(&publish).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                // Held open, never read, until the test is done.
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::park_timeout(Duration::from_millis(50));
+                }
+                sent
+            })
+        })
+        .collect();
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(kib) = backhaul_tests::rss::vm_rss_kib(pid) {
+                    peak.fetch_max(kib, Ordering::SeqCst);
+                }
+                std::thread::park_timeout(Duration::from_millis(20));
+            }
+        })
+    };
+
+    // A scanner publishing good events all the while gets every PUBACK.
+    let (mut scanner, _) =
+        V4Client::connect(v4_options(addr, "good-scanner")).expect("the scanner connects");
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        let event = pick(&unique_id("good"), "SO-1");
+        scanner
+            .publish("scans/good-scanner", 1, to_bytes(&event))
+            .expect("a PUBACK during the flood");
+        ids.push(id_of(&event).to_string());
+    }
+    scanner.disconnect();
+    wait_until_logged(&agent, &ids);
+    // The flood has reached its bound: every flooder wrote all it had or was stopped being read.
+    poll_until(Duration::from_secs(120), || {
+        let rejected = agent.status()["ingest"]["rejected"]["mqtt"]
+            .as_u64()
+            .unwrap_or(0);
+        (flooders.iter().all(|f| f.is_finished()) || rejected >= (FLOODERS * PUBLISHES_EACH) as u64)
+            .then_some(())
+    })
+    .expect("the flooders are done writing within 120 s");
+    let rejected = agent.status()["ingest"]["rejected"]["mqtt"]
+        .as_u64()
+        .unwrap_or(0);
+    stop.store(true, Ordering::SeqCst);
+    let sent: usize = flooders.into_iter().map(|f| f.join().unwrap_or(0)).sum();
+    let _ = sampler.join();
+    let peak_mib = peak.load(Ordering::SeqCst) / 1024;
+    assert!(rejected > 0, "the flood's events were refused");
+    assert!(
+        peak_mib <= 128,
+        "agent peak RSS {peak_mib} MiB while {FLOODERS} clients flooded {sent} refused 16 KiB events"
+    );
+    let (mut kept, mut not_kept) = (0, 0);
+    poll_until(Duration::from_secs(60), || {
+        let status = agent.status();
+        kept = status["rejects_stored"].as_u64().unwrap_or(0);
+        not_kept = status["rejects_not_kept"].as_u64().unwrap_or(0);
+        let rejected = status["ingest"]["rejected"]["mqtt"].as_u64().unwrap_or(0);
+        (kept + not_kept == rejected).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "every refusal is kept or counted: kept {kept}, not kept {not_kept}, refused {rejected}"
+        )
+    });
+    eprintln!(
+        "flood: {sent} publishes written, {rejected} refused, {kept} kept, {not_kept} not kept, peak RSS {peak_mib} MiB"
+    );
+}

@@ -35,6 +35,9 @@ use codec::{AckReason, CodecError, ConnectRefusal, DisconnectReason, Incoming, O
 /// How many publishes of one connection may wait for their flush before the connection is not
 /// read further.
 const MAX_PENDING_PER_CONNECTION: usize = 1000;
+/// How many payload bytes of one connection may wait for their flush before the connection is
+/// not read further: a thousand small events in flight, but not a thousand of the largest.
+const MAX_PENDING_BYTES_PER_CONNECTION: usize = 2 << 20;
 /// How long a socket may take from its accept to a complete CONNECT (and TLS handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Sockets that have not sent their CONNECT yet, at most. They have their own budget, apart
@@ -374,6 +377,8 @@ impl Endpoint {
             read_buf: BytesMut::with_capacity(16 * 1024),
             write_buf: BytesMut::with_capacity(4 * 1024),
             pending: VecDeque::new(),
+            pending_sizes: VecDeque::new(),
+            pending_bytes: 0,
             cancel: CancellationToken::new(),
         };
         let outcome = connection.run(shutdown).await;
@@ -463,6 +468,9 @@ struct Connection {
     resume_rejects: bool,
     /// Answers to publishes, in the order the publishes arrived; each resolves after its flush.
     pending: VecDeque<PendingAck>,
+    /// The payload bytes of each waiting answer's publish, in the same order, and their sum.
+    pending_sizes: VecDeque<usize>,
+    pending_bytes: usize,
     /// Cancelled when another connection takes this client id over.
     cancel: CancellationToken,
 }
@@ -512,7 +520,9 @@ impl Connection {
                 let _ = self.flush().await;
                 return Ok(closing.take().unwrap_or(Closed::ByClient));
             }
-            let can_read = closing.is_none() && self.pending.len() < MAX_PENDING_PER_CONNECTION;
+            let can_read = closing.is_none()
+                && self.pending.len() < MAX_PENDING_PER_CONNECTION
+                && self.pending_bytes < MAX_PENDING_BYTES_PER_CONNECTION;
             let keep_alive_deadline = last_heard + self.keep_alive + self.keep_alive / 2;
             let front = async {
                 match self.pending.front_mut() {
@@ -524,6 +534,8 @@ impl Connection {
                 biased;
                 answer = front => {
                     self.pending.pop_front();
+                    let size = self.pending_sizes.pop_front().unwrap_or(0);
+                    self.pending_bytes = self.pending_bytes.saturating_sub(size);
                     if let Some(packet) = answer {
                         self.queue(packet);
                     }
@@ -820,11 +832,18 @@ impl Connection {
 
     /// Answers that need no flush still go out behind the acks already waiting.
     fn answer_in_order(&mut self, packet: Outgoing) {
-        self.pending
-            .push_back(Box::pin(std::future::ready(Some(packet))));
+        self.wait_for(0, Box::pin(std::future::ready(Some(packet))));
+    }
+
+    /// Queues the answer to a publish of `payload_bytes`, behind those already waiting.
+    fn wait_for(&mut self, payload_bytes: usize, answer: PendingAck) {
+        self.pending.push_back(answer);
+        self.pending_sizes.push_back(payload_bytes);
+        self.pending_bytes += payload_bytes;
     }
 
     fn publish(&mut self, topic: String, qos: u8, pkid: u16, payload: Bytes) -> Result<(), String> {
+        let payload_bytes = payload.len();
         let ack = move |reason: AckReason| match qos {
             0 => None,
             1 => Some(Outgoing::PubAck { pkid, reason }),
@@ -868,13 +887,16 @@ impl Connection {
                 ));
                 endpoint.metrics.rejected.get_or_create(&MQTT).inc();
                 let notify = self.notifier();
-                self.pending.push_back(Box::pin(async move {
-                    if let Err(e) = stored.await {
-                        tracing::error!(error = %e, "a reject could not be stored");
-                    }
-                    notify(reject_notice(None, &topic, &[violation]));
-                    ack(reason)
-                }));
+                self.wait_for(
+                    payload_bytes,
+                    Box::pin(async move {
+                        if let Err(e) = stored.await {
+                            tracing::error!(error = %e, "a reject could not be stored");
+                        }
+                        notify(reject_notice(None, &topic, &[violation]));
+                        ack(reason)
+                    }),
+                );
                 return Ok(());
             }
         };
@@ -887,7 +909,7 @@ impl Connection {
                 let appended = endpoint.log.append(vec![event.clone()]);
                 let version = self.version;
                 let client_id = self.client_id.clone();
-                self.pending.push_back(Box::pin(async move {
+                self.wait_for(payload_bytes, Box::pin(async move {
                     let mut appended = appended.await;
                     loop {
                         match appended.as_deref() {
@@ -944,13 +966,16 @@ impl Connection {
                 endpoint.metrics.rejected.get_or_create(&MQTT).inc();
                 backhaul_events::rate_limited!(REJECTED_EVENTS, info, client = %self.client_id, event = id.as_deref().unwrap_or(""), reasons = %text, "MQTT event rejected");
                 let notify = self.notifier();
-                self.pending.push_back(Box::pin(async move {
-                    if let Err(e) = stored.await {
-                        tracing::error!(error = %e, "a reject could not be stored");
-                    }
-                    notify(notice);
-                    ack(AckReason::PayloadFormatInvalid(text))
-                }));
+                self.wait_for(
+                    payload_bytes,
+                    Box::pin(async move {
+                        if let Err(e) = stored.await {
+                            tracing::error!(error = %e, "a reject could not be stored");
+                        }
+                        notify(notice);
+                        ack(AckReason::PayloadFormatInvalid(text))
+                    }),
+                );
             }
         }
         Ok(())
