@@ -41,6 +41,9 @@ const MAX_REJECT_PAYLOAD: usize = 16 * 1024;
 /// counted but not kept: clients that send nothing but bad events (faster than the disk keeps
 /// them) must neither grow the agent's memory nor delay the flushes good events wait for.
 const MAX_QUEUED_REJECT_BYTES: u64 = 1 << 20;
+/// Rejects written by one commit, in bytes, at most; the rest wait for the next commits. Good
+/// events never wait behind more than this much of a flood of bad ones.
+const REJECT_BYTES_PER_COMMIT: u64 = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -742,37 +745,55 @@ impl Writer {
     }
 
     fn run(mut self, receiver: mpsc::Receiver<Request>) {
+        // Rejects past a commit's share, oldest first; bounded by MAX_QUEUED_REJECT_BYTES.
+        let mut deferred: VecDeque<Request> = VecDeque::new();
         loop {
             if let Ok(heartbeat) = self.shared.heartbeat.lock()
                 && let Some(heartbeat) = heartbeat.as_ref()
             {
                 heartbeat.beat();
             }
-            let first = match receiver.recv_timeout(COMPACTION_CHECK_EVERY) {
-                Ok(request) => request,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.maybe_compact();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            let first = match deferred.pop_front() {
+                Some(request) => request,
+                None => match receiver.recv_timeout(COMPACTION_CHECK_EVERY) {
+                    Ok(request) => request,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.maybe_compact();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
             };
-            let batch = self.gather(first, &receiver);
+            let batch = self.gather(first, &receiver, &mut deferred);
             self.commit(batch);
             self.maybe_compact();
         }
     }
 
     /// Takes every waiting request, and waits for more until the first has waited the group
-    /// commit delay or the batch is full.
-    fn gather(&self, first: Request, receiver: &mpsc::Receiver<Request>) -> Vec<Request> {
+    /// commit delay or the batch is full. Rejects past [`REJECT_BYTES_PER_COMMIT`] go to
+    /// `deferred`, and the oldest of those come first in the next batch.
+    fn gather(
+        &self,
+        first: Request,
+        receiver: &mpsc::Receiver<Request>,
+        deferred: &mut VecDeque<Request>,
+    ) -> Vec<Request> {
         let deadline = match &first {
             Request::Append { enqueued, .. } | Request::Reject { enqueued, .. } => {
                 *enqueued + self.options.group_commit_delay
             }
             Request::AckThrough { .. } => Instant::now(),
         };
-        let mut events = event_count(&first);
+        let mut reject_bytes = reject_weight(&first);
         let mut batch = vec![first];
+        while reject_bytes < REJECT_BYTES_PER_COMMIT
+            && let Some(next) = deferred.pop_front()
+        {
+            reject_bytes += reject_weight(&next);
+            batch.push(next);
+        }
+        let mut events: usize = batch.iter().map(event_count).sum();
         while events < self.options.group_commit_max_events {
             let next = match receiver.try_recv() {
                 Ok(request) => request,
@@ -787,6 +808,12 @@ impl Writer {
                     }
                 }
             };
+            let weight = reject_weight(&next);
+            if weight > 0 && reject_bytes + weight > REJECT_BYTES_PER_COMMIT {
+                deferred.push_back(next);
+                continue;
+            }
+            reject_bytes += weight;
             events += event_count(&next);
             batch.push(next);
         }
@@ -1130,6 +1157,14 @@ enum Outcome {
     Appended(Vec<Appended>),
     Rejected,
     Acked(u64),
+}
+
+/// What a reject request writes, in bytes (0 for any other request).
+fn reject_weight(request: &Request) -> u64 {
+    match request {
+        Request::Reject { record, .. } => record.weight(),
+        _ => 0,
+    }
 }
 
 fn event_count(request: &Request) -> usize {

@@ -38,6 +38,11 @@ const MAX_PENDING_PER_CONNECTION: usize = 1000;
 /// How many payload bytes of one connection may wait for their flush before the connection is
 /// not read further: a thousand small events in flight, but not a thousand of the largest.
 const MAX_PENDING_BYTES_PER_CONNECTION: usize = 2 << 20;
+/// Refused input one connection may send, in bytes a second, once its burst is spent; past
+/// it the connection is read no further until it is back within the rate. A client sending
+/// nothing but refused events must not take the CPU that validates everyone else's.
+const REFUSED_BYTES_PER_SEC: f64 = 512.0 * 1024.0;
+const REFUSED_BURST_BYTES: f64 = 2.0 * 1024.0 * 1024.0;
 /// How long a socket may take from its accept to a complete CONNECT (and TLS handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Sockets that have not sent their CONNECT yet, at most. They have their own budget, apart
@@ -379,6 +384,7 @@ impl Endpoint {
             pending: VecDeque::new(),
             pending_sizes: VecDeque::new(),
             pending_bytes: 0,
+            refused: RefusedPace::new(),
             cancel: CancellationToken::new(),
         };
         let outcome = connection.run(shutdown).await;
@@ -471,6 +477,8 @@ struct Connection {
     /// The payload bytes of each waiting answer's publish, in the same order, and their sum.
     pending_sizes: VecDeque<usize>,
     pending_bytes: usize,
+    /// How much refused input this connection has sent lately.
+    refused: RefusedPace,
     /// Cancelled when another connection takes this client id over.
     cancel: CancellationToken,
 }
@@ -520,7 +528,9 @@ impl Connection {
                 let _ = self.flush().await;
                 return Ok(closing.take().unwrap_or(Closed::ByClient));
             }
+            let paused_until = self.refused.paused_until(Instant::now());
             let can_read = closing.is_none()
+                && paused_until.is_none()
                 && self.pending.len() < MAX_PENDING_PER_CONNECTION
                 && self.pending_bytes < MAX_PENDING_BYTES_PER_CONNECTION;
             let keep_alive_deadline = last_heard + self.keep_alive + self.keep_alive / 2;
@@ -556,6 +566,10 @@ impl Connection {
                 }
                 _ = shutdown.cancelled(), if closing.is_none() => {
                     closing = Some(Closed::Shutdown);
+                }
+                _ = tokio::time::sleep_until(paused_until.unwrap_or(keep_alive_deadline)), if closing.is_none() && paused_until.is_some() => {
+                    // Pausing is not silence: what the client sent meanwhile is still there.
+                    last_heard = Instant::now();
                 }
                 _ = tokio::time::sleep_until(keep_alive_deadline), if closing.is_none() => {
                     self.queue(Outgoing::Disconnect { reason: DisconnectReason::KeepAliveTimeout });
@@ -886,6 +900,7 @@ impl Connection {
                     vec![violation.clone()],
                 ));
                 endpoint.metrics.rejected.get_or_create(&MQTT).inc();
+                self.refused.charge(payload_bytes, Instant::now());
                 let notify = self.notifier();
                 self.wait_for(
                     payload_bytes,
@@ -965,6 +980,7 @@ impl Connection {
                 ));
                 endpoint.metrics.rejected.get_or_create(&MQTT).inc();
                 backhaul_events::rate_limited!(REJECTED_EVENTS, info, client = %self.client_id, event = id.as_deref().unwrap_or(""), reasons = %text, "MQTT event rejected");
+                self.refused.charge(payload_bytes, Instant::now());
                 let notify = self.notifier();
                 self.wait_for(
                     payload_bytes,
@@ -1133,4 +1149,38 @@ pub fn tls_acceptor(tls: &crate::config::MqttTls) -> anyhow::Result<tokio_rustls
         anyhow::anyhow!("mqtt.tls: the certificate and key do not go together: {e}")
     })?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A token bucket of refused input, in bytes: full at the start, spent by refused publishes,
+/// refilled at [`REFUSED_BYTES_PER_SEC`].
+struct RefusedPace {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RefusedPace {
+    fn new() -> RefusedPace {
+        RefusedPace {
+            tokens: REFUSED_BURST_BYTES,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * REFUSED_BYTES_PER_SEC;
+        self.tokens = (self.tokens + earned).min(REFUSED_BURST_BYTES);
+        self.at = now;
+    }
+
+    fn charge(&mut self, bytes: usize, now: Instant) {
+        self.refill(now);
+        self.tokens -= bytes as f64;
+    }
+
+    /// When the connection may be read again, if it is over its rate now.
+    fn paused_until(&mut self, now: Instant) -> Option<Instant> {
+        self.refill(now);
+        (self.tokens < 0.0)
+            .then(|| now + Duration::from_secs_f64(-self.tokens / REFUSED_BYTES_PER_SEC))
+    }
 }
