@@ -119,7 +119,11 @@ fn assert_exactly_once_in_order(erp: &ErpStandIn, wanted: &[String]) {
 fn outbox_rows(postgres: &Postgres) -> i64 {
     postgres
         .client()
-        .query_one("SELECT count(*) FROM backhaul.events", &[])
+        .query_one(
+            "SELECT (SELECT count(*) FROM backhaul.events)
+                  + (SELECT coalesce(sum(events), 0) FROM backhaul.staged)::bigint",
+            &[],
+        )
         .expect("count the outbox")
         .get(0)
 }

@@ -350,7 +350,7 @@ struct PgStats {
     /// Largest PSS of all server processes together, sampled.
     pss_max_kib: u64,
     event_ids: Option<u64>,
-    /// Rows of `backhaul.events` left (0 when everything was delivered).
+    /// Events left in `backhaul.events` and staged (0 when everything was delivered).
     events_left: Option<u64>,
     database_bytes: Option<u64>,
     /// WAL written during the drain (and the relays' start-up), bytes.
@@ -1164,7 +1164,10 @@ fn pg_stats(
         cpu,
         pss_max_kib,
         event_ids: number("SELECT count(*) FROM backhaul.event_ids"),
-        events_left: number("SELECT count(*) FROM backhaul.events"),
+        events_left: number(
+            "SELECT (SELECT count(*) FROM backhaul.events)
+                  + (SELECT coalesce(sum(events), 0) FROM backhaul.staged)",
+        ),
         database_bytes: number("SELECT pg_database_size(current_database())"),
         wal_bytes: wal_bytes(pg)
             .zip(wal_start)

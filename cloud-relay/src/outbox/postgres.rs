@@ -4,10 +4,16 @@
 //!
 //! What it owns: the schema and its migrations (schema `backhaul`, applied at open under an
 //! advisory lock, so relays starting together migrate once); intake in one transaction per
-//! call under a row lock of each site it touches; exact deduplication by a unique
-//! (site, event id) key, with no window; the queue per ordering key, which one relay at a time
-//! holds under a lease while it delivers that key's head; dead letters, replay, refusals, and
-//! a snapshot of the site records for readers that never wait for the database.
+//! call under a row lock of each site it touches, which stores each batch's new events as one
+//! staged row; indexing of staged rows into the queue per ordering key, a site at a time in
+//! arrival order, with exact deduplication by a unique (site, event id) key and no window; the
+//! queues, which one relay at a time holds under a lease while it delivers a key's head; dead
+//! letters, replay, refusals, and a snapshot of the site records for readers that never wait
+//! for the database.
+//!
+//! Why staging: an acknowledgement needs the batch durable and contiguous, not indexed. One
+//! row per batch makes intake cost a few statements whatever the batch holds; the per-event
+//! rows and indexes are written by whichever relay indexes next, off the agent's path.
 //!
 //! Every transaction takes its locks in one order (sites by name, then queues by key), so
 //! relays do not deadlock each other; one that PostgreSQL aborts anyway as a deadlock or a
@@ -18,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
-use backhaul_events::{BatchFrame, BatchRefusal, EventOutcome, Outcome, Refusal, StampedEvent};
+use backhaul_events::{BatchFrame, BatchRefusal, Refusal, StampedEvent};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 
@@ -29,7 +35,8 @@ use super::{
 use crate::connector::CommitToken;
 
 /// The schema's migrations, in order; `schema_version` holds how many were applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE backhaul.sites (
     site text PRIMARY KEY,
     epoch text NOT NULL DEFAULT '',
@@ -88,7 +95,17 @@ CREATE TABLE backhaul.meta (
     key text PRIMARY KEY,
     value bigint NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE backhaul.staged (
+    id bigserial PRIMARY KEY,
+    site text NOT NULL,
+    events bigint NOT NULL,
+    record bytea NOT NULL
+);
+CREATE INDEX staged_by_site ON backhaul.staged (site, id);
+"#,
+];
 
 /// An arbitrary constant naming the migration lock among the database's advisory locks.
 const MIGRATION_LOCK: i64 = 0x6261_636b_6861_756c;
@@ -107,6 +124,10 @@ const GAP_WAITS: [Duration; 6] = [
 ];
 /// Transactions aborted by a deadlock or serialisation failure are run again this often.
 const RETRIES: usize = 8;
+/// Events indexed in one transaction, at most one batch more (a few MB of records in memory).
+const INDEX_EVENTS: i64 = 8_000;
+/// Names the indexing locks among the database's advisory locks (with a hash of the site).
+const INDEX_LOCK: i32 = 0x6268_6978;
 
 /// How the PostgreSQL outbox is opened.
 #[derive(Clone)]
@@ -138,6 +159,19 @@ pub struct PgOutbox {
     published: RwLock<Snapshot>,
     /// Nudges the refresher after a write, so readers see it soon.
     nudge: (Mutex<bool>, Condvar),
+}
+
+/// A batch's new events as one staged row holds them; the site is the row's.
+#[derive(serde::Serialize)]
+struct StagedRef<'a> {
+    epoch: backhaul_events::Epoch,
+    entries: &'a [backhaul_events::BatchEntry],
+}
+
+#[derive(serde::Deserialize)]
+struct Staged {
+    epoch: backhaul_events::Epoch,
+    entries: Vec<backhaul_events::BatchEntry>,
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> OutboxError {
@@ -438,67 +472,26 @@ impl PgOutbox {
         };
         site.seen = true;
         site.epoch = epoch.clone();
-        let fresh: Vec<_> = batch
+        // Events are in sequence order: what is new is the tail past what is stored.
+        let skip = batch
             .events
             .iter()
-            .filter(|entry| known.is_none_or(|highest| entry.seq > highest))
-            .collect();
-        result.duplicates += (batch.events.len() - fresh.len()) as u64;
-        let ids: Vec<&str> = fresh.iter().map(|e| e.event.id.as_str()).collect();
-        let inserted = txn.query(
-            "INSERT INTO backhaul.event_ids (site, event_id)
-             SELECT $1, id FROM unnest($2::text[]) AS u(id)
-             ON CONFLICT DO NOTHING RETURNING event_id",
-            &[&batch.site, &ids],
-        )?;
-        let mut new_ids: HashMap<String, usize> = HashMap::new();
-        for row in &inserted {
-            *new_ids.entry(row.get(0)).or_default() += 1;
-        }
-        let (mut queues, mut sites, mut event_ids, mut records) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut per_queue: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
-        for entry in fresh {
-            let first = new_ids
-                .get_mut(&entry.event.id)
-                .filter(|n| **n > 0)
-                .map(|n| *n -= 1)
-                .is_some();
-            if !first {
-                result.duplicates += 1;
-                result.outcomes.push(EventOutcome {
-                    seq: entry.seq,
-                    id: entry.event.id.clone(),
-                    outcome: Outcome::Duplicate,
-                });
-                continue;
-            }
-            let stamped = StampedEvent {
-                site: batch.site.clone(),
+            .take_while(|entry| known.is_some_and(|highest| entry.seq <= highest))
+            .count();
+        let fresh = &batch.events[skip..];
+        result.duplicates += skip as u64;
+        if !fresh.is_empty() {
+            let record = postcard::to_stdvec(&StagedRef {
                 epoch: batch.epoch,
-                seq: entry.seq,
-                received_at_ms: entry.received_at_ms,
-                event: entry.event.clone(),
-            };
-            let queue = queue_of(&stamped);
-            let record = postcard::to_stdvec(&stamped).map_err(storage)?;
-            site.held_bytes += record.len() as i64;
-            *per_queue.entry(queue.clone()).or_default() += 1;
-            queues.push(queue);
-            sites.push(batch.site.as_str());
-            event_ids.push(entry.event.id.as_str());
-            records.push(record);
-            result.stored += 1;
-        }
-        if !records.is_empty() {
+                entries: fresh,
+            })
+            .map_err(storage)?;
             txn.execute(
-                "INSERT INTO backhaul.events (queue, site, event_id, record)
-                 SELECT q, s, i, r FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[])
-                     WITH ORDINALITY AS u(q, s, i, r, n)
-                 ORDER BY n",
-                &[&queues, &sites, &event_ids, &records],
+                "INSERT INTO backhaul.staged (site, events, record) VALUES ($1, $2, $3)",
+                &[&batch.site, &big(fresh.len() as u64), &record],
             )?;
-            add_waiting(txn, &per_queue)?;
+            site.held_bytes += record.len() as i64;
+            result.stored = fresh.len() as u64;
         }
         let through = from.max(batch.last_seq);
         txn.execute(
@@ -513,7 +506,9 @@ impl PgOutbox {
         Ok(result)
     }
 
-    /// Writes what a transaction changed in the sites it locked.
+    /// Adds what a transaction changed to its sites' records. Transactions that change queues
+    /// write their sites last: every transaction takes queue rows (in key order) before site
+    /// rows (in name order), so relays never wait on each other in a circle.
     fn write_sites(
         txn: &mut Transaction<'_>,
         sites: &BTreeMap<String, SiteRow>,
@@ -523,7 +518,7 @@ impl PgOutbox {
             let highest = row.highest_seq.map(big);
             txn.execute(
                 "UPDATE backhaul.sites SET
-                    epoch = $2,
+                    epoch = CASE WHEN $4 THEN $2 ELSE epoch END,
                     highest_seq = COALESCE($3, highest_seq),
                     last_seen_ms = CASE WHEN $4 THEN $5 ELSE last_seen_ms END,
                     events_stored = events_stored + $6,
@@ -555,11 +550,144 @@ impl PgOutbox {
         Ok(())
     }
 
+    /// Indexes staged batches of the sites no other relay is indexing right now: their new
+    /// events join their queues in arrival order, each id once per site. Returns how many
+    /// events were indexed.
+    fn index_staged(&self) -> Result<usize, OutboxError> {
+        self.transaction(|txn| {
+            let candidates: Vec<String> = txn
+                .query(
+                    "SELECT DISTINCT site FROM backhaul.staged ORDER BY site LIMIT 256",
+                    &[],
+                )?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let mut mine = BTreeSet::new();
+            for site in &candidates {
+                // Two relays indexing one site would interleave its batches in the queues.
+                let free: bool = txn
+                    .query_one(
+                        "SELECT pg_try_advisory_xact_lock($1, hashtext($2))",
+                        &[&INDEX_LOCK, site],
+                    )?
+                    .get(0);
+                if free {
+                    mine.insert(site.as_str());
+                }
+            }
+            if mine.is_empty() {
+                return Ok(0);
+            }
+            let mut sites: BTreeMap<String, SiteRow> = mine
+                .iter()
+                .map(|site| (site.to_string(), SiteRow::default()))
+                .collect();
+            let names: Vec<&str> = mine.iter().copied().collect();
+            // Each site's oldest batches, by arrival: a prefix of every site's staged rows.
+            let sizes = txn.query(
+                "SELECT id, events FROM backhaul.staged WHERE site = ANY($1) ORDER BY id LIMIT 1000",
+                &[&names],
+            )?;
+            let mut through = 0i64;
+            let mut events = 0i64;
+            for row in &sizes {
+                through = row.get(0);
+                events += row.get::<_, i64>(1);
+                if events >= INDEX_EVENTS {
+                    break;
+                }
+            }
+            let rows = txn.query(
+                "DELETE FROM backhaul.staged WHERE site = ANY($1) AND id <= $2
+                 RETURNING id, site, record",
+                &[&names, &through],
+            )?;
+            let mut rows: Vec<(i64, String, Vec<u8>)> = rows
+                .into_iter()
+                .map(|row| (row.get(0), row.get(1), row.get(2)))
+                .collect();
+            rows.sort_by_key(|(id, _, _)| *id);
+            let mut stamped = Vec::with_capacity(events.max(0) as usize);
+            for (id, site, record) in rows {
+                let staged: Staged = postcard::from_bytes(&record).map_err(|e| {
+                    OutboxError::Storage(format!("staged batch {id} cannot be decoded: {e}"))
+                })?;
+                if let Some(row) = sites.get_mut(&site) {
+                    row.held_bytes -= record.len() as i64;
+                }
+                stamped.extend(staged.entries.into_iter().map(|entry| StampedEvent {
+                    site: site.clone(),
+                    epoch: staged.epoch,
+                    seq: entry.seq,
+                    received_at_ms: entry.received_at_ms,
+                    event: entry.event,
+                }));
+            }
+            let (id_sites, ids): (Vec<&str>, Vec<&str>) = stamped
+                .iter()
+                .map(|e| (e.site.as_str(), e.event.id.as_str()))
+                .unzip();
+            let inserted = txn.query(
+                "INSERT INTO backhaul.event_ids (site, event_id)
+                 SELECT s, i FROM unnest($1::text[], $2::text[]) AS u(s, i)
+                 ON CONFLICT DO NOTHING RETURNING site, event_id",
+                &[&id_sites, &ids],
+            )?;
+            let mut new_ids: HashMap<(String, String), usize> = HashMap::new();
+            for row in &inserted {
+                *new_ids.entry((row.get(0), row.get(1))).or_default() += 1;
+            }
+            let (mut queues, mut event_sites, mut event_ids, mut records) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut per_queue: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+            for event in &stamped {
+                let first = new_ids
+                    .get_mut(&(event.site.clone(), event.event.id.clone()))
+                    .filter(|n| **n > 0)
+                    .map(|n| *n -= 1)
+                    .is_some();
+                let Some(site) = sites.get_mut(&event.site) else {
+                    continue;
+                };
+                if !first {
+                    // Stored once already, under another sequence number (a new epoch, or
+                    // an id the agent had forgotten): counted, not delivered twice.
+                    site.stored -= 1;
+                    site.duplicates += 1;
+                    continue;
+                }
+                let queue = queue_of(event);
+                let record = postcard::to_stdvec(event).map_err(storage)?;
+                site.held_bytes += record.len() as i64;
+                *per_queue.entry(queue.clone()).or_default() += 1;
+                queues.push(queue);
+                event_sites.push(event.site.as_str());
+                event_ids.push(event.event.id.as_str());
+                records.push(record);
+            }
+            if !records.is_empty() {
+                txn.execute(
+                    "INSERT INTO backhaul.events (queue, site, event_id, record)
+                     SELECT q, s, i, r FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[])
+                         WITH ORDINALITY AS u(q, s, i, r, n)
+                     ORDER BY n",
+                    &[&queues, &event_sites, &event_ids, &records],
+                )?;
+                add_waiting(txn, &per_queue)?;
+            }
+            Self::write_sites(txn, &sites)?;
+            Ok(stamped.len())
+        })
+    }
+
     /// Renews the leases of the queues this relay holds; returns those with events waiting.
     fn renew(&self, txn: &mut Transaction<'_>) -> Result<Vec<Vec<u8>>, Failure> {
         let rows = txn.query(
-            "UPDATE backhaul.queues SET lease_until = now() + make_interval(secs => $2)
-             WHERE lease_owner = $1 RETURNING queue, waiting",
+            "UPDATE backhaul.queues q SET lease_until = now() + make_interval(secs => $2)
+             FROM (SELECT queue FROM backhaul.queues WHERE lease_owner = $1
+                   ORDER BY queue FOR UPDATE) mine
+             WHERE q.queue = mine.queue RETURNING q.queue, q.waiting",
             &[&self.relay_id, &self.lease_secs],
         )?;
         Ok(rows
@@ -793,8 +921,10 @@ impl PgOutbox {
             if letters.is_empty() {
                 return Ok(Vec::new());
             }
-            let names: BTreeSet<&str> = letters.iter().map(|l| l.event.site.as_str()).collect();
-            let mut sites = Self::lock_sites(txn, &names)?;
+            let mut sites: BTreeMap<String, SiteRow> = letters
+                .iter()
+                .map(|l| (l.event.site.clone(), SiteRow::default()))
+                .collect();
             let taken: Vec<i64> = letters.iter().map(|l| big(l.id)).collect();
             let freed = txn.query(
                 "DELETE FROM backhaul.dead_letters WHERE id = ANY($1)
@@ -827,19 +957,9 @@ impl PgOutbox {
                 }
                 add_waiting(txn, &per_queue)?;
             }
-            for site in sites.values_mut() {
-                site.keep_epoch();
-            }
             Self::write_sites(txn, &sites)?;
             Ok(letters.iter().map(|l| l.id).collect())
         })
-    }
-}
-
-impl SiteRow {
-    /// For a transaction that takes no batch: the epoch stays as it was read.
-    fn keep_epoch(&mut self) {
-        self.seen = false;
     }
 }
 
@@ -885,6 +1005,7 @@ impl Outbox for PgOutbox {
     }
 
     fn heads(&self, limit: usize, skip: &dyn Fn(&[u8]) -> bool) -> Result<Vec<Head>, OutboxError> {
+        self.index_staged()?;
         let rows = self.transaction(|txn| {
             let held = self.renew(txn)?;
             let mut free: Vec<Vec<u8>> = held.into_iter().filter(|q| !skip(q)).collect();
@@ -924,16 +1045,12 @@ impl Outbox for PgOutbox {
         commit: Option<CommitToken>,
     ) -> Result<(), OutboxError> {
         self.transaction(|txn| {
-            let names: BTreeSet<&str> = posted
+            let mut sites: BTreeMap<String, SiteRow> = posted
                 .iter()
-                .map(|(_, e)| e.site.as_str())
-                .chain(dead.iter().map(|(_, e, _, _)| e.site.as_str()))
+                .map(|(_, e)| e.site.clone())
+                .chain(dead.iter().map(|(_, e, _, _)| e.site.clone()))
+                .map(|site| (site, SiteRow::default()))
                 .collect();
-            let mut sites = if names.is_empty() {
-                BTreeMap::new()
-            } else {
-                Self::lock_sites(txn, &names)?
-            };
             let seqs: Vec<i64> = posted
                 .iter()
                 .map(|(seq, _)| big(*seq))
@@ -959,12 +1076,20 @@ impl Outbox for PgOutbox {
                     site.delivered += 1;
                 }
             }
-            let at_ms = now_ms();
-            for (outbox_seq, event, reason, attempts) in dead {
-                let Some(bytes) = removed.get(outbox_seq) else {
-                    continue;
-                };
+            let dead: Vec<_> = dead
+                .iter()
+                .filter_map(|entry| removed.get(&entry.0).map(|bytes| (entry, *bytes)))
+                .collect();
+            for ((_, event, _, _), _) in &dead {
                 *per_queue.entry(queue_of(event)).or_default() += 1;
+            }
+            take_waiting(txn, &per_queue)?;
+            let names: BTreeSet<&str> = sites.keys().map(String::as_str).collect();
+            if !names.is_empty() {
+                Self::lock_sites(txn, &names)?;
+            }
+            let at_ms = now_ms();
+            for ((outbox_seq, event, reason, attempts), bytes) in dead {
                 let letter = DeadLetter {
                     id: *outbox_seq,
                     reason: reason.clone(),
@@ -1003,7 +1128,6 @@ impl Outbox for PgOutbox {
                     site.refusals_unacknowledged += 1;
                 }
             }
-            take_waiting(txn, &per_queue)?;
             if let Some(CommitToken(token)) = commit {
                 txn.execute(
                     "INSERT INTO backhaul.meta (key, value) VALUES ($1, $2)
@@ -1011,15 +1135,13 @@ impl Outbox for PgOutbox {
                     &[&META_CONNECTOR_COMMIT, &big(token)],
                 )?;
             }
-            for site in sites.values_mut() {
-                site.keep_epoch();
-            }
             Self::write_sites(txn, &sites)?;
             Ok(())
         })
     }
 
     fn pending(&self, limit: usize) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
+        self.index_staged()?;
         let rows = self.transaction(|txn| {
             Ok(txn.query(
                 "SELECT outbox_seq, record FROM backhaul.events ORDER BY outbox_seq LIMIT $1",
