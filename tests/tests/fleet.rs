@@ -454,3 +454,112 @@ fn check_config_refuses_postgres_settings_that_cannot_work() {
         "{stderr}"
     );
 }
+
+/// A count event of `site` with its own location, so each is a queue of its own.
+fn count_entry(seq: u64, id: &str) -> backhaul_events::BatchEntry {
+    let json = format!(
+        r#"{{"v":1,"id":"{id}","type":"count","ts":"2026-11-22T10:15:00Z","sku":"S","qty":1,"location":"L-{id}"}}"#
+    );
+    backhaul_events::BatchEntry {
+        seq,
+        received_at_ms: 0,
+        event: backhaul_events::event::parse_event(json.as_bytes()).expect("a valid event"),
+    }
+}
+
+/// A batch of `site` sent while the agent had everything through `acked_through`
+/// acknowledged, its events numbered from `first_seq`.
+fn batch_of(
+    epoch: u128,
+    acked_through: u64,
+    first_seq: u64,
+    ids: &[&str],
+) -> backhaul_events::BatchFrame {
+    backhaul_events::BatchFrame {
+        site: "wh-park".into(),
+        epoch: backhaul_events::Epoch(epoch),
+        acked_through,
+        first_seq,
+        last_seq: first_seq + ids.len() as u64 - 1,
+        events: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| count_entry(first_seq + i as u64, id))
+            .collect(),
+        signature: None,
+    }
+}
+
+/// With a `$share` group, a site's batches reach different relays and are stored in any
+/// order: one that starts past a gap is kept without being acknowledged, the batch that
+/// closes the gap is acknowledged through every batch it joined, delivery follows the
+/// sites' order, and re-sent batches and ids seen in an earlier epoch are stored once.
+#[test]
+fn batches_stored_out_of_order_are_acknowledged_once_the_gap_closes() {
+    use backhaul_relay::outbox::Outbox;
+    use backhaul_relay::outbox::postgres::{PgOptions, PgOutbox};
+    let postgres = Postgres::start();
+    let outbox = PgOutbox::open(PgOptions {
+        url: postgres.url(),
+        password: None,
+        relay_id: "relay-test".into(),
+        lease: Duration::from_secs(5),
+        max_bytes: 1 << 30,
+        connections: 2,
+    })
+    .expect("the outbox opens");
+    let store = |batch: backhaul_events::BatchFrame| {
+        let mut results = outbox.store(&[batch]).expect("stored");
+        results.remove(0)
+    };
+    // The agent sent three batches before any acknowledgement; the third arrives first.
+    let third = store(batch_of(1, 0, 7, &["p7", "p8", "p9"]));
+    assert_eq!((third.acked_through, third.refused), (0, None));
+    let second = store(batch_of(1, 0, 4, &["p4", "p5", "p6"]));
+    assert_eq!((second.acked_through, second.refused), (0, None));
+    // A re-send of a parked batch is not kept twice.
+    store(batch_of(1, 0, 4, &["p4", "p5", "p6"]));
+    let parked: i64 = postgres
+        .client()
+        .query_one("SELECT count(*) FROM backhaul.staged WHERE parked", &[])
+        .expect("count parked batches")
+        .get(0);
+    assert_eq!(parked, 2);
+    assert!(outbox.pending(100).expect("pending").is_empty());
+    // The first closes the gap: its acknowledgement covers all three.
+    let first = store(batch_of(1, 0, 1, &["p1", "p2", "p3"]));
+    assert_eq!((first.acked_through, first.refused), (9, None));
+    // Re-sent after a timeout, the third is acknowledged and stored once.
+    let again = store(batch_of(1, 0, 7, &["p7", "p8", "p9"]));
+    assert_eq!((again.acked_through, again.stored), (9, 0));
+    // Far past anything stored is still a gap, refused for the agent to re-send in order.
+    let far = store(batch_of(1, 9, 500_000, &["far"]));
+    assert_eq!(
+        far.refused,
+        Some(backhaul_events::BatchRefusal::Gap),
+        "{far:?}"
+    );
+    // A new epoch (the agent's log started over) repeating an id: stored once.
+    let next_epoch = store(batch_of(2, 0, 1, &["p1", "q2"]));
+    assert_eq!(next_epoch.acked_through, 2);
+    let pending: Vec<String> = outbox
+        .pending(100)
+        .expect("pending")
+        .into_iter()
+        .map(|(_, event)| event.event.id)
+        .collect();
+    assert_eq!(
+        pending,
+        ["p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9", "q2"]
+    );
+    let site = poll_until(Duration::from_secs(10), || {
+        outbox
+            .sites()
+            .into_iter()
+            .find(|s| s.site == "wh-park" && s.events_duplicate >= 4)
+    })
+    .unwrap_or_else(|| panic!("the site's record counts the repeats: {:?}", outbox.sites()));
+    assert_eq!(site.events_stored, 10, "{site:?}");
+    assert_eq!(site.events_duplicate, 4, "{site:?}");
+    assert_eq!(site.outbox_depth(), 10, "{site:?}");
+}

@@ -15,6 +15,12 @@
 //! row per batch makes intake cost a few statements whatever the batch holds; the per-event
 //! rows and indexes are written by whichever relay indexes next, off the agent's path.
 //!
+//! Why parking: a `$share` group hands a site's consecutive batches to different relays,
+//! which commit them in any order. A batch that starts past a gap is kept (parked), not
+//! acknowledged; the relay that stores the batch closing the gap joins the parked ones that
+//! continue it and acknowledges through them all. Refusing instead would cost the agent a
+//! re-send of its whole window for every race.
+//!
 //! Every transaction takes its locks in one order (sites by name, then queues by key), so
 //! relays do not deadlock each other; one that PostgreSQL aborts anyway as a deadlock or a
 //! serialisation failure is run again.
@@ -100,10 +106,15 @@ CREATE TABLE backhaul.meta (
 CREATE TABLE backhaul.staged (
     id bigserial PRIMARY KEY,
     site text NOT NULL,
+    epoch text NOT NULL,
+    first_seq bigint NOT NULL,
+    last_seq bigint NOT NULL,
     events bigint NOT NULL,
-    record bytea NOT NULL
+    record bytea NOT NULL,
+    parked boolean NOT NULL
 );
-CREATE INDEX staged_by_site ON backhaul.staged (site, id);
+CREATE INDEX staged_by_site ON backhaul.staged (site, id) WHERE NOT parked;
+CREATE INDEX staged_parked ON backhaul.staged (site, epoch, first_seq) WHERE parked;
 "#,
 ];
 
@@ -112,18 +123,11 @@ const MIGRATION_LOCK: i64 = 0x6261_636b_6861_756c;
 const META_CONNECTOR_COMMIT: &str = "connector_commit";
 /// How often readers' snapshot of the sites is refreshed from the database.
 const REFRESH_EVERY: Duration = Duration::from_millis(500);
-/// How long a batch that starts past a gap waits for the batches before it, step by step,
-/// before it is refused (about a quarter of a second in all).
-const GAP_WAITS: [Duration; 6] = [
-    Duration::from_millis(5),
-    Duration::from_millis(10),
-    Duration::from_millis(20),
-    Duration::from_millis(40),
-    Duration::from_millis(60),
-    Duration::from_millis(100),
-];
 /// Transactions aborted by a deadlock or serialisation failure are run again this often.
 const RETRIES: usize = 8;
+/// How far past what is stored a batch may start and still be parked until the batches
+/// before it arrive (a few agent windows); one further on is refused as a gap.
+const PARK_SPAN: u64 = 200_000;
 /// Events indexed in one transaction, at most one batch more (a few MB of records in memory).
 const INDEX_EVENTS: i64 = 8_000;
 /// Names the indexing locks among the database's advisory locks (with a hash of the site).
@@ -461,6 +465,20 @@ impl PgOutbox {
                 result.stale_epoch = true;
                 return Ok(result);
             }
+            Admission::Refused(BatchRefusal::Gap)
+                if !full
+                    && batch.first_seq
+                        <= known.unwrap_or(0).max(batch.acked_through) + PARK_SPAN =>
+            {
+                // Another relay is most likely storing the batches before this one right
+                // now: keep it, acknowledge nothing new, and let whoever closes the gap
+                // acknowledge through it.
+                site.seen = true;
+                site.epoch = epoch.clone();
+                site.highest_seq = Some(known.unwrap_or(0));
+                Self::park(txn, batch, &epoch, site)?;
+                return Ok(result);
+            }
             Admission::Refused(refusal) => {
                 site.seen = true;
                 site.epoch = epoch;
@@ -470,6 +488,17 @@ impl PgOutbox {
             }
             Admission::Take { from } => from,
         };
+        if site.epoch != epoch {
+            // A new epoch: batches parked in the old one will never continue anything.
+            let dropped = txn.query(
+                "DELETE FROM backhaul.staged WHERE site = $1 AND parked AND epoch <> $2
+                 RETURNING length(record)",
+                &[&batch.site, &epoch],
+            )?;
+            for row in &dropped {
+                site.held_bytes -= i64::from(row.get::<_, i32>(0));
+            }
+        }
         site.seen = true;
         site.epoch = epoch.clone();
         // Events are in sequence order: what is new is the tail past what is stored.
@@ -487,13 +516,22 @@ impl PgOutbox {
             })
             .map_err(storage)?;
             txn.execute(
-                "INSERT INTO backhaul.staged (site, events, record) VALUES ($1, $2, $3)",
-                &[&batch.site, &big(fresh.len() as u64), &record],
+                "INSERT INTO backhaul.staged
+                     (site, epoch, first_seq, last_seq, events, record, parked)
+                 VALUES ($1, $2, $3, $4, $5, $6, false)",
+                &[
+                    &batch.site,
+                    &epoch,
+                    &big(fresh[0].seq),
+                    &big(batch.last_seq),
+                    &big(fresh.len() as u64),
+                    &record,
+                ],
             )?;
             site.held_bytes += record.len() as i64;
             result.stored = fresh.len() as u64;
         }
-        let through = from.max(batch.last_seq);
+        let through = Self::unpark(txn, batch, &epoch, from.max(batch.last_seq), site)?;
         txn.execute(
             "INSERT INTO backhaul.epochs (site, epoch, highest) VALUES ($1, $2, $3)
              ON CONFLICT (site, epoch) DO UPDATE SET highest = EXCLUDED.highest",
@@ -504,6 +542,105 @@ impl PgOutbox {
         site.stored += result.stored as i64;
         site.duplicates += result.duplicates as i64;
         Ok(result)
+    }
+
+    /// Keeps a batch that starts past a gap, unless the same batch is parked already.
+    fn park(
+        txn: &mut Transaction<'_>,
+        batch: &BatchFrame,
+        epoch: &str,
+        site: &mut SiteRow,
+    ) -> Result<(), Failure> {
+        let first = big(batch.first_seq);
+        let last = big(batch.last_seq);
+        let parked = txn.query_opt(
+            "SELECT 1 FROM backhaul.staged
+             WHERE site = $1 AND epoch = $2 AND parked AND first_seq = $3 AND last_seq = $4",
+            &[&batch.site, &epoch, &first, &last],
+        )?;
+        if parked.is_some() {
+            return Ok(());
+        }
+        let record = postcard::to_stdvec(&StagedRef {
+            epoch: batch.epoch,
+            entries: &batch.events,
+        })
+        .map_err(storage)?;
+        txn.execute(
+            "INSERT INTO backhaul.staged
+                 (site, epoch, first_seq, last_seq, events, record, parked)
+             VALUES ($1, $2, $3, $4, $5, $6, true)",
+            &[
+                &batch.site,
+                &epoch,
+                &first,
+                &last,
+                &big(batch.events.len() as u64),
+                &record,
+            ],
+        )?;
+        site.held_bytes += record.len() as i64;
+        Ok(())
+    }
+
+    /// The epoch is stored without a gap through `through`: parked batches that now continue
+    /// it join the staged ones (after it, in sequence order), without what is stored already.
+    /// Returns how far the epoch is stored now.
+    fn unpark(
+        txn: &mut Transaction<'_>,
+        batch: &BatchFrame,
+        epoch: &str,
+        mut through: u64,
+        site: &mut SiteRow,
+    ) -> Result<u64, Failure> {
+        loop {
+            let rows = txn.query(
+                "SELECT id, first_seq, last_seq, record FROM backhaul.staged
+                 WHERE site = $1 AND epoch = $2 AND parked AND first_seq <= $3
+                 ORDER BY first_seq, id",
+                &[&batch.site, &epoch, &big(through + 1)],
+            )?;
+            if rows.is_empty() {
+                return Ok(through);
+            }
+            for row in rows {
+                let id: i64 = row.get(0);
+                let (first, last) = (count(row.get(1)), count(row.get(2)));
+                let record: Vec<u8> = row.get(3);
+                site.held_bytes -= record.len() as i64;
+                if last <= through {
+                    txn.execute("DELETE FROM backhaul.staged WHERE id = $1", &[&id])?;
+                    site.duplicates += (last + 1 - first) as i64;
+                    continue;
+                }
+                let mut staged: Staged = postcard::from_bytes(&record).map_err(|e| {
+                    OutboxError::Storage(format!("parked batch {id} cannot be decoded: {e}"))
+                })?;
+                let before = staged.entries.len();
+                staged.entries.retain(|entry| entry.seq > through);
+                site.duplicates += (before - staged.entries.len()) as i64;
+                let record = postcard::to_stdvec(&StagedRef {
+                    epoch: staged.epoch,
+                    entries: &staged.entries,
+                })
+                .map_err(storage)?;
+                site.held_bytes += record.len() as i64;
+                site.stored += staged.entries.len() as i64;
+                // A new number puts it after the batch that closed the gap, for the indexer.
+                txn.execute(
+                    "UPDATE backhaul.staged SET parked = false, record = $2, events = $3,
+                         first_seq = $4, id = nextval('backhaul.staged_id_seq')
+                     WHERE id = $1",
+                    &[
+                        &id,
+                        &record,
+                        &big(staged.entries.len() as u64),
+                        &big(staged.entries.first().map_or(last, |e| e.seq)),
+                    ],
+                )?;
+                through = last;
+            }
+        }
     }
 
     /// Adds what a transaction changed to its sites' records. Transactions that change queues
@@ -557,7 +694,8 @@ impl PgOutbox {
         self.transaction(|txn| {
             let candidates: Vec<String> = txn
                 .query(
-                    "SELECT DISTINCT site FROM backhaul.staged ORDER BY site LIMIT 256",
+                    "SELECT DISTINCT site FROM backhaul.staged WHERE NOT parked
+                     ORDER BY site LIMIT 256",
                     &[],
                 )?
                 .iter()
@@ -586,7 +724,8 @@ impl PgOutbox {
             let names: Vec<&str> = mine.iter().copied().collect();
             // Each site's oldest batches, by arrival: a prefix of every site's staged rows.
             let sizes = txn.query(
-                "SELECT id, events FROM backhaul.staged WHERE site = ANY($1) ORDER BY id LIMIT 1000",
+                "SELECT id, events FROM backhaul.staged WHERE site = ANY($1) AND NOT parked
+                 ORDER BY id LIMIT 1000",
                 &[&names],
             )?;
             let mut through = 0i64;
@@ -599,7 +738,7 @@ impl PgOutbox {
                 }
             }
             let rows = txn.query(
-                "DELETE FROM backhaul.staged WHERE site = ANY($1) AND id <= $2
+                "DELETE FROM backhaul.staged WHERE site = ANY($1) AND id <= $2 AND NOT parked
                  RETURNING id, site, record",
                 &[&names, &through],
             )?;
@@ -970,38 +1109,17 @@ impl Outbox for PgOutbox {
 
     fn store(&self, batches: &[BatchFrame]) -> Result<Vec<Stored>, OutboxError> {
         let full = self.held_bytes() >= self.max_bytes;
-        let store = |batches: &[&BatchFrame]| {
-            self.transaction(|txn| {
-                let names: BTreeSet<&str> = batches.iter().map(|b| b.site.as_str()).collect();
-                let mut sites = Self::lock_sites(txn, &names)?;
-                let mut results = Vec::with_capacity(batches.len());
-                for batch in batches {
-                    let site = sites.entry(batch.site.clone()).or_default();
-                    results.push(Self::store_batch(txn, batch, site, full)?);
-                }
-                Self::write_sites(txn, &sites)?;
-                Ok(results)
-            })
-        };
-        let all: Vec<&BatchFrame> = batches.iter().collect();
-        let mut results = store(&all)?;
-        // A shared subscription hands a site's consecutive batches to different relays, so
-        // the batch before a gap is often being committed by another relay right now. Waiting
-        // for it a moment here costs little; refusing costs the agent a second and a re-send.
-        for wait in GAP_WAITS {
-            let gaps: Vec<usize> = (0..results.len())
-                .filter(|i| results[*i].refused == Some(BatchRefusal::Gap))
-                .collect();
-            if gaps.is_empty() {
-                break;
+        self.transaction(|txn| {
+            let names: BTreeSet<&str> = batches.iter().map(|b| b.site.as_str()).collect();
+            let mut sites = Self::lock_sites(txn, &names)?;
+            let mut results = Vec::with_capacity(batches.len());
+            for batch in batches {
+                let site = sites.entry(batch.site.clone()).or_default();
+                results.push(Self::store_batch(txn, batch, site, full)?);
             }
-            std::thread::sleep(wait);
-            let again: Vec<&BatchFrame> = gaps.iter().map(|i| &batches[*i]).collect();
-            for (i, result) in gaps.into_iter().zip(store(&again)?) {
-                results[i] = result;
-            }
-        }
-        Ok(results)
+            Self::write_sites(txn, &sites)?;
+            Ok(results)
+        })
     }
 
     fn heads(&self, limit: usize, skip: &dyn Fn(&[u8]) -> bool) -> Result<Vec<Head>, OutboxError> {
