@@ -375,6 +375,7 @@ mod tests {
             },
             "mqtt": {"listen": "0.0.0.0:1883", "connected_clients": 2},
             "rejects_stored": 1,
+            "rejects_not_kept": 0,
             "link": {"state": "up", "since_ms": 1, "last_error": null, "last_ack_ms": 2,
                      "acked_through": 6, "batches_in_flight": 1, "events_in_flight": 3,
                      "batches_sent": 4, "batches_resent": 0, "events_forwarded": 9,
