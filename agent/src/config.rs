@@ -109,6 +109,10 @@ pub struct UplinkConfig {
     /// At most about this many bytes of events in one batch (one event is always sent).
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: ByteSize,
+    /// How batches are written: `zstd` (the default, a fraction of the events' size on the
+    /// wire) or `none`, for relays older than compressed batches.
+    #[serde(default)]
+    pub compression: backhaul_events::Compression,
     /// How long a partly filled batch waits for more events before it is sent.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,

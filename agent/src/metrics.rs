@@ -41,6 +41,8 @@ pub struct AgentMetrics {
     /// Frames from the relay ignored because they were not signed with the site's key.
     pub unsigned_frames: Counter,
     pub events_forwarded: Counter,
+    /// Bytes of the batch frames published, as they go on the wire.
+    pub uplink_bytes: Counter,
     pub events_acked: Counter,
     /// When the relay last acknowledged a batch, in ms since the Unix epoch (0: never).
     pub last_ack_ms: Gauge,
@@ -72,6 +74,7 @@ impl AgentMetrics {
             batch_resends: Counter::default(),
             unsigned_frames: Counter::default(),
             events_forwarded: Counter::default(),
+            uplink_bytes: Counter::default(),
             events_acked: Counter::default(),
             last_ack_ms: Gauge::default(),
             last_ack_age_seconds: Gauge::default(),
@@ -149,6 +152,11 @@ impl AgentMetrics {
             "events_forwarded",
             "Events published in batches, counting re-sends",
             metrics.events_forwarded.clone(),
+        );
+        registry.register(
+            "uplink_bytes",
+            "Bytes of batch frames published, as on the wire (compressed and signed), counting re-sends",
+            metrics.uplink_bytes.clone(),
         );
         registry.register(
             "events_acked",

@@ -495,6 +495,9 @@ fn check(
         return None;
     };
     metrics.batches_received.inc();
+    metrics
+        .batch_bytes_received
+        .inc_by(received.payload.len() as u64);
     let payload = match opened(keys, topic_site, &received.payload) {
         Ok(payload) => payload,
         Err(reason) => {

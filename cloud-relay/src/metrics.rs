@@ -25,6 +25,8 @@ pub struct RelayMetrics {
     registry: Registry,
     pub batches_received: Counter,
     pub events_received: Counter,
+    /// Bytes of the batch frames taken off the broker, as on the wire.
+    pub batch_bytes_received: Counter,
     pub events_duplicate: Counter,
     pub batches_refused: Family<ReasonLabel, Counter>,
     pub acks_published: Counter,
@@ -49,6 +51,7 @@ impl RelayMetrics {
             registry: Registry::default(),
             batches_received: Counter::default(),
             events_received: Counter::default(),
+            batch_bytes_received: Counter::default(),
             events_duplicate: Counter::default(),
             batches_refused: Family::default(),
             acks_published: Counter::default(),
@@ -76,6 +79,11 @@ impl RelayMetrics {
             "events_received",
             "Events in batches taken off the broker, counting repeats",
             metrics.events_received.clone(),
+        );
+        registry.register(
+            "batch_bytes_received",
+            "Bytes of batch frames taken off the broker, as on the wire (compressed and signed)",
+            metrics.batch_bytes_received.clone(),
         );
         registry.register(
             "events_duplicate",

@@ -23,7 +23,7 @@ pub mod topics;
 
 pub use event::{Event, EventType, MAX_EVENT_BYTES, MAX_STRING_CHARS, Violation, Violations};
 pub use frame::{
-    AckFrame, BatchEntry, BatchFrame, BatchRefusal, EventOutcome, FrameError, Outcome,
+    AckFrame, BatchEntry, BatchFrame, BatchRefusal, Compression, EventOutcome, FrameError, Outcome,
     OutcomeFrame, Refusal, RefusalAckFrame, RefusalFrame,
 };
 pub use stamped::{Epoch, OrderingKey, StampedEvent};

@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use backhaul_events::event::{MAX_EVENT_BYTES, parse_event};
-use backhaul_events::frame::FRAME_VERSION;
+use backhaul_events::frame::{COMPRESSED_FRAME_VERSION, FRAME_VERSION};
 use backhaul_events::{
-    AckFrame, BatchEntry, BatchFrame, BatchRefusal, Epoch, Event, EventOutcome, EventType,
-    FrameError, Outcome,
+    AckFrame, BatchEntry, BatchFrame, BatchRefusal, Compression, Epoch, Event, EventOutcome,
+    EventType, FrameError, Outcome,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::option;
@@ -628,7 +628,10 @@ fn wrong_versions_and_empty_frames_are_refused() {
         assert_eq!(err, FrameError::UnsupportedVersion(version));
         assert_eq!(
             err.to_string(),
-            format!("frame version {version} is not supported (this build reads version 1)")
+            format!(
+                "frame version {version} is not supported (this build reads version 1, and 3 \
+                 for batches compressed with zstd)"
+            )
         );
     }
     assert_eq!(BatchFrame::decode(&[], usize::MAX), Err(FrameError::Empty));
@@ -761,4 +764,141 @@ fn a_huge_length_prefix_does_not_allocate_or_panic() {
         AckFrame::decode(&bytes, usize::MAX),
         Err(FrameError::Malformed(_))
     ));
+}
+
+// ---------- compressed batches ----------
+
+proptest! {
+    #[test]
+    fn batches_round_trip_compressed(frame in batch()) {
+        let bytes = frame.encode_with(Compression::Zstd).unwrap();
+        // Compressed, or as it is when compressing would not make it smaller.
+        prop_assert!(bytes.len() <= frame.encode().unwrap().len());
+        prop_assert_eq!(BatchFrame::decode(&bytes, 1 << 24).unwrap(), frame);
+    }
+
+    #[test]
+    fn random_bytes_after_the_compressed_version_byte_never_panic(
+        body in vec(any::<u8>(), 0..512)
+    ) {
+        let mut bytes = vec![COMPRESSED_FRAME_VERSION];
+        bytes.extend(body);
+        let _ = BatchFrame::decode(&bytes, 1 << 20);
+    }
+}
+
+/// A day's scans as a warehouse makes them: ids counting up, a few hundred SKUs and locations,
+/// orders of a few lines, timestamps a second or so apart.
+fn warehouse_batch(events: u64) -> (BatchFrame, usize) {
+    let mut json_bytes = 0;
+    let entries = (0..events)
+        .map(|i| {
+            let json = format!(
+                r#"{{"v":1,"id":"wh-east-{:08}","type":"pick","ts":"2026-11-22T10:{:02}:{:02}Z","order":"SO-{}","line":{},"sku":"SKU-{:05}","qty":"{}","location":"A-{:02}-{:02}","device":"scanner-{:02}"}}"#,
+                1_000_000 + i * 7,
+                (i / 60) % 60,
+                i % 60,
+                400_000 + i / 4,
+                i % 4 + 1,
+                (i * 7_919) % 400,
+                i % 9 + 1,
+                (i * 31) % 40,
+                (i * 17) % 12,
+                i % 24,
+            );
+            json_bytes += json.len();
+            BatchEntry {
+                seq: i + 1,
+                received_at_ms: 1_763_806_500_000 + i as i64 * 1_013,
+                event: parse_event(json.as_bytes()).unwrap(),
+            }
+        })
+        .collect();
+    let frame = BatchFrame {
+        site: "wh-east".into(),
+        epoch: Epoch(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+        acked_through: 0,
+        first_seq: 1,
+        last_seq: events,
+        events: entries,
+        signature: None,
+    };
+    (frame, json_bytes)
+}
+
+#[test]
+fn a_compressed_batch_carries_at_most_a_quarter_of_its_events_json() {
+    for events in [100u64, 500, 2000] {
+        let (frame, json_bytes) = warehouse_batch(events);
+        let plain = frame.encode_with(Compression::None).unwrap();
+        let compressed = frame.encode_with(Compression::Zstd).unwrap();
+        let share = compressed.len() as f64 / json_bytes as f64;
+        eprintln!(
+            "{events} events: JSON {json_bytes} B, plain frame {} B, compressed {} B ({:.1} % of the JSON, {:.1} B per event)",
+            plain.len(),
+            compressed.len(),
+            share * 100.0,
+            compressed.len() as f64 / events as f64
+        );
+        assert!(
+            share <= 0.25,
+            "{events} events: {:.1} % of their JSON",
+            share * 100.0
+        );
+        assert_eq!(BatchFrame::decode(&compressed, 1 << 24).unwrap(), frame);
+    }
+}
+
+#[test]
+fn a_compressed_batch_is_refused_by_its_stated_size_before_it_is_decompressed() {
+    let (frame, _) = warehouse_batch(2000);
+    let compressed = frame.encode_with(Compression::Zstd).unwrap();
+    let plain_len = frame.encode().unwrap().len() - 1;
+    // Small on the wire, too large once decompressed.
+    let error = BatchFrame::decode(&compressed, compressed.len() + 1).unwrap_err();
+    assert_eq!(
+        error,
+        FrameError::TooLarge {
+            len: plain_len,
+            max: compressed.len() + 1
+        }
+    );
+    // Cut short, it is malformed, not a panic.
+    let cut = &compressed[..compressed.len() / 2];
+    assert!(matches!(
+        BatchFrame::decode(cut, 1 << 24),
+        Err(FrameError::Malformed(_))
+    ));
+    // A zstd stream that does not state its size is refused.
+    let mut unsized_frame = vec![COMPRESSED_FRAME_VERSION];
+    let mut encoder = zstd_stream_without_size(&frame.encode().unwrap()[1..]);
+    unsized_frame.append(&mut encoder);
+    let error = BatchFrame::decode(&unsized_frame, 1 << 24).unwrap_err();
+    assert!(
+        error.to_string().contains("state its decompressed size"),
+        "{error}"
+    );
+}
+
+/// zstd's streaming encoder writes no content size in the frame header.
+fn zstd_stream_without_size(plain: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+    encoder.write_all(plain).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[test]
+fn a_reader_of_version_1_frames_names_the_version_of_a_compressed_one() {
+    let compressed = warehouse_batch(100)
+        .0
+        .encode_with(Compression::Zstd)
+        .unwrap();
+    // An acknowledgement reader, like any version-1-only reader, refuses it by its first byte.
+    let error = AckFrame::decode(&compressed, 1 << 20).unwrap_err();
+    assert_eq!(
+        error,
+        FrameError::UnsupportedVersion(COMPRESSED_FRAME_VERSION)
+    );
+    assert!(error.to_string().contains("frame version 3"), "{error}");
 }

@@ -145,10 +145,13 @@ impl RelayProcess {
         self.dir.join("ledger.jsonl")
     }
 
-    /// Every line of the ledger, parsed.
+    /// Every complete line of the ledger, parsed. A last line without its newline is being
+    /// written right now (or was cut by a kill, and the relay drops it when it starts again).
     pub fn ledger(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.ledger_path()).unwrap_or_default();
-        text.lines()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
             .map(|line| {
                 serde_json::from_str(line).unwrap_or_else(|e| panic!("ledger line {line:?}: {e}"))
             })

@@ -284,3 +284,47 @@ fn connected_without_a_relay_is_shown_as_stalled_not_up() {
     assert!(up.is_some(), "the link did not recover: {}", agent.status());
     assert_eq!(relay.ledger().len(), 1);
 }
+
+/// Batches go compressed by default and as plain version-1 frames with
+/// `uplink.compression = "none"` (for relays older than compression); the relay takes both,
+/// and the compressed uplink carries a fraction of the bytes per event.
+#[test]
+fn compressed_and_plain_batches_both_reach_the_ledger_once() {
+    let mut bytes_per_event = Vec::new();
+    for (site, compression) in [("zstd", "zstd"), ("plain", "none")] {
+        let p = Pipeline::start_with(
+            site,
+            |o| o.set("uplink.compression", compression),
+            None,
+            &[],
+        );
+        // A backlog built while the link is down leaves in full batches, as after an outage.
+        p.proxy.cut();
+        let s = scanners(&p.agent, site, 2);
+        wait_for_acks(&s, 600);
+        let acked = stop_scanners(s);
+        p.proxy.restore();
+        assert_exactly_once_in_order(&p.relay, &acked, &site_map(site));
+        assert_agent_drained(&p.agent);
+        let sent = p.agent.metric("backhaul_agent_uplink_bytes_total");
+        let events = p.agent.metric("backhaul_agent_events_forwarded_total");
+        let (Some(sent), Some(events)) = (sent, events) else {
+            panic!("{compression}: no uplink metrics:\n{}", p.agent.metrics());
+        };
+        assert!(
+            events >= acked.len() as f64,
+            "{compression}: {events} forwarded"
+        );
+        bytes_per_event.push(sent / events);
+    }
+    eprintln!(
+        "bytes per event on the uplink: zstd {:.1}, none {:.1}",
+        bytes_per_event[0], bytes_per_event[1]
+    );
+    assert!(
+        bytes_per_event[0] < bytes_per_event[1] / 2.0,
+        "zstd {:.1} B per event, none {:.1}",
+        bytes_per_event[0],
+        bytes_per_event[1]
+    );
+}

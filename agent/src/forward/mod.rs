@@ -340,10 +340,13 @@ impl Forwarder {
                 .collect(),
             signature: None,
         };
-        if let Err(e) = client.try_publish(topic, self.seal(frame.encode()?)) {
+        let payload = self.seal(frame.encode_with(self.config.compression)?);
+        let bytes = payload.len() as u64;
+        if let Err(e) = client.try_publish(topic, payload) {
             tracing::debug!(error = %e, "batch not queued");
             return Ok(false);
         }
+        self.metrics.uplink_bytes.inc_by(bytes);
         let resend = window.sent(first, last, events, Instant::now());
         self.metrics.batches_sent.inc();
         self.metrics.events_forwarded.inc_by(events);
