@@ -281,6 +281,9 @@ struct RelayStats {
 #[derive(Debug, Clone, Default)]
 struct Intake {
     batches_received: u64,
+    events_received: u64,
+    /// Bytes of batch frames as they came off the broker (compressed and signed).
+    batch_bytes_received: u64,
     events_duplicate: u64,
     /// Batches refused, by reason (a `gap`: an earlier batch of the site was not stored yet).
     refused: BTreeMap<String, u64>,
@@ -293,11 +296,19 @@ impl Intake {
         let latency = Histogram::parse(text, "backhaul_relay_ack_latency_seconds").ok();
         Intake {
             batches_received: metric_sum(text, "backhaul_relay_batches_received_total"),
+            events_received: metric_sum(text, "backhaul_relay_events_received_total"),
+            batch_bytes_received: metric_sum(text, "backhaul_relay_batch_bytes_received_total"),
             events_duplicate: metric_sum(text, "backhaul_relay_events_duplicate_total"),
             refused: metric_by_label(text, "backhaul_relay_batches_refused_total", "reason"),
             ack_latency_mean_s: latency.as_ref().and_then(Histogram::mean),
             ack_latency_p99_s: latency.as_ref().and_then(|h| h.quantile(0.99)),
         }
+    }
+
+    /// Bytes on the uplink per event received, re-sends included.
+    fn wire_bytes_per_event(&self) -> Option<f64> {
+        (self.events_received > 0)
+            .then(|| self.batch_bytes_received as f64 / self.events_received as f64)
     }
 
     fn gaps(&self) -> u64 {
@@ -2175,6 +2186,9 @@ fn row_json(r: &Row) -> Value {
                     "rss_max_sampled_kib": relay.rss_max_sampled_kib,
                     "cpu_percent_of_one_core": pct(relay.cpu),
                     "batches_received": relay.intake.batches_received,
+                    "events_received": relay.intake.events_received,
+                    "batch_bytes_received": relay.intake.batch_bytes_received,
+                    "wire_bytes_per_event": relay.intake.wire_bytes_per_event(),
                     "events_duplicate": relay.intake.events_duplicate,
                     "batches_refused": relay.intake.refused,
                     "ack_latency_seconds_mean": relay.intake.ack_latency_mean_s,
@@ -2414,8 +2428,11 @@ fn render_outboxes(
             .iter()
             .map(|p| {
                 format!(
-                    "{} batches, ack mean {} / p99 {} ms",
+                    "{} batches, {} B per event on the wire, ack mean {} / p99 {} ms",
                     p.intake.batches_received,
+                    p.intake
+                        .wire_bytes_per_event()
+                        .map_or_else(|| "-".into(), |b| format!("{b:.1}")),
                     p.intake
                         .ack_latency_mean_s
                         .map_or_else(|| "-".into(), |s| format!("{:.0}", 1000.0 * s)),
