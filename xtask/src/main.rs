@@ -10,15 +10,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
-mod drain;
-mod erp_bench;
 mod fuzz;
-mod hostile;
-mod ingest;
-mod loadgen;
-mod openmetrics;
 mod package;
-mod pg;
 mod procs;
 mod tryton;
 

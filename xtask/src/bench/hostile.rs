@@ -38,9 +38,9 @@ use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
-use crate::bench::{BenchOptions, binary};
-use crate::loadgen::event_json;
-use crate::openmetrics::http_get;
+use super::loadgen::event_json;
+use super::openmetrics::http_get;
+use super::{BenchOptions, binary};
 use crate::procs::{
     ChildGuard, clock_ticks, cpu_seconds, free_addr, log_tail, machine_busy_seconds, memory_kib,
 };

@@ -12,16 +12,16 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::bench::{BenchOptions, binary};
-use crate::loadgen::{self, EVENT_BYTES, LoadResult, LoadSpec, Moment};
-use crate::openmetrics::{Histogram, http_get};
+use super::loadgen::{self, EVENT_BYTES, LoadResult, LoadSpec, Moment};
+use super::openmetrics::{Histogram, http_get};
+use super::{BenchOptions, binary, find_mosquitto};
 use crate::procs::{
     ChildGuard, clock_ticks, cpu_seconds, free_addr, log_tail, machine_busy_seconds, memory_kib,
     thread_cpu_seconds,
@@ -36,19 +36,6 @@ const TARGET_RATIO: f64 = 1.5;
 /// carry a warning.
 const NOISY_OTHERS_PERCENT: f64 = 20.0;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Mosquitto's path, or the error telling how to install it.
-pub fn find_mosquitto() -> anyhow::Result<PathBuf> {
-    let dirs = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&dirs)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join("mosquitto"))
-        .find(|path| path.is_file())
-        .context(
-            "the ingest benchmark compares the agent with Mosquitto, which is not installed: \
-             install Debian's mosquitto package (sudo apt-get install mosquitto)",
-        )
-}
 
 /// In-flight window per publisher unless `--window` is given: 1000 for one publisher, fewer
 /// per publisher as there are more (at least 100), so the total stays a few thousand.

@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::bench::{BenchOptions, binary};
-use crate::drain::{
+use super::{
     AgentAddrs, agent_config, cpus, fill, fmt_rate, get_json, push_table, quote, relay_config,
     spawn_agent, spawn_relay, stop_cleanly, toml_remove_section, toml_set, unix_time, wait_http_ok,
 };
+use super::{BenchOptions, binary};
 use crate::procs::{
     ChildGuard, clock_ticks, cpu_seconds, free_addr, log_tail, machine_busy_seconds,
 };
