@@ -715,7 +715,7 @@ async fn relay_run(
 
     // The relay: embedded broker, Tryton sink, a rate limit that does not bind.
     let mut config = relay_config(&dir.join("relay-state"), broker, true, admin)?;
-    config = toml_remove_section(&config, "sink.ledger");
+    config = toml_remove_section(&config, "sink.ledger")?;
     for (key, value) in [
         ("concurrency", "4"),
         ("max_batch", "50"),

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+use toml_edit::DocumentMut;
 
 use self::loadgen::EVENT_BYTES;
 use self::openmetrics::http_get;
@@ -307,124 +308,67 @@ pub(crate) fn quote(text: &str) -> String {
     serde_json::Value::String(text.to_string()).to_string()
 }
 
-/// The section a line opens, when it is a table header (`[a.b]` or `[[a.b]]`).
-fn section_of(line: &str) -> Option<&str> {
-    let line = line.trim();
-    let inner = line.strip_prefix('[')?;
-    let inner = inner.strip_prefix('[').unwrap_or(inner);
-    let (name, _) = inner.split_once(']')?;
-    Some(name.trim())
-}
-
-/// The key a `key = value` line sets (not a comment, not a header).
-fn key_of(line: &str) -> Option<&str> {
-    let line = line.trim();
-    if line.starts_with('#') || line.starts_with('[') {
-        return None;
+/// The table at the dotted `section` ("" = the top level).
+fn table_mut<'a>(doc: &'a mut DocumentMut, section: &str) -> Option<&'a mut toml_edit::Table> {
+    let mut table = doc.as_table_mut();
+    if section.is_empty() {
+        return Some(table);
     }
-    line.split_once('=').map(|(key, _)| key.trim())
+    for part in section.split('.') {
+        table = table.get_mut(part)?.as_table_mut()?;
+    }
+    Some(table)
 }
 
-/// Sets `key = value` in `[section]` ("" = the top level before any table) of a TOML text:
-/// replaces the key's line, or adds the line right after the header when the key is absent.
+fn parse_toml(text: &str) -> anyhow::Result<DocumentMut> {
+    text.parse().context("the config is not TOML")
+}
+
+/// Sets `key = value` (`value` in TOML, such as `16` or `"a"`) in `[section]` ("" = the top
+/// level) of a TOML text, keeping its comments and layout.
 pub(crate) fn toml_set(
     text: &str,
     section: &str,
     key: &str,
     value: &str,
 ) -> anyhow::Result<String> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    let mut found_section = section.is_empty();
-    let mut done = false;
-    for line in text.lines() {
-        if let Some(name) = section_of(line) {
-            current = name.to_string();
-            out.push(line.to_string());
-            if current == section {
-                found_section = true;
-                // Added right after the header; a later line of the same key is then dropped.
-                if !done && !section_has_key(text, section, key) {
-                    out.push(format!("{key} = {value}"));
-                    done = true;
-                }
-            }
-            continue;
+    let mut doc = parse_toml(text)?;
+    let value: toml_edit::Value = value
+        .parse()
+        .with_context(|| format!("`{key} = {value}`: not a TOML value"))?;
+    let table = table_mut(&mut doc, section)
+        .with_context(|| format!("the config has no [{section}] section to set {key} in"))?;
+    match table.get_mut(key).and_then(toml_edit::Item::as_value_mut) {
+        // The key's own comment stays, next to the new value.
+        Some(old) => {
+            let decor = old.decor().clone();
+            *old = value;
+            *old.decor_mut() = decor;
         }
-        if current == section && key_of(line) == Some(key) {
-            if !done {
-                out.push(format!("{key} = {value}"));
-                done = true;
-            }
-            continue;
+        None => {
+            table.insert(key, toml_edit::Item::Value(value));
         }
-        out.push(line.to_string());
     }
-    if !found_section {
-        bail!("the config has no [{section}] section to set {key} in");
-    }
-    if !done {
-        // The top level without the key: put it first.
-        out.insert(0, format!("{key} = {value}"));
-    }
-    Ok(out.join("\n") + "\n")
+    Ok(doc.to_string())
 }
 
-fn section_has_key(text: &str, section: &str, key: &str) -> bool {
-    let mut current = String::new();
-    for line in text.lines() {
-        if let Some(name) = section_of(line) {
-            current = name.to_string();
-        } else if current == section && key_of(line) == Some(key) {
-            return true;
-        }
-    }
-    false
-}
-
-/// The value text of `key` in `[section]`, without a trailing comment.
+/// The value of `key` in `[section]`, as TOML without its comment (`8`, `"1 GiB"`).
 pub(crate) fn toml_get(text: &str, section: &str, key: &str) -> Option<String> {
-    let mut current = String::new();
-    for line in text.lines() {
-        if let Some(name) = section_of(line) {
-            current = name.to_string();
-        } else if current == section && key_of(line) == Some(key) {
-            let (_, value) = line.split_once('=')?;
-            let value = value.trim();
-            if let Some(rest) = value.strip_prefix('"') {
-                let (inner, _) = rest.split_once('"')?;
-                return Some(format!("\"{inner}\""));
-            }
-            return Some(
-                value
-                    .split_once('#')
-                    .map(|(v, _)| v)
-                    .unwrap_or(value)
-                    .trim()
-                    .to_string(),
-            );
-        }
-    }
-    None
+    let mut doc = parse_toml(text).ok()?;
+    let value = table_mut(&mut doc, section)?.get(key)?.as_value()?;
+    let mut bare = value.clone();
+    bare.decor_mut().clear();
+    Some(bare.to_string())
 }
 
-/// Removes `[section]` with its keys (up to the next header) from a TOML text.
-pub(crate) fn toml_remove_section(text: &str, section: &str) -> String {
-    let mut out = Vec::new();
-    let mut skipping = false;
-    for line in text.lines() {
-        if let Some(name) = section_of(line) {
-            skipping = name == section;
-            if skipping {
-                continue;
-            }
-        } else if skipping && key_of(line).is_some() {
-            // Comments and blank lines after the keys may belong to what follows: kept.
-            continue;
-        }
-        out.push(line);
+/// Removes `[section]` with its keys from a TOML text.
+pub(crate) fn toml_remove_section(text: &str, section: &str) -> anyhow::Result<String> {
+    let mut doc = parse_toml(text)?;
+    let (parent, name) = section.rsplit_once('.').unwrap_or(("", section));
+    if let Some(table) = table_mut(&mut doc, parent) {
+        table.remove(name);
     }
-    out.join("\n") + "\n"
+    Ok(doc.to_string())
 }
 
 pub(crate) fn spawn_agent(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<ChildGuard> {
@@ -656,5 +600,39 @@ pub(crate) fn push_table(out: &mut String, lines: &[Vec<String>]) {
             let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
             let _ = writeln!(out, "{}", rule.join("-|-"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "site = \"x\"\n# c\n[log]\nmax_bytes = \"1 GiB\" # q\n\n[uplink]\nport = 1883\n# window = 3\nwindow = 8\n[sink.ledger]\npath = \"/p\"\n\n# other sinks\n[delivery]\nmax_batch = 50\n";
+
+    #[test]
+    fn toml_keys_are_read_and_set_per_section() {
+        assert_eq!(toml_get(TEXT, "uplink", "window").as_deref(), Some("8"));
+        assert_eq!(
+            toml_get(TEXT, "log", "max_bytes").as_deref(),
+            Some("\"1 GiB\"")
+        );
+        assert_eq!(toml_get(TEXT, "", "site").as_deref(), Some("\"x\""));
+        let set = toml_set(TEXT, "uplink", "window", "16").expect("set");
+        assert_eq!(toml_get(&set, "uplink", "window").as_deref(), Some("16"));
+        assert!(set.contains("# window = 3"));
+        let added = toml_set(TEXT, "uplink", "linger_ms", "5").expect("add");
+        assert_eq!(
+            toml_get(&added, "uplink", "linger_ms").as_deref(),
+            Some("5")
+        );
+        assert_eq!(toml_get(&added, "uplink", "port").as_deref(), Some("1883"));
+        assert!(toml_set(TEXT, "nope", "a", "1").is_err());
+        let removed = toml_remove_section(TEXT, "sink.ledger").expect("remove");
+        assert!(!removed.contains("sink.ledger") && !removed.contains("/p"));
+        assert!(removed.contains("# other sinks"));
+        assert_eq!(
+            toml_get(&removed, "delivery", "max_batch").as_deref(),
+            Some("50")
+        );
     }
 }
