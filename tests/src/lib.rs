@@ -58,14 +58,17 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     pub fn spawn(name: &str, command: &mut Command) -> ChildGuard {
-        let child = command
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        ChildGuard {
+        Self::try_spawn(name, command).unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+    }
+
+    /// Starts `command` with stdin closed; what the benchmarks use, which report failures
+    /// rather than panic.
+    pub fn try_spawn(name: &str, command: &mut Command) -> std::io::Result<ChildGuard> {
+        let child = command.stdin(Stdio::null()).spawn()?;
+        Ok(ChildGuard {
             name: name.to_string(),
             child,
-        }
+        })
     }
 
     pub fn pid(&self) -> u32 {

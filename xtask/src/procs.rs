@@ -6,16 +6,17 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-/// A child process with its output in a log file; SIGKILLed and reaped when dropped.
+/// A child process with its output in a log file; SIGKILLed and reaped when dropped (the
+/// test harness's guard does that, and the termination; this adds the log and errors that
+/// name it).
 pub struct ChildGuard {
-    name: String,
     log: PathBuf,
-    child: Option<Child>,
+    inner: Option<backhaul_tests::ChildGuard>,
 }
 
 impl ChildGuard {
@@ -25,32 +26,30 @@ impl ChildGuard {
         let err = out
             .try_clone()
             .with_context(|| format!("cannot reopen {}", log.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
+        command.stdout(out).stderr(err);
+        let inner = backhaul_tests::ChildGuard::try_spawn(name, command)
             .with_context(|| format!("cannot start {name} ({:?})", command.get_program()))?;
         Ok(ChildGuard {
-            name: name.to_string(),
             log: log.to_path_buf(),
-            child: Some(child),
+            inner: Some(inner),
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
+        self.inner
+            .as_ref()
+            .map_or(0, backhaul_tests::ChildGuard::pid)
     }
 
     /// Fails, with the end of the child's log, when the child has exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
-        let Some(child) = self.child.as_mut() else {
-            bail!("{} was already stopped", self.name);
+        let Some(inner) = self.inner.as_mut() else {
+            bail!("the process was already stopped");
         };
-        if let Some(status) = child.try_wait().context("waitpid")? {
+        if let Some(status) = inner.child.try_wait().context("waitpid")? {
             bail!(
                 "{} exited ({status}); the end of its log {}:\n{}",
-                self.name,
+                inner.name,
                 self.log.display(),
                 log_tail(&self.log, 20)
             );
@@ -61,41 +60,17 @@ impl ChildGuard {
     /// SIGTERM, then up to `timeout` for the process to exit (SIGKILL after that).
     /// Returns the exit status, or `None` when it had to be killed.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
-        let Some(child) = self.child.as_mut() else {
+        let Some(mut inner) = self.inner.take() else {
             return Ok(None);
         };
-        if let Some(status) = child.try_wait().context("waitpid")? {
-            self.child = None;
+        if let Some(status) = inner.child.try_wait().context("waitpid")? {
             return Ok(Some(status));
         }
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + timeout;
-        if sent.is_ok_and(|s| s.success()) {
-            while Instant::now() < deadline {
-                if let Some(status) = child.try_wait().context("waitpid")? {
-                    self.child = None;
-                    return Ok(Some(status));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        let status = inner.terminate(timeout);
+        if status.is_none() {
+            inner.kill9();
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        self.child = None;
-        Ok(None)
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        Ok(status)
     }
 }
 
