@@ -510,25 +510,7 @@ impl PgOutbox {
         let fresh = &batch.events[skip..];
         result.duplicates += skip as u64;
         if !fresh.is_empty() {
-            let record = postcard::to_stdvec(&StagedRef {
-                epoch: batch.epoch,
-                entries: fresh,
-            })
-            .map_err(storage)?;
-            txn.execute(
-                "INSERT INTO backhaul.staged
-                     (site, epoch, first_seq, last_seq, events, record, parked)
-                 VALUES ($1, $2, $3, $4, $5, $6, false)",
-                &[
-                    &batch.site,
-                    &epoch,
-                    &big(fresh[0].seq),
-                    &big(batch.last_seq),
-                    &big(fresh.len() as u64),
-                    &record,
-                ],
-            )?;
-            site.held_bytes += record.len() as i64;
+            Self::stage(txn, batch, &epoch, fresh, false, site)?;
             result.stored = fresh.len() as u64;
         }
         let through = Self::unpark(txn, batch, &epoch, from.max(batch.last_seq), site)?;
@@ -561,22 +543,38 @@ impl PgOutbox {
         if parked.is_some() {
             return Ok(());
         }
+        Self::stage(txn, batch, epoch, &batch.events, true, site)
+    }
+
+    /// Stores `entries` of `batch` (its new tail, or all of it when parked) as one row.
+    fn stage(
+        txn: &mut Transaction<'_>,
+        batch: &BatchFrame,
+        epoch: &str,
+        entries: &[backhaul_events::BatchEntry],
+        parked: bool,
+        site: &mut SiteRow,
+    ) -> Result<(), Failure> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
         let record = postcard::to_stdvec(&StagedRef {
             epoch: batch.epoch,
-            entries: &batch.events,
+            entries,
         })
         .map_err(storage)?;
         txn.execute(
             "INSERT INTO backhaul.staged
                  (site, epoch, first_seq, last_seq, events, record, parked)
-             VALUES ($1, $2, $3, $4, $5, $6, true)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[
                 &batch.site,
                 &epoch,
-                &first,
-                &last,
-                &big(batch.events.len() as u64),
+                &big(first.seq),
+                &big(batch.last_seq),
+                &big(entries.len() as u64),
                 &record,
+                &parked,
             ],
         )?;
         site.held_bytes += record.len() as i64;
