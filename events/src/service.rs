@@ -44,6 +44,24 @@ pub fn check_config<T: Debug>(file: &Path, loaded: Result<T, ConfigError>) -> Ex
     }
 }
 
+/// Arenas glibc's allocator keeps at most, unless `MALLOC_ARENA_MAX` says otherwise.
+const MALLOC_ARENAS: i32 = 2;
+
+/// glibc gives every thread that allocates its own arena, up to eight per core, and keeps what
+/// each arena once held: the blocking threads that write the log or the outbox then leave the
+/// services' memory at its high-water mark times the arenas. Two arenas cut the relay's peak
+/// from 299 to 209 MiB and the agent's from 54 to 44 MiB in the drain bench (1M events through
+/// Mosquitto), with event rates within that run's noise.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        }
+    }
+}
+
 /// `run`: logging, the configuration (exit 2 when it is bad), then the service on a runtime.
 pub fn run<T, F>(
     name: &str,
@@ -53,6 +71,7 @@ pub fn run<T, F>(
 where
     F: Future<Output = anyhow::Result<()>>,
 {
+    limit_malloc_arenas();
     init_logging();
     let loaded = match loaded {
         Ok(loaded) => loaded,
