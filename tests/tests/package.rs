@@ -74,6 +74,8 @@ const PACKAGES: [Expected; 2] = [
         extra: &[
             "usr/share/backhaul/grafana/backhaul.json",
             "usr/share/backhaul/prometheus/alerts.yml",
+            "usr/share/backhaul/mosquitto/backhaul.conf",
+            "usr/share/backhaul/mosquitto/backhaul.acl",
         ],
     },
 ];
