@@ -487,7 +487,10 @@ proptest! {
     #[test]
     fn a_wrong_version_byte_is_unsupported(
         frame in batch(),
-        version in (0u8..255).prop_map(|v| if v >= FRAME_VERSION { v + 1 } else { v }),
+        // Version 3 is a compressed batch: its own tests cover a body that is not zstd.
+        version in any::<u8>().prop_filter("a version this build reads", |v| {
+            *v != FRAME_VERSION && *v != COMPRESSED_FRAME_VERSION
+        }),
     ) {
         let mut bytes = frame.encode().unwrap();
         bytes[0] = version;
