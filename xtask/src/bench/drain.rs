@@ -28,7 +28,6 @@ use std::fmt::Write as _;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,16 +36,17 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use super::loadgen::{EVENT_BYTES, event_json};
-use super::openmetrics::{Histogram, http_get};
+use super::openmetrics::{Histogram, http_get, metric_by_label, metric_sum};
 use super::pg::{self, BenchPostgres};
 use super::{
-    AgentAddrs, EVENTS_PER_POST, agent_config, copy_dir, cpus, fill, find_mosquitto, fmt_rate,
-    get_json, push_table, quote, relay_config, spawn_agent, spawn_relay, stop_cleanly, toml_get,
-    toml_remove_section, toml_set, unix_time, unix_time_ms, wait_http_ok,
+    AgentAddrs, EVENTS_PER_POST, MOSQUITTO_LOGGING, agent_config, copy_dir, cpus, fill, fmt_rate,
+    get_json, ledger_id, mosquitto_version, push_table, quote, relay_config, spawn_agent,
+    spawn_relay, start_mosquitto, stop_cleanly, toml_get, toml_remove_section, toml_set, unix_time,
+    unix_time_ms, wait_http_ok,
 };
 use super::{BenchOptions, binary};
 use crate::procs::{
-    ChildGuard, clock_ticks, cpu_seconds, free_addr, log_tail, machine_busy_seconds, memory_kib,
+    ChildGuard, clock_ticks, cpu_seconds, free_addr, machine_busy_seconds, memory_kib,
     thread_cpu_seconds,
 };
 use crate::workspace_root;
@@ -314,44 +314,6 @@ impl Intake {
     fn gaps(&self) -> u64 {
         self.refused.get("gap").copied().unwrap_or(0)
     }
-}
-
-/// The sum of a metric's samples over all its label sets.
-fn metric_sum(text: &str, name: &str) -> u64 {
-    metric_by_label(text, name, "").values().sum()
-}
-
-/// A metric's samples summed by the value of `label` ("" sums them all under "").
-fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (labels, value) = match rest.strip_prefix('{') {
-            Some(inner) => match inner.split_once('}') {
-                Some((labels, value)) => (labels, value),
-                None => continue,
-            },
-            None if rest.starts_with(' ') => ("", rest),
-            None => continue,
-        };
-        let Some(value) = value
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        let key = labels
-            .split(',')
-            .find_map(|pair| pair.trim().strip_prefix(&format!("{label}=")))
-            .map(|v| v.trim_matches('"').to_string())
-            .unwrap_or_default();
-        let key = if label.is_empty() { String::new() } else { key };
-        *out.entry(key).or_insert(0) += value.max(0.0) as u64;
-    }
-    out
 }
 
 /// The PostgreSQL server over a drain, and its database after it.
@@ -728,7 +690,23 @@ async fn drain_once(
     // The broker.
     let broker_addr = free_addr()?;
     let mut mosquitto = match case.broker {
-        BrokerKind::Mosquitto => Some(start_mosquitto(&run_dir, broker_addr).await?),
+        BrokerKind::Mosquitto => Some(
+            start_mosquitto(
+                &run_dir,
+                "mosquitto",
+                "drain",
+                broker_addr,
+                &format!(
+                    "allow_anonymous true\n\
+                     persistence false\n\
+                     max_inflight_messages 1000\n\
+                     max_queued_messages 1000000\n\
+                     message_size_limit 0\n\
+                     {MOSQUITTO_LOGGING}"
+                ),
+            )
+            .await?,
+        ),
         BrokerKind::Embedded => None,
     };
 
@@ -1223,68 +1201,11 @@ fn read_ledger(path: &Path) -> anyhow::Result<(u64, u64)> {
     for line in std::io::BufReader::with_capacity(1 << 20, file).lines() {
         let line = line.with_context(|| format!("cannot read {}", path.display()))?;
         lines += 1;
-        if let Some(rest) = line.split_once(r#""id":""#).map(|(_, rest)| rest)
-            && let Some((id, _)) = rest.split_once('"')
-        {
+        if let Some(id) = ledger_id(&line) {
             ids.insert(id.to_string());
         }
     }
     Ok((lines, ids.len() as u64))
-}
-
-async fn start_mosquitto(dir: &Path, addr: SocketAddr) -> anyhow::Result<ChildGuard> {
-    let bin = find_mosquitto()?;
-    let config = dir.join("mosquitto.conf");
-    let text = format!(
-        "# Written by `cargo xtask bench drain`.\n\
-         listener {port} {host}\n\
-         allow_anonymous true\n\
-         persistence false\n\
-         max_inflight_messages 1000\n\
-         max_queued_messages 1000000\n\
-         message_size_limit 0\n\
-         log_dest stderr\n\
-         log_type error\n\
-         log_type warning\n\
-         log_type notice\n",
-        port = addr.port(),
-        host = addr.ip()
-    );
-    std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
-    let log = dir.join("mosquitto.log");
-    let mut guard =
-        ChildGuard::spawn("mosquitto", Command::new(&bin).arg("-c").arg(&config), &log)?;
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        guard.check_running()?;
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(guard);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "Mosquitto did not listen on {addr} within {STARTUP_TIMEOUT:?}; its log:\n{}",
-                log_tail(&log, 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn mosquitto_version() -> String {
-    find_mosquitto()
-        .ok()
-        .and_then(|bin| Command::new(bin).arg("-h").output().ok())
-        .and_then(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(|l| {
-                    l.trim_start_matches("mosquitto version ")
-                        .trim()
-                        .to_string()
-                })
-        })
-        .unwrap_or_default()
 }
 
 // ----- the accept-everything ERP of the outbox comparison ------------------------------------

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use super::loadgen::{self, EVENT_BYTES, LoadResult, LoadSpec, Moment};
 use super::openmetrics::{Histogram, http_get};
-use super::{BenchOptions, binary, find_mosquitto};
+use super::{BenchOptions, MOSQUITTO_LOGGING, binary, mosquitto_version, start_mosquitto};
 use crate::procs::{
     ChildGuard, clock_ticks, cpu_seconds, free_addr, log_tail, machine_busy_seconds, memory_kib,
     thread_cpu_seconds,
@@ -249,42 +249,17 @@ listen = "{admin}"
     Ok(Agent { guard, mqtt, admin })
 }
 
-async fn start_mosquitto(dir: &Path) -> anyhow::Result<(ChildGuard, SocketAddr)> {
-    let bin = find_mosquitto()?;
+async fn start_ingest_mosquitto(dir: &Path) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let addr = free_addr()?;
-    let config = dir.join("mosquitto.conf");
-    let text = format!(
-        "# Written by `cargo xtask bench ingest`.\n\
-         listener {port} {host}\n\
-         allow_anonymous true\n\
+    let body = format!(
+        "allow_anonymous true\n\
          persistence false\n\
          max_inflight_messages 1000\n\
          max_queued_messages 1000000\n\
-         log_dest stderr\n\
-         log_type error\n\
-         log_type warning\n\
-         log_type notice\n",
-        port = addr.port(),
-        host = addr.ip()
+         {MOSQUITTO_LOGGING}"
     );
-    std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
-    let log = dir.join("mosquitto.log");
-    let mut guard =
-        ChildGuard::spawn("mosquitto", Command::new(&bin).arg("-c").arg(&config), &log)?;
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        guard.check_running()?;
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok((guard, addr));
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "Mosquitto did not listen on {addr} within {STARTUP_TIMEOUT:?}; its log:\n{}",
-                log_tail(&log, 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let guard = start_mosquitto(dir, "mosquitto", "ingest", addr, &body).await?;
+    Ok((guard, addr))
 }
 
 async fn flush_histogram(agent: &Agent) -> anyhow::Result<Histogram> {
@@ -313,7 +288,7 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ticks = clock_ticks();
     let mut agent = start_agent(release, &dir).await?;
-    let (mut mosquitto, mosquitto_addr) = start_mosquitto(&dir).await?;
+    let (mut mosquitto, mosquitto_addr) = start_ingest_mosquitto(&dir).await?;
     eprintln!(
         "xtask: bench ingest: agent (pid {}) MQTT {} admin {}, Mosquitto (pid {}) {}, {} s warm-up + {} s per run, {EVENT_BYTES}-byte events",
         agent.guard.pid(),
@@ -478,23 +453,6 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
         );
     }
     Ok(())
-}
-
-fn mosquitto_version() -> String {
-    find_mosquitto()
-        .ok()
-        .and_then(|bin| Command::new(bin).arg("-h").output().ok())
-        .and_then(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(|l| {
-                    l.trim_start_matches("mosquitto version ")
-                        .trim()
-                        .to_string()
-                })
-        })
-        .unwrap_or_default()
 }
 
 fn ms(seconds: Option<f64>) -> Option<f64> {

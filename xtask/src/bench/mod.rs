@@ -196,9 +196,85 @@ pub fn find_mosquitto() -> anyhow::Result<PathBuf> {
         .map(|dir| dir.join("mosquitto"))
         .find(|path| path.is_file())
         .context(
-            "the ingest benchmark compares the agent with Mosquitto, which is not installed: \
+            "the benchmarks run Mosquitto, which is not installed: \
              install Debian's mosquitto package (sudo apt-get install mosquitto)",
         )
+}
+
+/// Mosquitto's version as `mosquitto -h` prints it on its first line ("2.0.11"), or "".
+pub(crate) fn mosquitto_version() -> String {
+    find_mosquitto()
+        .ok()
+        .and_then(|bin| Command::new(bin).arg("-h").output().ok())
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .map(|l| {
+                    l.trim_start_matches("mosquitto version ")
+                        .trim()
+                        .to_string()
+                })
+        })
+        .unwrap_or_default()
+}
+
+/// How long a Mosquitto of a benchmark may take to listen.
+const MOSQUITTO_STARTUP: Duration = Duration::from_secs(30);
+
+/// Mosquitto's logging in every benchmark: what goes wrong, to its log file.
+pub(crate) const MOSQUITTO_LOGGING: &str =
+    "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n";
+
+/// Writes `<dir>/<name>.conf` (a line saying which benchmark wrote it, a listener on `addr`,
+/// then `body`) and starts Mosquitto on it, its output in `<dir>/<name>.log`.
+pub(crate) async fn start_mosquitto(
+    dir: &Path,
+    name: &str,
+    bench: &str,
+    addr: SocketAddr,
+    body: &str,
+) -> anyhow::Result<ChildGuard> {
+    let config = dir.join(format!("{name}.conf"));
+    let text = format!(
+        "# Written by `cargo xtask bench {bench}`.\nlistener {port} {host}\n{body}",
+        port = addr.port(),
+        host = addr.ip()
+    );
+    std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
+    spawn_mosquitto(&config, addr, &dir.join(format!("{name}.log"))).await
+}
+
+/// Starts Mosquitto on an existing config and waits until it listens on `addr`.
+pub(crate) async fn spawn_mosquitto(
+    config: &Path,
+    addr: SocketAddr,
+    log: &Path,
+) -> anyhow::Result<ChildGuard> {
+    let bin = find_mosquitto()?;
+    let mut guard = ChildGuard::spawn("mosquitto", Command::new(&bin).arg("-c").arg(config), log)?;
+    let deadline = Instant::now() + MOSQUITTO_STARTUP;
+    loop {
+        guard.check_running()?;
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(guard);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "Mosquitto ({}) did not listen on {addr} within {MOSQUITTO_STARTUP:?}; its log:\n{}",
+                config.display(),
+                log_tail(log, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The event id of a ledger line (the first `"id":"…"` in it: the relay writes the event's
+/// own fields after site, epoch and sequence, none of which is called `id`).
+pub(crate) fn ledger_id(line: &str) -> Option<&str> {
+    let (_, rest) = line.split_once(r#""id":""#)?;
+    rest.split_once('"').map(|(id, _)| id)
 }
 
 // ----- the processes under test, shared by the benchmarks ------------------------------------

@@ -1,7 +1,8 @@
-//! Reading a running service over its admin HTTP: a GET, and Prometheus/OpenMetrics
-//! histograms: parsing one from `/metrics`, the difference between two readings, and
-//! quantiles from the bucket counts.
+//! Reading a running service over its admin HTTP: a GET, counters summed from `/metrics`
+//! (over all label sets, or by one label), and Prometheus/OpenMetrics histograms: parsing one
+//! from `/metrics`, the difference between two readings, and quantiles from the bucket counts.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -153,6 +154,44 @@ fn sample_value(text: &str, line: &str) -> anyhow::Result<f64> {
     value
         .parse::<f64>()
         .with_context(|| format!("bad value in {line:?}"))
+}
+
+/// The sum of a metric's samples over all its label sets.
+pub fn metric_sum(text: &str, name: &str) -> u64 {
+    metric_by_label(text, name, "").values().sum()
+}
+
+/// A metric's samples summed by the value of `label` ("" sums them all under "").
+pub fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(inner) => match inner.split_once('}') {
+                Some((labels, value)) => (labels, value),
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue,
+        };
+        let Some(value) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let key = labels
+            .split(',')
+            .find_map(|pair| pair.trim().strip_prefix(&format!("{label}=")))
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_default();
+        let key = if label.is_empty() { String::new() } else { key };
+        *out.entry(key).or_insert(0) += value.max(0.0) as u64;
+    }
+    out
 }
 
 #[cfg(test)]
