@@ -44,7 +44,8 @@ enum Task {
     },
     /// Measure speed and memory; prints a table and writes JSON under target/bench/.
     Bench {
-        /// Which benchmark: ingest, drain, erp, or all.
+        /// Which benchmark: ingest, drain, erp, all (those three), hostile, or compare (Backhaul
+        /// against a Mosquitto bridge, about ten minutes: not in all).
         #[arg(default_value = "all")]
         which: String,
         /// Numbers of concurrent publishers, one run each.
@@ -80,6 +81,31 @@ enum Task {
         /// drain: relays sharing the PostgreSQL outbox, one drain per count, such as 1,3.
         #[arg(long, value_delimiter = ',', default_value = "1")]
         relays: Vec<usize>,
+        /// compare: the scenarios to run, of steady, peak, cut, kill, backlog.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "steady,peak,cut,kill,backlog"
+        )]
+        scenarios: Vec<String>,
+        /// compare: seconds of steady load (scenario steady).
+        #[arg(long, default_value_t = 20.0)]
+        steady_seconds: f64,
+        /// compare: events per second of the steady load (scenarios steady, cut and kill).
+        #[arg(long, default_value_t = 1000.0)]
+        steady_rate: f64,
+        /// compare: seconds of peak ingest measured (scenario peak).
+        #[arg(long, default_value_t = 5.0)]
+        peak_seconds: f64,
+        /// compare: publishers of the peak ingest (scenario peak).
+        #[arg(long, default_value_t = 8)]
+        peak_publishers: usize,
+        /// compare: seconds the link is cut (scenarios cut and kill).
+        #[arg(long, default_value_t = 60.0)]
+        cut_seconds: f64,
+        /// compare: events built up while the link is cut (scenario backlog).
+        #[arg(long, default_value_t = 1_000_000)]
+        backlog_events: u64,
     },
     /// Build the Debian packages of both services (needs dpkg-deb, not cargo-deb).
     Package(package::PackageArgs),
@@ -120,7 +146,23 @@ fn main() -> ExitCode {
             erp_events,
             outbox,
             relays,
+            scenarios,
+            steady_seconds,
+            steady_rate,
+            peak_seconds,
+            peak_publishers,
+            cut_seconds,
+            backlog_events,
         } => seconds_arg("--warmup", warmup).and_then(|warmup| {
+            let compare = bench::CompareOptions {
+                steady: seconds_arg("--steady-seconds", steady_seconds)?,
+                rate: steady_rate,
+                peak: seconds_arg("--peak-seconds", peak_seconds)?,
+                peak_publishers,
+                cut: seconds_arg("--cut-seconds", cut_seconds)?,
+                backlog_events,
+                scenarios,
+            };
             bench::bench(bench::BenchOptions {
                 which,
                 publishers,
@@ -133,6 +175,7 @@ fn main() -> ExitCode {
                 erp_events,
                 outbox,
                 relays,
+                compare,
             })
         }),
         Task::Package(args) => package::run(&workspace_root(), args),

@@ -57,6 +57,13 @@ impl ChildGuard {
         Ok(())
     }
 
+    /// SIGKILL, like a power cut to the process, and wait for it to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut inner) = self.inner.take() {
+            inner.kill9();
+        }
+    }
+
     /// SIGTERM, then up to `timeout` for the process to exit (SIGKILL after that).
     /// Returns the exit status, or `None` when it had to be killed.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {

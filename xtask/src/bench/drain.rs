@@ -2003,6 +2003,7 @@ mod tests {
             erp_events: 1,
             outbox: outbox.iter().map(|s| s.to_string()).collect(),
             relays: relays.to_vec(),
+            compare: Default::default(),
         }
     }
 

@@ -4,7 +4,11 @@
 //!
 //! What it owns: the v1 events it publishes (valid, unique ids, ~300 bytes), the in-flight
 //! window of each publisher, the warm-up / measure / stop phases of one run, and what is
-//! counted in them (PUBACKs, publish→PUBACK latency, messages the subscriber received).
+//! counted in them (PUBACKs, publish→PUBACK latency, messages the subscriber received); and the
+//! stamped publisher of `bench compare`, whose ids carry their publish time and sequence number
+//! so that the ledger at the far end tells latency, losses and duplicates, at a steady rate or
+//! flat out, surviving a broker killed under it. Connecting and subscribing are shared with
+//! the other benchmarks' own MQTT clients.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -24,7 +28,7 @@ use tokio::sync::{Semaphore, watch};
 /// Length every generated event is padded to.
 pub const EVENT_BYTES: usize = 300;
 /// Largest packet the generator accepts from a broker.
-const MAX_PACKET: usize = 1 << 20;
+pub(crate) const MAX_PACKET: usize = 1 << 20;
 /// Most publishes encoded into one socket write.
 const MAX_WRITE_BATCH: usize = 128;
 /// How long publishers may take to get their last PUBACKs once the run stops.
@@ -262,10 +266,16 @@ struct InFlight {
     writer_done: AtomicBool,
 }
 
-async fn connect(
+/// An MQTT 3.1.1 connection, after the broker's CONNACK: its halves and the bytes read past it.
+pub(crate) type Connection = (OwnedReadHalf, OwnedWriteHalf, BytesMut);
+
+/// Connects and waits for the broker's CONNACK; `clean_session` false asks the broker to keep
+/// the session (subscriptions and queued messages) while the client is away.
+pub(crate) async fn connect(
     addr: std::net::SocketAddr,
     client_id: &str,
-) -> anyhow::Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut)> {
+    clean_session: bool,
+) -> anyhow::Result<Connection> {
     let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot connect to {addr}"))?;
@@ -273,7 +283,7 @@ async fn connect(
     let (mut reader, mut writer) = stream.into_split();
     let mut connect = Connect::new(client_id);
     connect.keep_alive = 120;
-    connect.clean_session = true;
+    connect.clean_session = clean_session;
     let mut out = BytesMut::new();
     Packet::Connect(connect)
         .write(&mut out, MAX_PACKET)
@@ -299,7 +309,7 @@ async fn connect(
 }
 
 /// The next whole packet in `buf`, or `None` when more bytes are needed.
-fn read_packet(buf: &mut BytesMut) -> anyhow::Result<Option<Packet>> {
+pub(crate) fn read_packet(buf: &mut BytesMut) -> anyhow::Result<Option<Packet>> {
     match Packet::read(buf, MAX_PACKET) {
         Ok(packet) => Ok(Some(packet)),
         Err(CodecError::InsufficientBytes(_)) => Ok(None),
@@ -313,7 +323,7 @@ async fn publisher(
     config: PublisherConfig,
     control: Arc<Control>,
 ) -> anyhow::Result<PublisherReport> {
-    let (reader, mut writer, buf) = connect(config.addr, &config.client_id).await?;
+    let (reader, mut writer, buf) = connect(config.addr, &config.client_id, true).await?;
     let state = Arc::new(InFlight {
         window: Semaphore::new(config.window),
         sent_at: (0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect(),
@@ -468,24 +478,28 @@ impl Subscriber {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let client_id = format!("bench-sub-{tag}");
         let thread_counters = counters.clone();
-        let thread = std::thread::Builder::new()
-            .name("bench-subscriber".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let stream = match subscribe(addr, &client_id).await {
-                        Ok(stream) => {
-                            let _ = ready_tx.send(Ok(()));
-                            stream
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return Ok(());
-                        }
-                    };
-                    subscriber_loop(stream, control, thread_counters).await
+        let thread =
+            std::thread::Builder::new()
+                .name("bench-subscriber".into())
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let stream =
+                            match subscribe(addr, &client_id, "scans/+", QoS::AtLeastOnce, true)
+                                .await
+                            {
+                                Ok(stream) => {
+                                    let _ = ready_tx.send(Ok(()));
+                                    stream
+                                }
+                                Err(e) => {
+                                    let _ = ready_tx.send(Err(e));
+                                    return Ok(());
+                                }
+                            };
+                        subscriber_loop(stream, control, thread_counters).await
+                    })
                 })
-            })
-            .context("cannot start the subscriber's thread")?;
+                .context("cannot start the subscriber's thread")?;
         ready_rx
             .await
             .context("the subscriber's thread ended before subscribing")??;
@@ -529,12 +543,16 @@ impl Subscriber {
     }
 }
 
-async fn subscribe(
+/// Connects and subscribes to `filter`; returns once the broker granted the subscription.
+pub(crate) async fn subscribe(
     addr: std::net::SocketAddr,
     client_id: &str,
-) -> anyhow::Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut)> {
-    let (mut reader, mut writer, mut buf) = connect(addr, client_id).await?;
-    let mut subscribe = Subscribe::new("scans/+", QoS::AtLeastOnce);
+    filter: &str,
+    qos: QoS,
+    clean_session: bool,
+) -> anyhow::Result<Connection> {
+    let (mut reader, mut writer, mut buf) = connect(addr, client_id, clean_session).await?;
+    let mut subscribe = Subscribe::new(filter, qos);
     subscribe.pkid = 1;
     let mut out = BytesMut::new();
     Packet::Subscribe(subscribe)
@@ -567,7 +585,7 @@ async fn subscribe(
 
 /// Counts publishes and acknowledges each, until told it is done.
 async fn subscriber_loop(
-    (mut reader, mut writer, mut buf): (OwnedReadHalf, OwnedWriteHalf, BytesMut),
+    (mut reader, mut writer, mut buf): Connection,
     control: Arc<Control>,
     counters: Arc<SubscriberCounters>,
 ) -> anyhow::Result<()> {
@@ -613,9 +631,280 @@ async fn subscriber_loop(
     }
 }
 
+// ----- stamped publishing: every id carries its publish time ---------------------------------
+
+/// One connection of a stamped publisher: events whose ids carry their publish time, so that
+/// whoever finds them further down the pipeline knows how long they took, at a steady rate or
+/// as fast as the window allows, with every acknowledged sequence number reported.
+#[derive(Debug, Clone)]
+pub struct StampedSpec {
+    pub addr: std::net::SocketAddr,
+    pub client_id: String,
+    pub device: String,
+    /// Ids are [`stamped_id`]`(id_prefix, seq, µs)`.
+    pub id_prefix: String,
+    /// The sequence number of the first publish; a later connection continues where the last
+    /// one stopped, so no id is used twice.
+    pub first_seq: u64,
+    /// Publishes per second, evenly spaced; `None`: as fast as the window allows.
+    pub rate: Option<f64>,
+    /// QoS 1 publishes in flight at most.
+    pub window: usize,
+    /// Stop after this many publishes.
+    pub limit: Option<u64>,
+    /// How long to wait for the last PUBACKs after the stop.
+    pub ack_wait: Duration,
+}
+
+/// What one stamped connection did.
+#[derive(Debug, Clone, Default)]
+pub struct StampedReport {
+    pub sent: u64,
+    pub acked: u64,
+    /// The first sequence number not used.
+    pub next_seq: u64,
+    /// Publish→PUBACK of every acknowledged publish, µs, sorted.
+    pub ack_latency_us: Vec<u32>,
+    /// Why the connection ended before the stop, when it did (the broker was killed, say).
+    pub lost_connection: Option<String>,
+}
+
+/// `{prefix}-{seq}-{µs since the Unix epoch}`: at most 64 characters for a prefix of up to 20.
+pub fn stamped_id(prefix: &str, seq: u64, unix_us: u64) -> String {
+    format!("{prefix}-{seq}-{unix_us}")
+}
+
+/// The sequence number and publish time of a [`stamped_id`] with this prefix.
+pub fn parse_stamped_id(prefix: &str, id: &str) -> Option<(u64, u64)> {
+    let rest = id.strip_prefix(prefix)?.strip_prefix('-')?;
+    let (seq, us) = rest.split_once('-')?;
+    Some((seq.parse().ok()?, us.parse().ok()?))
+}
+
+/// Microseconds since the Unix epoch: the clock the ids carry, read the same way by whoever
+/// compares with them.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Called with the (sequence number, publish µs) of each run of PUBACKs read together.
+pub type OnAck = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
+
+/// State the writer and reader of a stamped connection share.
+struct StampedInFlight {
+    window: Semaphore,
+    /// Per packet id: the sequence number and publish time (µs since the epoch) it carries.
+    seq: Box<[AtomicU64]>,
+    sent_us: Box<[AtomicU64]>,
+    sent: AtomicU64,
+    writer_done: AtomicBool,
+}
+
+/// Publishes stamped events until `stop` turns true, the limit is reached or the broker goes
+/// away; then waits (up to `ack_wait`) for the last PUBACKs. A connection the broker closes is
+/// not an error: the report says so, and counts only what was acknowledged before.
+pub async fn stamped(
+    spec: StampedSpec,
+    mut stop: watch::Receiver<bool>,
+    on_ack: OnAck,
+) -> anyhow::Result<StampedReport> {
+    let (reader, mut writer, buf) = connect(spec.addr, &spec.client_id, true)
+        .await
+        .with_context(|| format!("publisher {} connecting to {}", spec.client_id, spec.addr))?;
+    let window = spec.window.clamp(1, usize::from(u16::MAX) - 1);
+    let state = Arc::new(StampedInFlight {
+        window: Semaphore::new(window),
+        seq: (0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect(),
+        sent_us: (0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect(),
+        sent: AtomicU64::new(0),
+        writer_done: AtomicBool::new(false),
+    });
+    let acks = tokio::spawn(read_stamped_acks(
+        reader,
+        buf,
+        state.clone(),
+        on_ack,
+        spec.ack_wait,
+    ));
+    let topic = format!("scans/{}", spec.device);
+    let mut out = BytesMut::with_capacity(MAX_WRITE_BATCH * (EVENT_BYTES + 64));
+    let mut seq = spec.first_seq;
+    let mut pkid: u16 = 0;
+    let started = Instant::now();
+    let written: anyhow::Result<()> = async {
+        loop {
+            let published = seq - spec.first_seq;
+            let left = spec.limit.map_or(u64::MAX, |l| l.saturating_sub(published));
+            // A dropped sender stops the run too, rather than wake every select at once.
+            if *stop.borrow() || stop.has_changed().is_err() || left == 0 {
+                return Ok(());
+            }
+            // How many are due now: all of them without a rate.
+            let due = match spec.rate {
+                Some(rate) => {
+                    let due = (started.elapsed().as_secs_f64() * rate) as u64 + 1;
+                    if due <= published {
+                        let next = started + Duration::from_secs_f64(published as f64 / rate);
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(next.into()) => {}
+                            _ = stop.changed() => {}
+                        }
+                        continue;
+                    }
+                    due - published
+                }
+                None => u64::MAX,
+            };
+            let want = due.min(left).min(MAX_WRITE_BATCH as u64) as usize;
+            let permit = tokio::select! {
+                permit = state.window.acquire() => match permit {
+                    Ok(permit) => permit,
+                    // The reader closed the window: the connection is gone.
+                    Err(_) => return Ok(()),
+                },
+                _ = stop.changed() => continue,
+            };
+            permit.forget();
+            let mut batch = 1;
+            while batch < want {
+                match state.window.try_acquire() {
+                    Ok(permit) => {
+                        permit.forget();
+                        batch += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let now = unix_us();
+            for _ in 0..batch {
+                pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+                let id = stamped_id(&spec.id_prefix, seq, now);
+                let payload = event_json(&id, &spec.device, seq);
+                let mut publish =
+                    Publish::from_bytes(topic.as_str(), QoS::AtLeastOnce, payload.into());
+                publish.pkid = pkid;
+                state.seq[usize::from(pkid)].store(seq, Ordering::Relaxed);
+                state.sent_us[usize::from(pkid)].store(now, Ordering::Relaxed);
+                Packet::Publish(publish)
+                    .write(&mut out, MAX_PACKET)
+                    .context("encoding PUBLISH")?;
+                seq += 1;
+            }
+            state.sent.fetch_add(batch as u64, Ordering::SeqCst);
+            if writer.write_all(&out).await.is_err() {
+                // The reader sees the same broken connection and says why.
+                return Ok(());
+            }
+            out.clear();
+        }
+    }
+    .await;
+    state.writer_done.store(true, Ordering::SeqCst);
+    if let Err(e) = written {
+        acks.abort();
+        return Err(e);
+    }
+    let (acked, mut latencies, lost_connection) =
+        acks.await.context("the ack reader panicked")??;
+    if lost_connection.is_none() {
+        let mut bye = BytesMut::new();
+        if Packet::Disconnect.write(&mut bye, MAX_PACKET).is_ok() {
+            let _ = writer.write_all(&bye).await;
+        }
+    }
+    latencies.sort_unstable();
+    Ok(StampedReport {
+        sent: state.sent.load(Ordering::SeqCst),
+        acked,
+        next_seq: seq,
+        ack_latency_us: latencies,
+        lost_connection,
+    })
+}
+
+/// Reads PUBACKs, handing each run of them to `on_ack`, until the writer stopped and every
+/// publish is acknowledged, `ack_wait` after the writer stopped, or the connection ends.
+/// Returns (acks, their latencies in µs, why the connection ended when it did).
+async fn read_stamped_acks(
+    mut reader: OwnedReadHalf,
+    mut buf: BytesMut,
+    state: Arc<StampedInFlight>,
+    on_ack: OnAck,
+    ack_wait: Duration,
+) -> anyhow::Result<(u64, Vec<u32>, Option<String>)> {
+    let mut acked = 0u64;
+    let mut latencies = Vec::with_capacity(1 << 16);
+    let mut run = Vec::with_capacity(1024);
+    let mut give_up: Option<Instant> = None;
+    let lost = loop {
+        let now = unix_us();
+        let parsed: anyhow::Result<()> = (|| {
+            while let Some(packet) = read_packet(&mut buf)? {
+                match packet {
+                    Packet::PubAck(PubAck { pkid }) => {
+                        let sent = state.sent_us[usize::from(pkid)].load(Ordering::Relaxed);
+                        let seq = state.seq[usize::from(pkid)].load(Ordering::Relaxed);
+                        run.push((seq, sent));
+                        latencies.push(u32::try_from(now.saturating_sub(sent)).unwrap_or(u32::MAX));
+                    }
+                    Packet::PingResp => {}
+                    Packet::Disconnect => bail!("the broker sent DISCONNECT"),
+                    other => bail!("unexpected packet from the broker: {other:?}"),
+                }
+            }
+            Ok(())
+        })();
+        if !run.is_empty() {
+            on_ack(&run);
+            acked += run.len() as u64;
+            state.window.add_permits(run.len());
+            run.clear();
+        }
+        if let Err(e) = parsed {
+            break Some(format!("{e:#}"));
+        }
+        if state.writer_done.load(Ordering::SeqCst) {
+            if acked >= state.sent.load(Ordering::SeqCst) {
+                break None;
+            }
+            let deadline = *give_up.get_or_insert_with(|| Instant::now() + ack_wait);
+            if Instant::now() > deadline {
+                break None;
+            }
+        }
+        // A writer that just stopped may be waiting for nothing: poll its flag now and then.
+        match tokio::time::timeout(Duration::from_millis(100), reader.read_buf(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0)) => break Some("the broker closed the connection".to_string()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break Some(format!("reading PUBACKs: {e}")),
+        }
+    };
+    // A writer waiting for room in the window learns that there will be none.
+    state.window.close();
+    Ok((acked, latencies, lost))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamped_ids_carry_sequence_and_time_and_fit_the_id_rule() {
+        let id = stamped_id("bh-backlog", 12_345_678, 1_790_000_000_123_456);
+        assert!(id.len() <= 64);
+        assert_eq!(
+            parse_stamped_id("bh-backlog", &id),
+            Some((12_345_678, 1_790_000_000_123_456))
+        );
+        assert_eq!(parse_stamped_id("bh-steady", &id), None);
+        assert_eq!(parse_stamped_id("bh", &id), None);
+        let event = event_json(&id, "scanner-001", 12_345_678);
+        assert_eq!(event.len(), EVENT_BYTES);
+    }
 
     #[test]
     fn events_are_padded_to_the_target_size() {

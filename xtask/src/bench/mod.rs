@@ -1,8 +1,8 @@
 //! `cargo xtask bench [NAME]`: which benchmarks exist, building what they measure in release,
 //! and where their results go (`<target dir>/bench/`); and what every benchmark shares: the
 //! shipped configs edited for a run, the agent and relay started, filled and stopped, and the
-//! tables. Each benchmark is a module of its own (`ingest`, `drain`, `erp`, `hostile`) that
-//! takes these from here and nothing from its siblings.
+//! tables. Each benchmark is a module of its own (`ingest`, `drain`, `erp`, `hostile`,
+//! `compare`) that takes these from here and nothing from its siblings.
 //!
 //! `cargo xtask` itself is a debug build; a debug load generator would measure itself. So a
 //! debug xtask builds the release binaries (its own release build included) and hands the run
@@ -25,6 +25,7 @@ use self::openmetrics::http_get;
 use crate::procs::{ChildGuard, free_addr, log_tail};
 use crate::{cargo, run, tryton, workspace_root};
 
+mod compare;
 mod drain;
 mod erp;
 mod hostile;
@@ -33,11 +34,14 @@ mod loadgen;
 mod openmetrics;
 mod pg;
 
+pub use self::compare::CompareOptions;
+
 /// Every benchmark `cargo xtask bench` (= `all`) runs, in order.
 pub const BENCHES: &[&str] = &["ingest", "drain", "erp"];
 /// Benchmarks that run only when named: `hostile` measures the agent's defences against
-/// hostile clients, not its speed.
-pub const NAMED_ONLY: &[&str] = &["hostile"];
+/// hostile clients, not its speed; `compare` (Backhaul against a Mosquitto bridge) takes about
+/// ten minutes with its defaults.
+pub const NAMED_ONLY: &[&str] = &["hostile", "compare"];
 
 /// Set in the environment of the release xtask a debug xtask hands the run to.
 const HANDED_OVER: &str = "BACKHAUL_BENCH_HANDED_OVER";
@@ -57,6 +61,7 @@ pub struct BenchOptions {
     pub outbox: Vec<String>,
     /// drain: relay counts, one PostgreSQL drain each.
     pub relays: Vec<usize>,
+    pub compare: CompareOptions,
 }
 
 /// The cargo target directory: `$CARGO_TARGET_DIR` when set, else `<workspace>/target`.
@@ -97,7 +102,13 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     if selected.contains(&"drain") {
         drain::check_options(&options)?;
     }
-    if selected.contains(&"ingest") || selected.contains(&"drain") {
+    if selected.contains(&"compare") {
+        compare::check_options(&options)?;
+    }
+    if ["ingest", "drain", "compare"]
+        .iter()
+        .any(|b| selected.contains(b))
+    {
         find_mosquitto()?;
     }
     if selected.contains(&"erp") {
@@ -155,6 +166,7 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
                     "drain" => drain::run(&options, &release, &out_dir).await?,
                     "erp" => erp::run(&options, &release, &out_dir).await?,
                     "hostile" => hostile::run(&options, &release, &out_dir).await?,
+                    "compare" => compare::run(&options, &release, &out_dir).await?,
                     other => bail!("benchmark {other:?} is listed but not wired up"),
                 }
             }
