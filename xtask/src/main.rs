@@ -44,8 +44,9 @@ enum Task {
     },
     /// Measure speed and memory; prints a table and writes JSON under target/bench/.
     Bench {
-        /// Which benchmark: ingest, drain, erp, all (those three), hostile, or compare (Backhaul
-        /// against a Mosquitto bridge, about ten minutes: not in all).
+        /// Which benchmark: ingest, drain, erp, all (those three), hostile, compare (Backhaul
+        /// against a Mosquitto bridge, about ten minutes: not in all), or plots (the PNGs of
+        /// BENCHMARKS.md under docs/bench/, from target/bench/compare.json and ingest.json).
         #[arg(default_value = "all")]
         which: String,
         /// Numbers of concurrent publishers, one run each.
@@ -106,6 +107,9 @@ enum Task {
         /// compare: events built up while the link is cut (scenario backlog).
         #[arg(long, default_value_t = 1_000_000)]
         backlog_events: u64,
+        /// compare: also draw the plots under docs/bench/ (as `bench plots` does).
+        #[arg(long)]
+        plots: bool,
     },
     /// Build the Debian packages of both services (needs dpkg-deb, not cargo-deb).
     Package(package::PackageArgs),
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
             peak_publishers,
             cut_seconds,
             backlog_events,
+            plots,
         } => seconds_arg("--warmup", warmup).and_then(|warmup| {
             let compare = bench::CompareOptions {
                 steady: seconds_arg("--steady-seconds", steady_seconds)?,
@@ -162,6 +167,7 @@ fn main() -> ExitCode {
                 cut: seconds_arg("--cut-seconds", cut_seconds)?,
                 backlog_events,
                 scenarios,
+                plots,
             };
             bench::bench(bench::BenchOptions {
                 which,

@@ -14,7 +14,7 @@
 //! against the ids the scanners got a PUBACK for: lost, duplicated, latency from publish to the
 //! ledger. Each scenario starts both pipelines afresh, Backhaul first; the table goes to stdout
 //! and every figure, with the backlog over time during the cut, to
-//! `<target dir>/bench/compare.json`.
+//! `<target dir>/bench/compare.json` (which `cargo xtask bench plots` draws).
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -105,6 +105,8 @@ pub struct CompareOptions {
     pub backlog_events: u64,
     /// Which scenarios run.
     pub scenarios: Vec<String>,
+    /// Draw the plots under docs/bench/ afterwards.
+    pub plots: bool,
 }
 
 impl Default for CompareOptions {
@@ -117,6 +119,7 @@ impl Default for CompareOptions {
             cut: Duration::from_secs(60),
             backlog_events: 1_000_000,
             scenarios: SCENARIOS.iter().map(|s| s.to_string()).collect(),
+            plots: false,
         }
     }
 }
@@ -1612,6 +1615,9 @@ pub async fn run(options: &BenchOptions, release: &Path, out_dir: &Path) -> anyh
     std::fs::write(&json_path, text + "\n")
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     println!("results: {}", json_path.display());
+    if o.plots {
+        super::plots::draw(out_dir, &workspace_root().join("docs/bench"))?;
+    }
     let problems = backhaul_problems(&results);
     if !problems.is_empty() {
         bail!(

@@ -2,7 +2,8 @@
 //! and where their results go (`<target dir>/bench/`); and what every benchmark shares: the
 //! shipped configs edited for a run, the agent and relay started, filled and stopped, and the
 //! tables. Each benchmark is a module of its own (`ingest`, `drain`, `erp`, `hostile`,
-//! `compare`) that takes these from here and nothing from its siblings.
+//! `compare`) that takes these from here and nothing from its siblings; `plots` draws from
+//! the JSON they leave.
 //!
 //! `cargo xtask` itself is a debug build; a debug load generator would measure itself. So a
 //! debug xtask builds the release binaries (its own release build included) and hands the run
@@ -33,6 +34,7 @@ mod ingest;
 mod loadgen;
 mod openmetrics;
 mod pg;
+mod plots;
 
 pub use self::compare::CompareOptions;
 
@@ -82,12 +84,19 @@ pub fn target_dir() -> anyhow::Result<PathBuf> {
 }
 
 pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
+    if options.which == "plots" {
+        // Drawn from the JSON of earlier runs: nothing to build or start.
+        return plots::draw(
+            &target_dir()?.join("bench"),
+            &workspace_root().join("docs/bench"),
+        );
+    }
     let selected: Vec<&str> = match options.which.as_str() {
         "all" => BENCHES.to_vec(),
         name => match BENCHES.iter().chain(NAMED_ONLY).find(|b| **b == name) {
             Some(b) => vec![*b],
             None => bail!(
-                "no benchmark named {name:?}; there is: all ({}), {}",
+                "no benchmark named {name:?}; there is: all ({}), {}, and plots (drawn from their JSON)",
                 BENCHES.join(", "),
                 NAMED_ONLY.join(", ")
             ),
