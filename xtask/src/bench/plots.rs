@@ -21,7 +21,7 @@ use serde_json::Value;
 const SIZE: (u32, u32) = (1000, 520);
 const BACKHAUL: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const MOSQUITTO: RGBColor = RGBColor(0xd6, 0x27, 0x28);
-const MARKS: RGBColor = RGBColor(0x80, 0x80, 0x80);
+const MARKS: RGBColor = RGBColor(0x30, 0x30, 0x30);
 /// Where Debian installs fonts, and the font looked for there.
 const FONT_DIR: &str = "/usr/share/fonts";
 const FONT_FILE: &str = "DejaVuSans.ttf";
@@ -178,14 +178,16 @@ fn cut_backlog(report: &Value, out: &Path, text: bool) -> anyhow::Result<()> {
             .disable_y_axis();
     }
     mesh.draw().map_err(plot_error)?;
-    // The cut, and each pipeline's restore (the same moment, give or take a poll).
+    // The cut and the restore (the same moment for both pipelines, give or take a poll), as
+    // dashes, so that they stand apart from the mesh.
     let restore = series.iter().map(|s| s.3).fold(0.0, f64::max);
     for x in [0.0, restore] {
+        let dashes = 30;
         chart
-            .draw_series(LineSeries::new(
-                [(x, 0.0), (x, y_max)],
-                MARKS.stroke_width(1),
-            ))
+            .draw_series((0..dashes).step_by(2).map(|i| {
+                let y = |k: i32| y_max * f64::from(k) / f64::from(dashes);
+                PathElement::new([(x, y(i)), (x, y(i + 1))], MARKS.stroke_width(2))
+            }))
             .map_err(plot_error)?;
     }
     for (label, colour, points, _) in &series {
