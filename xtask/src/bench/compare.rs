@@ -1722,7 +1722,12 @@ fn lost_dup(t: &Tally) -> [String; 2] {
         if t.duplicated == 0 {
             "0".into()
         } else {
-            format!("{} ({} extra lines)", t.duplicated, t.extra_lines)
+            format!(
+                "{} ({} extra line{})",
+                t.duplicated,
+                t.extra_lines,
+                if t.extra_lines == 1 { "" } else { "s" }
+            )
         },
     ]
 }
@@ -1964,8 +1969,9 @@ fn render(r: &Results, o: &CompareOptions, versions: &Value, elapsed: f64) -> St
                 .join("; "),
         );
     }
-    for (kind, c) in r.kill.iter().chain(&r.cut) {
-        if !c.scanner_losses.is_empty() && *kind == Kind::Backhaul && c.killed_at.is_none() {
+    // Without a kill, nothing should have ended a scanner's connection to the agent.
+    for (kind, c) in &r.cut {
+        if *kind == Kind::Backhaul && !c.scanner_losses.is_empty() {
             let _ = writeln!(
                 out,
                 "NOTE: {}: the scanner's connection ended during the cut: {}",
