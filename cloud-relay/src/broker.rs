@@ -39,9 +39,11 @@ pub fn start(
         router: RouterConfig {
             max_connections: 10_000,
             max_outgoing_packet_count: 1000,
-            // Memory, not disk: a small log per topic bounds the broker's footprint. A
-            // subscriber that falls behind loses messages, which agents re-send.
-            max_segment_size: 16 << 20,
+            // Memory, not disk: a small log per topic bounds the broker's footprint (each
+            // site's batches topic holds up to 16 MiB, which is an agent's whole window of
+            // 16 full 1 MiB batches before compression). A subscriber that falls behind
+            // loses messages, which agents re-send.
+            max_segment_size: 4 << 20,
             max_segment_count: 4,
             custom_segment: None,
             initialized_filters: None,

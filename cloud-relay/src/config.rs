@@ -132,7 +132,8 @@ pub struct OutboxConfig {
     /// Connections to PostgreSQL this relay opens at most.
     pub connections: usize,
     pub cache_size: ByteSize,
-    /// How many event ids are remembered to drop repeats (about 130 bytes of disk each).
+    /// How many event ids are remembered to drop repeats (about 130 bytes of disk and 9 of
+    /// memory each).
     pub dedup_ids: u64,
     /// Disk cap for waiting events and dead letters. When reached, batches are refused and the
     /// agents keep their events until deliveries make room; nothing stored is dropped.
@@ -147,7 +148,7 @@ impl Default for OutboxConfig {
             password: None,
             lease_secs: 30,
             connections: 4,
-            cache_size: ByteSize(64 << 20),
+            cache_size: ByteSize(16 << 20),
             dedup_ids: 1_000_000,
             max_bytes: ByteSize(20 << 30),
         }
@@ -357,6 +358,13 @@ impl RelayConfig {
                 file,
                 "outbox.connections",
                 "2 to 64 (connections to PostgreSQL)",
+            ));
+        }
+        if !(1..=1_000_000_000).contains(&self.outbox.dedup_ids) {
+            return Err(ConfigError::invalid(
+                file,
+                "outbox.dedup_ids",
+                "1 to 1000000000 (event ids remembered; about 9 bytes of memory each)",
             ));
         }
         if self.outbox.max_bytes.0 < 64 << 10 {

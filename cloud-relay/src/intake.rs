@@ -28,11 +28,15 @@ use crate::outbox::{Outbox, Stored};
 
 /// Batches stored in one commit at most.
 const MAX_BATCHES_PER_COMMIT: usize = 64;
+/// Events stored in one commit at most (a batch is never split): decoded events are what the
+/// relay holds in memory per batch, so this and [`DECODED_AHEAD`] bound its memory whatever
+/// the backlog, and a 16k-event commit already spreads the fsync over enough events.
+const MAX_EVENTS_PER_COMMIT: usize = 16_384;
 /// Reconnect back-off to the broker: the first wait and the cap.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
-/// Decoded frames waiting for the outbox writer at most.
-const DECODED_AHEAD: usize = 64;
+/// Frames waiting to be decoded, and decoded frames waiting for the outbox writer, at most.
+const DECODED_AHEAD: usize = 16;
 /// Refusals in one frame at most.
 const REFUSALS_PER_FRAME: usize = 200;
 /// A site's unacknowledged refusals are sent again after this long.
@@ -208,11 +212,13 @@ impl Intake {
                     continue;
                 }
             };
+            let mut events = first.0.events.len();
             let (mut batches, mut arrivals) = (vec![first.0], vec![first.1]);
             let mut acks = Vec::new();
-            while batches.len() < MAX_BATCHES_PER_COMMIT {
+            while batches.len() < MAX_BATCHES_PER_COMMIT && events < MAX_EVENTS_PER_COMMIT {
                 match decoded_rx.try_recv() {
                     Ok(Inbound::Batch(batch, at)) => {
+                        events += batch.events.len();
                         batches.push(batch);
                         arrivals.push(at);
                     }

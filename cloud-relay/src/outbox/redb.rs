@@ -13,6 +13,8 @@
 //! [`Frontier`]), loaded from the outbox in arrival order as delivery moves on.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use hashbrown::HashTable;
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -101,26 +103,86 @@ struct WriterState {
     held_bytes: u64,
 }
 
-/// The deduplication window in memory: a 64-bit hash of site and id → the outbox sequence
-/// number under which `SEEN_ORDER` recorded it. A hit is confirmed against `SEEN_ORDER`, so a
-/// hash collision can never drop an event as a duplicate (at worst it forgets an older id).
+/// The deduplication window in memory, 9 bytes per id (1M ids: 18 MiB): each id is one
+/// `u64` holding the high half of a 64-bit hash of site and id, and the low half of the outbox
+/// sequence number under which `SEEN_ORDER` recorded it. Ids sharing a half-hash are all kept,
+/// and every candidate is confirmed against `SEEN_ORDER`, so a collision costs a read, never
+/// an event dropped as a duplicate nor a duplicate let through. The full sequence number is
+/// the one with those low 32 bits nearest below the newest recorded: the window spans fewer
+/// than 2^32 numbers, since each recorded id takes one and at most `dedup_ids` are kept.
 struct SeenIds {
     hasher: RandomState,
-    by_hash: HashMap<u64, u64>,
+    by_hash: HashTable<u64>,
+    /// The highest sequence number recorded so far.
+    newest: u64,
 }
 
 impl SeenIds {
+    fn new() -> SeenIds {
+        SeenIds {
+            hasher: RandomState::new(),
+            by_hash: HashTable::new(),
+            newest: 0,
+        }
+    }
+
     fn hash(&self, id_key: &[u8]) -> u64 {
         self.hasher.hash_one(id_key)
     }
 
+    /// The table's own hash of an entry or of a lookup: from the half-hash alone, because
+    /// that is all an entry keeps.
+    fn table_hash(high: u32) -> u64 {
+        u64::from(high).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn entry(hash: u64, seq: u64) -> u64 {
+        (hash & 0xFFFF_FFFF_0000_0000) | (seq & 0xFFFF_FFFF)
+    }
+
+    fn record(&mut self, hash: u64, seq: u64) {
+        let high = (hash >> 32) as u32;
+        self.by_hash
+            .insert_unique(Self::table_hash(high), Self::entry(hash, seq), |entry| {
+                Self::table_hash((entry >> 32) as u32)
+            });
+        self.newest = self.newest.max(seq);
+    }
+
+    /// The sequence numbers that may have recorded the id of `hash`, newest first.
+    fn candidates(&self, hash: u64) -> Vec<u64> {
+        let high = (hash >> 32) as u32;
+        let newest = self.newest;
+        let mut seqs: Vec<u64> = self
+            .by_hash
+            .iter_hash(Self::table_hash(high))
+            .filter(|entry| (**entry >> 32) as u32 == high)
+            .map(|entry| {
+                let behind = (newest as u32).wrapping_sub(*entry as u32);
+                newest - u64::from(behind).min(newest)
+            })
+            .collect();
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        seqs
+    }
+
     /// Applies what a committed transaction recorded and forgot.
     fn apply(&mut self, recorded: HashMap<u64, u64>, forgotten: Vec<(u64, u64)>) {
-        self.by_hash.extend(recorded);
+        self.by_hash.reserve(recorded.len(), |entry| {
+            Self::table_hash((entry >> 32) as u32)
+        });
+        for (hash, seq) in recorded {
+            self.record(hash, seq);
+        }
         for (hash, seq) in forgotten {
-            // A replayed event was recorded again under a newer number: keep that one.
-            if self.by_hash.get(&hash) == Some(&seq) {
-                self.by_hash.remove(&hash);
+            let wanted = Self::entry(hash, seq);
+            if let Ok(found) = self
+                .by_hash
+                .find_entry(Self::table_hash((hash >> 32) as u32), |entry| {
+                    *entry == wanted
+                })
+            {
+                found.remove();
             }
         }
     }
@@ -259,18 +321,18 @@ impl<'txn, 's> Enqueue<'txn, 's> {
     /// Whether the id (site, 0, id), whose hash is `hash`, is in the window, committed or
     /// recorded by this transaction.
     fn is_seen(&self, id_key: &[u8], hash: u64) -> Result<bool, OutboxError> {
-        let Some(seq) = self
-            .recorded
-            .get(&hash)
-            .or_else(|| self.seen.by_hash.get(&hash))
-        else {
-            return Ok(false);
-        };
-        Ok(self
-            .seen_order
-            .get(*seq)
-            .map_err(storage)?
-            .is_some_and(|recorded| recorded.value() == id_key))
+        let here = self.recorded.get(&hash).copied();
+        for seq in here.into_iter().chain(self.seen.candidates(hash)) {
+            if self
+                .seen_order
+                .get(seq)
+                .map_err(storage)?
+                .is_some_and(|recorded| recorded.value() == id_key)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn push(
@@ -354,10 +416,7 @@ impl RedbOutbox {
         let _ = db.compact();
         let mut sites = BTreeMap::new();
         let held_bytes;
-        let mut seen = SeenIds {
-            hasher: RandomState::new(),
-            by_hash: HashMap::new(),
-        };
+        let mut seen = SeenIds::new();
         let txn = db.begin_write().map_err(storage)?;
         {
             // Readers need every table to exist.
@@ -375,10 +434,14 @@ impl RedbOutbox {
             }
             held_bytes = held_bytes_at_open(&txn)?;
             let order = txn.open_table(SEEN_ORDER).map_err(storage)?;
-            seen.by_hash.reserve(order.len().map_err(storage)? as usize);
+            seen.by_hash
+                .reserve(order.len().map_err(storage)? as usize, |entry| {
+                    SeenIds::table_hash((entry >> 32) as u32)
+                });
             for entry in order.iter().map_err(storage)? {
                 let (seq, id_key) = entry.map_err(storage)?;
-                seen.by_hash.insert(seen.hash(id_key.value()), seq.value());
+                let hash = seen.hash(id_key.value());
+                seen.record(hash, seq.value());
             }
         }
         txn.commit().map_err(storage)?;
@@ -527,22 +590,26 @@ impl RedbOutbox {
         id: &str,
     ) -> Result<Option<(u64, StampedEvent)>, OutboxError> {
         let id_key = site_key(site, id.as_bytes());
-        let outbox_seq = {
+        let candidates = {
             let state = self.lock_state()?;
-            match state.seen.by_hash.get(&state.seen.hash(&id_key)) {
-                Some(seq) => *seq,
-                None => return Ok(None),
-            }
+            state.seen.candidates(state.seen.hash(&id_key))
         };
         let txn = self.db.begin_read().map_err(storage)?;
         let order = txn.open_table(SEEN_ORDER).map_err(storage)?;
-        if order
-            .get(outbox_seq)
-            .map_err(storage)?
-            .is_none_or(|recorded| recorded.value() != id_key.as_slice())
-        {
-            return Ok(None);
+        let mut recorded_at = None;
+        for seq in candidates {
+            if order
+                .get(seq)
+                .map_err(storage)?
+                .is_some_and(|recorded| recorded.value() == id_key.as_slice())
+            {
+                recorded_at = Some(seq);
+                break;
+            }
         }
+        let Some(outbox_seq) = recorded_at else {
+            return Ok(None);
+        };
         let outbox = txn.open_table(OUTBOX).map_err(storage)?;
         match outbox.get(outbox_seq).map_err(storage)? {
             Some(value) => Ok(Some((
@@ -1107,6 +1174,93 @@ impl Outbox for RedbOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_sharing_a_half_hash_are_all_kept_and_forgotten_one_by_one() {
+        let mut seen = SeenIds::new();
+        let (a, b) = (0xDEAD_BEEF_0000_0001_u64, 0xDEAD_BEEF_FFFF_0002_u64);
+        seen.record(a, 7);
+        seen.record(b, 9);
+        assert_eq!(seen.candidates(a), vec![9, 7]);
+        assert_eq!(seen.candidates(0x1234_5678_0000_0001), Vec::<u64>::new());
+        seen.apply(HashMap::new(), vec![(a, 7)]);
+        assert_eq!(seen.candidates(b), vec![9]);
+        seen.apply(HashMap::new(), vec![(b, 9)]);
+        assert!(seen.candidates(b).is_empty());
+    }
+
+    #[test]
+    fn a_window_across_a_multiple_of_two_to_the_32_keeps_its_sequence_numbers() {
+        let mut seen = SeenIds::new();
+        let before = (1u64 << 32) - 3;
+        let after = (1u64 << 32) + 5;
+        seen.record(0xAAAA_AAAA_0000_0000, before);
+        seen.record(0xBBBB_BBBB_0000_0000, after);
+        assert_eq!(seen.candidates(0xAAAA_AAAA_1111_1111), vec![before]);
+        assert_eq!(seen.candidates(0xBBBB_BBBB_2222_2222), vec![after]);
+    }
+
+    #[test]
+    fn a_reopened_outbox_finds_the_ids_it_stored_and_drops_their_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = OutboxOptions {
+            cache_size: 1 << 20,
+            dedup_ids: 1000,
+            frontier_events: 100,
+            max_bytes: 1 << 30,
+        };
+        let event = |seq: u64, id: &str| {
+            backhaul_events::frame::BatchEntry {
+            seq,
+            received_at_ms: 0,
+            event: backhaul_events::event::parse_event(
+                format!(
+                    r#"{{"v":1,"id":"{id}","type":"pick","ts":"2026-12-05T10:00:00Z","sku":"S","qty":"1","uom":"EA","order":"O1","location":"L"}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap(),
+        }
+        };
+        let batch = |epoch: u128, first: u64, ids: &[&str]| BatchFrame {
+            site: "s1".into(),
+            epoch: Epoch(epoch),
+            acked_through: first - 1,
+            first_seq: first,
+            last_seq: first + ids.len() as u64 - 1,
+            events: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| event(first + i as u64, id))
+                .collect(),
+            signature: None,
+        };
+        let ids: Vec<String> = (0..300).map(|i| format!("e{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        {
+            let outbox = RedbOutbox::open(dir.path(), options).unwrap();
+            let stored = outbox.store(&[batch(1, 1, &refs)]).unwrap();
+            assert_eq!((stored[0].stored, stored[0].duplicates), (300, 0));
+        }
+        let outbox = RedbOutbox::open(dir.path(), options).unwrap();
+        assert_eq!(
+            outbox
+                .find_pending("s1", "e123")
+                .unwrap()
+                .unwrap()
+                .1
+                .event
+                .id,
+            "e123"
+        );
+        assert!(outbox.find_pending("s1", "e300").unwrap().is_none());
+        assert!(outbox.find_pending("s2", "e1").unwrap().is_none());
+        // A new epoch repeats every id and adds one.
+        let mut again = refs.clone();
+        again.push("e300");
+        let stored = outbox.store(&[batch(2, 1, &again)]).unwrap();
+        assert_eq!((stored[0].stored, stored[0].duplicates), (1, 300));
+    }
 
     #[test]
     fn readers_never_wait_for_a_writer_in_its_commit() {
