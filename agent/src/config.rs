@@ -192,7 +192,7 @@ fn default_reconnect_min() -> u64 {
     200
 }
 fn default_reconnect_max() -> u64 {
-    30_000
+    5_000
 }
 
 /// TLS to the broker: the CA that signs the broker's certificate, and for mutual TLS the
