@@ -93,6 +93,7 @@ impl SiteBrokerSource {
     /// Runs until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) {
         let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
+        eventloop.set_network_options(crate::forward::without_nagle(eventloop.network_options()));
         let filter = self.config.topic.replace("{device}", "+");
         let (tx, mut rx) = mpsc::channel::<Publish>(QUEUED);
         let poll_client = client.clone();

@@ -101,6 +101,11 @@ impl Intake {
     /// Runs until `stop`; ends with an error when the outbox cannot store batches.
     pub async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
         let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
+        // rumqttc leaves Nagle's algorithm on: acknowledgements to the agents would wait for the
+        // broker's delayed ACK (up to 40 ms on Linux) before they leave.
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (tx, mut rx) = mpsc::channel::<Received>(DECODED_AHEAD);
         let filters = self.filters();
         let filter = filters.join(", ");

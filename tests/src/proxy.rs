@@ -37,6 +37,9 @@ impl TcpProxy {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 };
+                // A router adds no delay of its own: each side's writes go on as they come.
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
                 if let Ok(mut list) = accept_connections.lock() {
                     list.retain(|s: &TcpStream| s.peer_addr().is_ok());
                     for stream in [&client, &server] {

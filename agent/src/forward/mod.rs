@@ -192,7 +192,8 @@ impl Forwarder {
                 if let Some(transport) = transport {
                     options.set_transport(transport);
                 }
-                let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
+                eventloop.set_network_options(without_nagle(eventloop.network_options()));
                 (
                     UplinkClient::V4(client),
                     UplinkEventLoop::V4(Box::new(eventloop)),
@@ -217,6 +218,7 @@ impl Forwarder {
                 if let Some(transport) = transport {
                     options.set_transport(transport);
                 }
+                options.set_network_options(without_nagle(options.network_options()));
                 let (client, eventloop) = v5::AsyncClient::new(options, REQUEST_QUEUE);
                 (
                     UplinkClient::V5(client),
@@ -570,6 +572,13 @@ impl Forwarder {
         link_task.abort();
         Ok(())
     }
+}
+
+/// rumqttc leaves Nagle's algorithm on, so a frame's last segment and each acknowledgement can
+/// wait for the broker's delayed ACK (up to 40 ms on Linux) before they leave.
+pub(crate) fn without_nagle(mut options: rumqttc::NetworkOptions) -> rumqttc::NetworkOptions {
+    options.set_tcp_nodelay(true);
+    options
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
