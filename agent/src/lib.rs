@@ -9,5 +9,6 @@ pub mod log;
 pub mod metrics;
 pub mod mqtt;
 pub mod passwd;
+pub mod salvage;
 pub mod service;
 pub mod site_broker;

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+pub(crate) const EVENTS_TABLE: TableDefinition<u64, &[u8]> = EVENTS;
 const IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const REJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("rejects");
@@ -32,6 +33,9 @@ const META_EPOCH: &str = "epoch";
 const META_NEXT_SEQ: &str = "next_seq";
 const META_LIVE_BYTES: &str = "live_bytes";
 const META_NEXT_REJECT: &str = "next_reject";
+/// The highest sequence number the relay acknowledged: salvage must not bring back what is
+/// below it, though copies of it may linger on freed pages.
+pub(crate) const META_ACKED_THROUGH: &str = "acked_through";
 
 /// Bytes counted for an event beyond its encoded record: its keys in both tables.
 const PER_EVENT_OVERHEAD: u64 = 8 + 8 + 16;
@@ -58,8 +62,9 @@ pub struct LogOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error(
-        "the event log {path} cannot be opened: {reason}. Nothing in it was deleted; move the \
-         file aside to start a new log (a new epoch), or restore it from a backup"
+        "the event log {path} cannot be opened: {reason}. Nothing in it was deleted. \
+         `backhaul-agent salvage --config FILE` (with the service stopped) copies every event \
+         it can still read into a new log and keeps the damaged file under quarantine/"
     )]
     Damaged { path: PathBuf, reason: String },
     #[error("the event log {path} is in use by another process")]
@@ -243,11 +248,12 @@ struct Shared {
 }
 
 /// Tells waiters the writer ended when the writer thread drops it: on return or in a panic.
-struct WriterEnded(Arc<Shared>);
+/// It holds the sender, not the log, so that by then the writer's hold on the database is gone.
+struct WriterEnded(tokio::sync::watch::Sender<bool>);
 
 impl Drop for WriterEnded {
     fn drop(&mut self) {
-        self.0.writer_ended.send_replace(true);
+        self.0.send_replace(true);
     }
 }
 
@@ -325,7 +331,7 @@ impl EventLog {
         std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
-                let _ended = WriterEnded(writer_shared.clone());
+                let _ended = WriterEnded(writer_shared.writer_ended.clone());
                 Writer::new(writer_shared, options).run(receiver)
             })
             .map_err(|e| LogError::Storage(format!("cannot start the log writer: {e}")))?;
@@ -360,6 +366,15 @@ impl EventLog {
     /// from then on nothing can be made durable.
     pub async fn writer_ended(&self) {
         let mut ended = self.shared.writer_ended.subscribe();
+        let _ = ended.wait_for(|ended| *ended).await;
+    }
+
+    /// Closes the log: the writer finishes what was queued, and the file is let go once this
+    /// resolves (unless another handle to the log is alive).
+    pub async fn close(self) {
+        let EventLog { shared, requests } = self;
+        drop(requests);
+        let mut ended = shared.writer_ended.subscribe();
         let _ = ended.wait_for(|ended| *ended).await;
     }
 
@@ -402,9 +417,18 @@ impl EventLog {
         events: Vec<Event>,
     ) -> impl Future<Output = Result<Vec<Appended>, LogError>> + Send + 'static {
         let received_at = now_ms();
+        self.append_received(events.into_iter().map(|e| (e, received_at)).collect())
+    }
+
+    /// Appends events that were received earlier, at the time each carries (salvage keeps
+    /// the original times, so the backlog's age stays honest).
+    pub fn append_received(
+        &self,
+        events: Vec<(Event, i64)>,
+    ) -> impl Future<Output = Result<Vec<Appended>, LogError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let sent = self.requests.send(Request::Append {
-            events: events.into_iter().map(|e| (e, received_at)).collect(),
+            events,
             enqueued: Instant::now(),
             reply,
         });
@@ -1049,6 +1073,9 @@ impl Writer {
         seq: u64,
         stats: &mut LogStats,
     ) -> Result<u64, LogError> {
+        if read_u64(&tables.meta, META_ACKED_THROUGH)?.is_none_or(|acked| acked < seq) {
+            write_u64(&mut tables.meta, META_ACKED_THROUGH, seq)?;
+        }
         let Tables {
             events: table, ids, ..
         } = tables;

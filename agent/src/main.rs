@@ -31,6 +31,18 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Recover a damaged event log: copy every event still legible into a new log (same ids,
+    /// original order), keep the damaged file under quarantine/ in the state directory, and
+    /// report the sequence ranges that could not be read. Run it with the service stopped.
+    Salvage {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Salvage even a log that opens without error.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Link, backlog (count, bytes, oldest), last ack, ingest, rejects and ERP refusals.
     Status {
         #[command(flatten)]
@@ -87,6 +99,35 @@ fn operate(target: Target, action: impl FnOnce(&AdminTarget) -> anyhow::Result<(
     }
 }
 
+fn salvage(config: &std::path::Path, force: bool, json: bool) -> ExitCode {
+    let result = AgentConfig::load(config)
+        .map_err(anyhow::Error::from)
+        .and_then(|loaded| {
+            let options = backhaul_agent::service::log_options(&loaded.config);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(runtime.block_on(backhaul_agent::salvage::salvage(options, force))?)
+        });
+    match result {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            } else {
+                print!("{}", backhaul_agent::salvage::render(&report));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -105,6 +146,11 @@ fn main() -> ExitCode {
             let loaded = AgentConfig::load(&config).map(|l| l.config);
             backhaul_events::service::check_config(&config, loaded)
         }
+        Command::Salvage {
+            config,
+            force,
+            json,
+        } => salvage(&config, force, json),
         Command::Run { config } => backhaul_events::service::run(
             "agent",
             AgentConfig::load(&config),

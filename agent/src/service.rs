@@ -10,7 +10,7 @@ use anyhow::Context;
 use backhaul_events::service::{Heartbeats, Supervisor};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LoadedAgentConfig;
+use crate::config::{AgentConfig, LoadedAgentConfig};
 use crate::forward::Forwarder;
 use crate::http::{HttpState, admin_router, ingest_router};
 use crate::log::{EventLog, LogOptions};
@@ -22,17 +22,22 @@ use backhaul_events::http_listener::{ConnectionLimits, serve};
 /// How long in-flight acknowledgements may take to go out once a stop is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
-    let config = loaded.config.clone();
-    tracing::info!(site = %config.site, config = %loaded.file.display(), "agent starting");
-    let options = LogOptions {
+/// The event log's settings from the agent's configuration.
+pub fn log_options(config: &AgentConfig) -> LogOptions {
+    LogOptions {
         dir: config.state_dir.clone(),
         max_bytes: config.log.max_bytes.0,
         cache_size: config.log.cache_size.0 as usize,
         group_commit_delay: Duration::from_millis(config.log.group_commit_delay_ms),
         group_commit_max_events: config.log.group_commit_max_events,
         max_rejects: config.log.max_rejects,
-    };
+    }
+}
+
+pub async fn run(loaded: LoadedAgentConfig) -> anyhow::Result<()> {
+    let config = loaded.config.clone();
+    tracing::info!(site = %config.site, config = %loaded.file.display(), "agent starting");
+    let options = log_options(&config);
     let log = tokio::task::spawn_blocking(move || EventLog::open(options))
         .await
         .context("the log could not be opened")??;
