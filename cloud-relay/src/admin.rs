@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::metrics::RelayMetrics;
 use crate::outbox::{Outbox, SiteRecord};
+use crate::trace::AttemptLog;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -27,6 +28,8 @@ pub struct AdminState {
     pub metrics: Arc<RelayMetrics>,
     /// Wakes the delivery engine after a replay.
     pub wake: Arc<tokio::sync::Notify>,
+    /// The delivery engine's attempts of events still waiting.
+    pub attempts: Arc<AttemptLog>,
 }
 
 /// The admin API: health for anyone who can reach it, reads for a read token, dead-letter
@@ -37,7 +40,8 @@ pub fn router(state: AdminState, access: Arc<AdminAccess>) -> Router {
         .route("/v1/sites", get(sites))
         .route("/v1/status", get(status))
         .route("/v1/dlq", get(dlq_list))
-        .route("/v1/dlq/{id}", get(dlq_show));
+        .route("/v1/dlq/{id}", get(dlq_show))
+        .route("/v1/events/{id}", get(event_trace));
     let writes = Router::new()
         .route("/v1/dlq/replay", post(dlq_replay))
         .route("/v1/dlq/discard", post(dlq_discard));
@@ -205,6 +209,44 @@ async fn dlq_show(State(state): State<AdminState>, Path(id): Path<u64>) -> Respo
             .into_response(),
             None => refuse(StatusCode::NOT_FOUND, format!("no dead letter {id}")),
         },
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct TraceQuery {
+    site: Option<String>,
+}
+
+/// `GET /v1/events/{id}?site=S`: the event's trace at every site that has an event of that id
+/// (or at `site`), as `{"traces": [...]}`; 404 when none is known.
+async fn event_trace(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(query): Query<TraceQuery>,
+) -> Response {
+    let (outbox, attempts) = (state.outbox.clone(), state.attempts.clone());
+    let site = query.site.clone();
+    let lookup = tokio::task::spawn_blocking(move || {
+        crate::trace::trace(outbox.as_ref(), &attempts, site.as_deref(), &id).map(|t| (id, t))
+    })
+    .await;
+    match lookup {
+        Ok(Ok((id, traces))) if traces.is_empty() => refuse(
+            StatusCode::NOT_FOUND,
+            match query.site {
+                Some(site) => format!(
+                    "no event {id} of site {site} is waiting, or left the outbox within the \
+                     trace retention (outbox.trace_days)"
+                ),
+                None => format!(
+                    "no event {id} of any site is waiting, or left the outbox within the \
+                     trace retention (outbox.trace_days)"
+                ),
+            },
+        ),
+        Ok(Ok((_, traces))) => axum::Json(serde_json::json!({ "traces": traces })).into_response(),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }

@@ -149,6 +149,48 @@ pub fn dlq_list(target: &AdminTarget, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `s` as one segment of a URL path or a query value.
+fn url_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for byte in s.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+pub fn trace(
+    target: &AdminTarget,
+    id: &str,
+    site: Option<&str>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut path = format!("/v1/events/{}", url_component(id));
+    if let Some(site) = site {
+        path.push_str(&format!("?site={}", url_component(site)));
+    }
+    let answer: TraceAnswer = client(target)?.get_json(&path)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&answer.traces)?);
+        return Ok(());
+    }
+    for (n, view) in answer.traces.iter().enumerate() {
+        if n > 0 {
+            println!();
+        }
+        print!("{}", crate::trace::render(view));
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct TraceAnswer {
+    traces: Vec<crate::trace::TraceView>,
+}
+
 pub fn dlq_show(target: &AdminTarget, id: u64) -> anyhow::Result<()> {
     let letter: DeadLetter = client(target)?.get_json(&format!("/v1/dlq/{id}"))?;
     println!("{}", serde_json::to_string_pretty(&letter)?);

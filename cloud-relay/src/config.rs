@@ -135,6 +135,9 @@ pub struct OutboxConfig {
     /// How many event ids are remembered to drop repeats (about 130 bytes of disk and 9 of
     /// memory each).
     pub dedup_ids: u64,
+    /// Days what became of each delivered or dead-lettered event is kept for `trace` (its
+    /// attempts, the ERP's answers and reference); 0 keeps none.
+    pub trace_days: u64,
     /// Disk cap for waiting events and dead letters. When reached, batches are refused and the
     /// agents keep their events until deliveries make room; nothing stored is dropped.
     pub max_bytes: ByteSize,
@@ -150,6 +153,7 @@ impl Default for OutboxConfig {
             connections: 4,
             cache_size: ByteSize(16 << 20),
             dedup_ids: 1_000_000,
+            trace_days: 7,
             max_bytes: ByteSize(20 << 30),
         }
     }
@@ -365,6 +369,13 @@ impl RelayConfig {
                 file,
                 "outbox.dedup_ids",
                 "1 to 1000000000 (event ids remembered; about 9 bytes of memory each)",
+            ));
+        }
+        if self.outbox.trace_days > 3660 {
+            return Err(ConfigError::invalid(
+                file,
+                "outbox.trace_days",
+                "0 to 3660 (days each delivered event's trace is kept; 0 keeps none)",
             ));
         }
         if self.outbox.max_bytes.0 < 64 << 10 {

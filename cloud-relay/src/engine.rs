@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DeliveryConfig;
 use crate::connector::{Capabilities, CommitToken, Delivered, Delivery, Sink};
 use crate::metrics::RelayMetrics;
-use crate::outbox::{Head, Outbox, OutboxError};
+use crate::outbox::{Head, Outbox, OutboxError, now_ms};
+use crate::trace::{Attempt, AttemptLog, AttemptResult, EventTrace, Finished};
 
 /// The one queue of a connector that drains the outbox in arrival order.
 const SINGLE_QUEUE: &[u8] = b"";
@@ -398,6 +399,10 @@ pub struct Engine<S: Sink> {
     /// Woken when intake stores events or a replay puts some back.
     pub wake: Arc<Notify>,
     pub heartbeat: Heartbeat,
+    /// The attempts of events still waiting, which `trace` shows.
+    pub attempts: Arc<AttemptLog>,
+    /// How long what became of a delivered event is kept for `trace`; `None` keeps nothing.
+    pub trace_retention: Option<Duration>,
 }
 
 impl<S: Sink> Engine<S> {
@@ -494,9 +499,10 @@ impl<S: Sink> Engine<S> {
             self.metrics
                 .erp_latency_seconds
                 .observe(done.took.as_secs_f64());
+            let traces = self.note_attempts(&done);
             let settled =
                 schedule.call_finished(&done.heads, done.delivered.results, Instant::now());
-            if let Err(e) = self.record(settled, done.delivered.commit).await {
+            if let Err(e) = self.record(settled, done.delivered.commit, traces).await {
                 break Err(e);
             }
         };
@@ -536,11 +542,57 @@ impl<S: Sink> Engine<S> {
             .map_err(EngineError::Read)
     }
 
+    /// Notes each event's attempt in this call; returns the traces of the events it finished.
+    fn note_attempts(&self, done: &CallDone) -> Vec<EventTrace> {
+        if self.trace_retention.is_none() {
+            return Vec::new();
+        }
+        let finished_at_ms = now_ms();
+        let latency_ms = done.took.as_millis() as u64;
+        let mut traces = Vec::new();
+        for (head, result) in done.heads.iter().zip(&done.delivered.results) {
+            let (kind, detail, finished) = match result {
+                Delivery::Posted { erp_ref } => {
+                    (AttemptResult::Posted, erp_ref, Some(Finished::Posted))
+                }
+                Delivery::Permanent { reason } => {
+                    (AttemptResult::Refused, reason, Some(Finished::DeadLettered))
+                }
+                Delivery::Waiting { reason, .. } => (AttemptResult::Waiting, reason, None),
+                Delivery::Transient { reason, .. } => (AttemptResult::Transient, reason, None),
+                Delivery::Throttled { reason, .. } => (AttemptResult::Throttled, reason, None),
+            };
+            let event = &head.event;
+            let attempt = Attempt {
+                at_ms: finished_at_ms - latency_ms as i64,
+                latency_ms,
+                result: kind,
+                detail: detail.clone(),
+            };
+            let Some(finished) = finished else {
+                self.attempts.push(&event.site, &event.event.id, attempt);
+                continue;
+            };
+            let mut attempts = self.attempts.take(&event.site, &event.event.id);
+            attempts.push(attempt);
+            traces.push(EventTrace {
+                event: event.clone(),
+                finished,
+                finished_at_ms,
+                erp_ref: (finished == Finished::Posted).then(|| detail.clone()),
+                reason: (finished == Finished::DeadLettered).then(|| detail.clone()),
+                attempts,
+            });
+        }
+        traces
+    }
+
     /// Makes a call's posted and refused events durable as such, then tells their sites.
     async fn record(
         &self,
         settled: Settled,
         commit: Option<CommitToken>,
+        traces: Vec<EventTrace>,
     ) -> Result<(), EngineError> {
         self.metrics.delivery_retries.inc_by(settled.retried);
         if settled.posted.is_empty() && settled.dead.is_empty() && commit.is_none() {
@@ -574,6 +626,19 @@ impl<S: Sink> Engine<S> {
         for site_outcomes in settled.outcomes {
             // Outcomes are information for the warehouse; a full queue drops them.
             let _ = self.outcomes.try_send(site_outcomes);
+        }
+        if let (Some(retention), false) = (self.trace_retention, traces.is_empty()) {
+            let forget_before_ms = now_ms() - retention.as_millis() as i64;
+            let outbox = self.outbox.clone();
+            let kept = tokio::task::spawn_blocking(move || {
+                outbox.record_traces(&traces, forget_before_ms)
+            })
+            .await
+            .map_err(EngineError::Worker)?;
+            if let Err(e) = kept {
+                // Diagnosis only: delivery goes on without it.
+                tracing::warn!(error = %e, "the traces of delivered events could not be kept");
+            }
         }
         Ok(())
     }

@@ -11,3 +11,4 @@ pub mod intake;
 pub mod metrics;
 pub mod outbox;
 pub mod service;
+pub mod trace;

@@ -45,6 +45,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where event ID is and what happened to it: device and receive time, site, epoch and
+    /// sequence, the batch that carried it, when the relay stored it, every delivery attempt
+    /// with the ERP's answer and latency, and the ERP's reference.
+    Trace {
+        #[command(flatten)]
+        target: Target,
+        /// The event's id.
+        id: String,
+        /// Only this site's event of that id (ids are unique per site).
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The dead-letter queue: events the ERP refused for good.
     Dlq {
         #[command(flatten)]
@@ -114,6 +128,14 @@ fn main() -> ExitCode {
         Command::Sites { target, json } => {
             operate(target, |url| backhaul_relay::cli::sites(url, json))
         }
+        Command::Trace {
+            target,
+            id,
+            site,
+            json,
+        } => operate(target, |url| {
+            backhaul_relay::cli::trace(url, &id, site.as_deref(), json)
+        }),
         Command::Dlq { target, action } => operate(target, |url| match action {
             DlqAction::List { json } => backhaul_relay::cli::dlq_list(url, json),
             DlqAction::Show { id } => backhaul_relay::cli::dlq_show(url, id),

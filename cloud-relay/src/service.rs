@@ -81,6 +81,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let heartbeats = Heartbeats::default();
     let mut tasks = Supervisor::default();
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::channel(1024);
+    let attempts = Arc::new(crate::trace::AttemptLog::default());
     let engine = Engine {
         outbox: outbox.clone(),
         sink: connector,
@@ -89,6 +90,9 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         outcomes: outcomes_tx,
         wake: stored.clone(),
         heartbeat: heartbeats.register("delivery engine"),
+        attempts: attempts.clone(),
+        trace_retention: (config.outbox.trace_days > 0)
+            .then(|| Duration::from_secs(config.outbox.trace_days * 86_400)),
     };
     tasks.spawn("delivery engine", engine.run(stop.clone()));
 
@@ -120,6 +124,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
             outbox,
             metrics,
             wake: stored,
+            attempts,
         },
         Arc::new(loaded.admin_access.clone()),
     );

@@ -345,6 +345,8 @@ fn run_engine(events: &[(&str, &str)], script: Script, delivery: DeliveryConfig)
         outcomes,
         wake: Arc::new(tokio::sync::Notify::new()),
         heartbeat: Heartbeat::detached("engine under test"),
+        attempts: Arc::default(),
+        trace_retention: Some(Duration::from_secs(3600)),
     };
     let engine_stop = stop.clone();
     let engine = tokio::spawn(async move {

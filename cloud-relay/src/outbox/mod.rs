@@ -12,10 +12,11 @@ pub mod redb;
 
 use std::path::PathBuf;
 
-use backhaul_events::{BatchFrame, BatchRefusal, EventOutcome, Refusal, StampedEvent};
+use backhaul_events::{BatchFrame, BatchRefusal, Epoch, EventOutcome, Refusal, StampedEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::connector::CommitToken;
+use crate::trace::{BatchRecord, EventTrace};
 
 pub use self::redb::{OutboxOptions, RedbOutbox};
 
@@ -108,6 +109,27 @@ pub trait Outbox: Send + Sync {
     fn frontier_blocked(&self) -> bool {
         false
     }
+
+    /// Keeps what became of events that left the outbox (merged into what is kept of the same
+    /// event), and forgets what finished before `forget_before_ms`, with the batches stored
+    /// before it. A trace is diagnosis, not a promise: the backends may lose the latest ones
+    /// in a crash.
+    fn record_traces(
+        &self,
+        traces: &[EventTrace],
+        forget_before_ms: i64,
+    ) -> Result<(), OutboxError>;
+
+    /// What became of event `id` of `site`, if it left the outbox within the retention.
+    fn trace(&self, site: &str, id: &str) -> Result<Option<EventTrace>, OutboxError>;
+
+    /// The batch that carried `seq` of the site's `epoch`, if it is still kept.
+    fn batch_of(
+        &self,
+        site: &str,
+        epoch: Epoch,
+        seq: u64,
+    ) -> Result<Option<BatchRecord>, OutboxError>;
 
     /// Hands back what this relay holds for delivery, at a clean stop.
     fn release(&self) -> Result<(), OutboxError> {

@@ -30,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
-use backhaul_events::{BatchFrame, BatchRefusal, Refusal, StampedEvent};
+use backhaul_events::{BatchFrame, BatchRefusal, Epoch, Refusal, StampedEvent};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 
@@ -39,6 +39,7 @@ use super::{
     now_ms, queue_of,
 };
 use crate::connector::CommitToken;
+use crate::trace::{BatchRecord, EventTrace};
 
 /// The schema's migrations, in order; `schema_version` holds how many were applied.
 const MIGRATIONS: &[&str] = &[
@@ -115,6 +116,26 @@ CREATE TABLE backhaul.staged (
 );
 CREATE INDEX staged_by_site ON backhaul.staged (site, id) WHERE NOT parked;
 CREATE INDEX staged_parked ON backhaul.staged (site, epoch, first_seq) WHERE parked;
+"#,
+    r#"
+CREATE TABLE backhaul.batches (
+    site text NOT NULL,
+    epoch text NOT NULL,
+    first_seq bigint NOT NULL,
+    last_seq bigint NOT NULL,
+    events bigint NOT NULL,
+    stored_at_ms bigint NOT NULL,
+    PRIMARY KEY (site, epoch, first_seq)
+);
+CREATE INDEX batches_by_age ON backhaul.batches (stored_at_ms);
+CREATE TABLE backhaul.traces (
+    site text NOT NULL,
+    event_id text NOT NULL,
+    finished_ms bigint NOT NULL,
+    record bytea NOT NULL,
+    PRIMARY KEY (site, event_id)
+);
+CREATE INDEX traces_by_age ON backhaul.traces (finished_ms);
 "#,
 ];
 
@@ -563,6 +584,19 @@ impl PgOutbox {
             entries,
         })
         .map_err(storage)?;
+        txn.execute(
+            "INSERT INTO backhaul.batches
+                 (site, epoch, first_seq, last_seq, events, stored_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            &[
+                &batch.site,
+                &epoch,
+                &big(batch.first_seq),
+                &big(batch.last_seq),
+                &big(batch.events.len() as u64),
+                &now_ms(),
+            ],
+        )?;
         txn.execute(
             "INSERT INTO backhaul.staged
                  (site, epoch, first_seq, last_seq, events, record, parked)
@@ -1101,6 +1135,87 @@ impl PgOutbox {
 }
 
 impl Outbox for PgOutbox {
+    fn record_traces(
+        &self,
+        traces: &[EventTrace],
+        forget_before_ms: i64,
+    ) -> Result<(), OutboxError> {
+        self.transaction(|txn| {
+            for trace in traces {
+                let site = &trace.event.site;
+                let id = &trace.event.event.id;
+                let mut trace = trace.clone();
+                let earlier = txn.query_opt(
+                    "SELECT record FROM backhaul.traces WHERE site = $1 AND event_id = $2
+                     FOR UPDATE",
+                    &[site, id],
+                )?;
+                if let Some(row) = earlier {
+                    let bytes: Vec<u8> = row.get(0);
+                    if let Ok(earlier) = postcard::from_bytes::<EventTrace>(&bytes) {
+                        trace.merge_after(earlier);
+                    }
+                }
+                let record = postcard::to_stdvec(&trace).map_err(storage)?;
+                txn.execute(
+                    "INSERT INTO backhaul.traces (site, event_id, finished_ms, record)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (site, event_id)
+                     DO UPDATE SET finished_ms = EXCLUDED.finished_ms, record = EXCLUDED.record",
+                    &[site, id, &trace.finished_at_ms, &record],
+                )?;
+            }
+            txn.execute(
+                "DELETE FROM backhaul.traces WHERE finished_ms < $1",
+                &[&forget_before_ms],
+            )?;
+            txn.execute(
+                "DELETE FROM backhaul.batches WHERE stored_at_ms < $1",
+                &[&forget_before_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn trace(&self, site: &str, id: &str) -> Result<Option<EventTrace>, OutboxError> {
+        let row = self.transaction(|txn| {
+            Ok(txn.query_opt(
+                "SELECT record FROM backhaul.traces WHERE site = $1 AND event_id = $2",
+                &[&site, &id],
+            )?)
+        })?;
+        match row {
+            Some(row) => {
+                let bytes: Vec<u8> = row.get(0);
+                postcard::from_bytes(&bytes).map(Some).map_err(storage)
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn batch_of(
+        &self,
+        site: &str,
+        epoch: Epoch,
+        seq: u64,
+    ) -> Result<Option<BatchRecord>, OutboxError> {
+        let epoch = epoch.to_string();
+        let row = self.transaction(|txn| {
+            Ok(txn.query_opt(
+                "SELECT first_seq, last_seq, events, stored_at_ms FROM backhaul.batches
+                 WHERE site = $1 AND epoch = $2 AND first_seq <= $3 AND last_seq >= $3
+                 ORDER BY first_seq DESC LIMIT 1",
+                &[&site, &epoch, &big(seq)],
+            )?)
+        })?;
+        Ok(row.map(|row| BatchRecord {
+            first_seq: count(row.get(0)),
+            last_seq: count(row.get(1)),
+            events: count(row.get(2)),
+            stored_at_ms: row.get(3),
+        }))
+    }
+
     fn location(&self) -> String {
         self.server.clone()
     }

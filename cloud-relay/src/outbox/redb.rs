@@ -31,6 +31,7 @@ use super::{
     now_ms, queue_bytes, queue_of, site_key,
 };
 use crate::connector::CommitToken;
+use crate::trace::{BatchRecord, EventTrace};
 
 /// Events waiting for delivery, by outbox sequence number (arrival order).
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
@@ -50,6 +51,17 @@ const DLQ: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Refusals kept for each site until its agent acknowledges them: site, 0, number (big
 /// endian) → postcard [`Refusal`].
 const REFUSALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("refusals");
+
+/// What became of events that left the outbox, for `trace`: site, 0, id → postcard
+/// [`EventTrace`].
+const TRACES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("traces");
+/// The batches stored: site, 0, epoch, first seq (big endian) → postcard [`BatchRecord`].
+const BATCHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("batches");
+/// Traces and batches by age, to forget them after the retention: time (ms, big endian), then
+/// the key in [`TRACES`] (tag 0) or [`BATCHES`] (tag 1).
+const TRACE_AGES: TableDefinition<&[u8], ()> = TableDefinition::new("trace_ages");
+/// Traces and batches forgotten per commit at most.
+const FORGET_PER_COMMIT: usize = 10_000;
 
 const META_NEXT_OUTBOX_SEQ: &str = "next_outbox_seq";
 /// The connector's commit token (named when the ledger was its only user).
@@ -537,14 +549,26 @@ impl RedbOutbox {
         let (recorded, held_bytes, forgotten) = {
             let mut queue = Enqueue::open(&txn, &state.seen)?;
             let mut epochs = txn.open_table(EPOCHS).map_err(storage)?;
+            let mut kept = txn.open_table(BATCHES).map_err(storage)?;
+            let mut ages = txn.open_table(TRACE_AGES).map_err(storage)?;
+            let stored_at_ms = now_ms();
             for batch in batches {
-                results.push(store_batch(
-                    &mut queue,
-                    &mut epochs,
-                    batch,
-                    &mut sites,
-                    full,
-                )?);
+                let result = store_batch(&mut queue, &mut epochs, batch, &mut sites, full)?;
+                if result.stored > 0 {
+                    let key = batch_key(&batch.site, batch.epoch, batch.first_seq);
+                    let record = BatchRecord {
+                        first_seq: batch.first_seq,
+                        last_seq: batch.last_seq,
+                        events: batch.events.len() as u64,
+                        stored_at_ms,
+                    };
+                    let bytes = postcard::to_stdvec(&record).map_err(storage)?;
+                    kept.insert(key.as_slice(), bytes.as_slice())
+                        .map_err(storage)?;
+                    ages.insert(age_key(stored_at_ms, 1, &key).as_slice(), ())
+                        .map_err(storage)?;
+                }
+                results.push(result);
             }
             let (recorded, held_bytes) = queue.finish(state.held_bytes)?;
             (
@@ -1080,7 +1104,140 @@ impl RedbOutbox {
     }
 }
 
+fn batch_key(site: &str, epoch: Epoch, first_seq: u64) -> Vec<u8> {
+    let mut key = site_key(site, &epoch.0.to_be_bytes());
+    key.extend_from_slice(&first_seq.to_be_bytes());
+    key
+}
+
+fn age_key(at_ms: i64, tag: u8, key: &[u8]) -> Vec<u8> {
+    let mut age = Vec::with_capacity(9 + key.len());
+    age.extend_from_slice(&(at_ms.max(0) as u64).to_be_bytes());
+    age.push(tag);
+    age.extend_from_slice(key);
+    age
+}
+
+impl RedbOutbox {
+    fn record_traces(
+        &self,
+        traces: &[EventTrace],
+        forget_before_ms: i64,
+    ) -> Result<(), OutboxError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        // Made durable by the next intake or delivery commit; a crash may lose the latest.
+        txn.set_durability(redb::Durability::None)
+            .map_err(storage)?;
+        {
+            let mut kept = txn.open_table(TRACES).map_err(storage)?;
+            let mut batches = txn.open_table(BATCHES).map_err(storage)?;
+            let mut ages = txn.open_table(TRACE_AGES).map_err(storage)?;
+            for trace in traces {
+                let key = site_key(&trace.event.site, trace.event.event.id.as_bytes());
+                let mut trace = trace.clone();
+                let earlier = kept
+                    .get(key.as_slice())
+                    .map_err(storage)?
+                    .and_then(|v| postcard::from_bytes::<EventTrace>(v.value()).ok());
+                if let Some(earlier) = earlier {
+                    ages.remove(age_key(earlier.finished_at_ms, 0, &key).as_slice())
+                        .map_err(storage)?;
+                    trace.merge_after(earlier);
+                }
+                let bytes = postcard::to_stdvec(&trace).map_err(storage)?;
+                kept.insert(key.as_slice(), bytes.as_slice())
+                    .map_err(storage)?;
+                ages.insert(age_key(trace.finished_at_ms, 0, &key).as_slice(), ())
+                    .map_err(storage)?;
+            }
+            let limit = age_key(forget_before_ms, 0, &[]);
+            let old = ages
+                .extract_from_if(..limit.as_slice(), |_, _| true)
+                .map_err(storage)?;
+            let mut forgotten = Vec::new();
+            for entry in old.take(FORGET_PER_COMMIT) {
+                let (age, _) = entry.map_err(storage)?;
+                forgotten.push(age.value().to_vec());
+            }
+            for age in forgotten {
+                let (tag, key) = (age[8], &age[9..]);
+                if tag == 0 {
+                    kept.remove(key).map_err(storage)?;
+                } else {
+                    batches.remove(key).map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)
+    }
+
+    fn trace(&self, site: &str, id: &str) -> Result<Option<EventTrace>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(TRACES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(storage(e)),
+        };
+        let key = site_key(site, id.as_bytes());
+        match table.get(key.as_slice()).map_err(storage)? {
+            Some(value) => postcard::from_bytes(value.value())
+                .map(Some)
+                .map_err(storage),
+            None => Ok(None),
+        }
+    }
+
+    fn batch_of(
+        &self,
+        site: &str,
+        epoch: Epoch,
+        seq: u64,
+    ) -> Result<Option<BatchRecord>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(BATCHES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(storage(e)),
+        };
+        let from = batch_key(site, epoch, 0);
+        let through = batch_key(site, epoch, seq);
+        let last = table
+            .range(from.as_slice()..=through.as_slice())
+            .map_err(storage)?
+            .next_back();
+        match last {
+            Some(entry) => {
+                let (_, value) = entry.map_err(storage)?;
+                let record: BatchRecord = postcard::from_bytes(value.value()).map_err(storage)?;
+                Ok((record.last_seq >= seq).then_some(record))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 impl Outbox for RedbOutbox {
+    fn record_traces(
+        &self,
+        traces: &[EventTrace],
+        forget_before_ms: i64,
+    ) -> Result<(), OutboxError> {
+        RedbOutbox::record_traces(self, traces, forget_before_ms)
+    }
+
+    fn trace(&self, site: &str, id: &str) -> Result<Option<EventTrace>, OutboxError> {
+        RedbOutbox::trace(self, site, id)
+    }
+
+    fn batch_of(
+        &self,
+        site: &str,
+        epoch: Epoch,
+        seq: u64,
+    ) -> Result<Option<BatchRecord>, OutboxError> {
+        RedbOutbox::batch_of(self, site, epoch, seq)
+    }
+
     fn location(&self) -> String {
         self.path.display().to_string()
     }
