@@ -386,6 +386,28 @@ fn dead_letters_are_seen_and_handled_from_any_relay() {
     }
     assert_eq!(outbox_rows(&postgres), 0);
 
+    // Either relay traces a replayed event from its refusal to its delivery.
+    for relay in [&first, &second] {
+        let traces: Value =
+            serde_json::from_str(&relay.cli(&["trace", "dlq-1", "--json"])).expect("trace JSON");
+        let trace = &traces[0];
+        assert_eq!(trace["state"], "posted", "{traces}");
+        assert_eq!(trace["site"], "wh-dlq");
+        let results: Vec<&str> = trace["attempts"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .filter_map(|a| a["result"].as_str())
+            .collect();
+        assert_eq!(results, ["refused", "posted"], "{trace}");
+        let seq = trace["seq"].as_u64();
+        assert!(
+            trace["batch"]["first_seq"].as_u64() <= seq
+                && trace["batch"]["last_seq"].as_u64() >= seq,
+            "{trace}"
+        );
+    }
+
     // Relays that stop cleanly hand back the keys they hold: with the ERP failing, a key
     // stays held while it is retried, until both relays stop.
     erp.set_mode(Mode::Fail);
