@@ -173,6 +173,7 @@ pub struct SinkConfig {
     pub ledger: Option<LedgerConfig>,
     pub http: Option<crate::connector::http::HttpConfig>,
     pub tryton: Option<crate::connector::tryton::TrytonConfig>,
+    pub epcis: Option<crate::connector::epcis::EpcisConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -442,16 +443,21 @@ impl RelayConfig {
             self.sink.ledger.is_some(),
             self.sink.http.is_some(),
             self.sink.tryton.is_some(),
+            self.sink.epcis.is_some(),
         ];
         if connectors.iter().filter(|c| **c).count() != 1 {
             return Err(ConfigError::invalid(
                 file,
                 "sink",
-                "exactly one connector section: [sink.ledger], [sink.http] or [sink.tryton]",
+                "exactly one connector section: [sink.ledger], [sink.http], [sink.tryton] or \
+                 [sink.epcis]",
             ));
         }
         if let Some(http) = &self.sink.http {
             http.check(file)?;
+        }
+        if let Some(epcis) = &self.sink.epcis {
+            epcis.check(file)?;
         }
         let d = &self.delivery;
         if !(1..=256).contains(&d.concurrency) {

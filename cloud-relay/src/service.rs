@@ -180,5 +180,10 @@ async fn build_connector(
             .map_err(|e| anyhow::anyhow!("sink.tryton.password: {e}"))?;
         return Ok(Connector::Tryton(TrytonConnector::new(tryton, password)?));
     }
+    if let Some(epcis) = &config.sink.epcis {
+        return Ok(Connector::Epcis(Box::new(
+            crate::connector::epcis::EpcisConnector::new(epcis)?,
+        )));
+    }
     anyhow::bail!("no connector is configured (sink)")
 }

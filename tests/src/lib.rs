@@ -113,6 +113,7 @@ pub fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) ->
 }
 
 pub mod agent;
+pub mod epcis;
 pub mod erp_standin;
 pub mod events;
 pub mod mosquitto;

@@ -280,6 +280,43 @@ fn ensure_debian_packages(needs: &[(&str, &str)]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs GS1's epcis2.js SDK with npm under target/epcis-validator, where the EPCIS tests
+/// validate every document the relay produced with it (xtask/epcis holds the script).
+fn ensure_epcis_validator() -> anyhow::Result<()> {
+    ensure_debian_packages(&[("node", "nodejs"), ("npm", "npm")])?;
+    let root = workspace_root();
+    let source = root.join("xtask/epcis");
+    let dir = root.join("target/epcis-validator");
+    let manifest = std::fs::read(source.join("package.json"))
+        .context("xtask/epcis/package.json is missing")?;
+    let installed = std::fs::read(dir.join("package.json")).ok();
+    if installed.as_deref() == Some(manifest.as_slice())
+        && dir.join("node_modules/epcis2.js").is_dir()
+    {
+        return Ok(());
+    }
+    // epcis2.js names the npm placeholder `fs@0.0.1-security`, which some registries do not
+    // carry; node's own `fs` is what it uses, so an empty local package stands in for it.
+    std::fs::create_dir_all(dir.join("empty-fs"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(
+        dir.join("empty-fs/package.json"),
+        r#"{"name":"fs","version":"0.0.1-security"}"#,
+    )?;
+    std::fs::copy(source.join("validate.js"), dir.join("validate.js"))?;
+    std::fs::write(dir.join("package.json"), &manifest)?;
+    run(
+        "npm install epcis2.js (GS1's EPCIS 2.0 validator)",
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--no-save"])
+            .current_dir(&dir),
+    )
+    .context(
+        "the EPCIS tests validate documents with GS1's epcis2.js from the npm registry, and \
+         it could not be installed; check that the npm registry is reachable",
+    )
+}
+
 fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
     if Command::new("cargo-nextest")
         .arg("--version")
@@ -323,6 +360,7 @@ fn test(long: bool, nextest_args: &[String]) -> anyhow::Result<()> {
         ("pg_ctlcluster", "postgresql"),
     ])?;
     tryton::ensure_tryton()?;
+    ensure_epcis_validator()?;
     // The end-to-end tests start the real binaries, so they must be built first.
     run(
         "cargo build (binaries)",

@@ -9,6 +9,7 @@
 //! only through [`Sink`].
 
 pub mod body;
+pub mod epcis;
 pub mod http;
 pub mod ledger;
 pub mod tryton;
@@ -101,6 +102,7 @@ pub enum Connector {
     Ledger(Mutex<Ledger>),
     Http(Box<http::HttpConnector>),
     Tryton(tryton::TrytonConnector),
+    Epcis(Box<epcis::EpcisConnector>),
 }
 
 impl Sink for Connector {
@@ -109,6 +111,7 @@ impl Sink for Connector {
             Connector::Ledger(_) => "ledger",
             Connector::Http(_) => "http",
             Connector::Tryton(_) => "tryton",
+            Connector::Epcis(_) => "epcis",
         }
     }
 
@@ -122,6 +125,13 @@ impl Sink for Connector {
                 max_concurrency: 1,
                 arrival_order: true,
                 rate_limited: false,
+            },
+            // One capture document per call, of up to max_batch events.
+            Connector::Epcis(_) => Capabilities {
+                max_batch: configured.max_batch.max(1),
+                max_concurrency: configured.concurrency.max(1),
+                arrival_order: false,
+                rate_limited: true,
             },
             Connector::Http(_) => Capabilities {
                 max_batch: configured.max_batch.max(1),
@@ -146,6 +156,7 @@ impl Sink for Connector {
             }
             Connector::Http(http) => http.deliver(events).await.into(),
             Connector::Tryton(tryton) => tryton.deliver(events).await.into(),
+            Connector::Epcis(epcis) => epcis.deliver(events).await.into(),
         }
     }
 }
