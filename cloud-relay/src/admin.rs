@@ -41,7 +41,8 @@ pub fn router(state: AdminState, access: Arc<AdminAccess>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/{id}", get(dlq_show))
-        .route("/v1/events/{id}", get(event_trace));
+        .route("/v1/events/{id}", get(event_trace))
+        .route("/v1/sites/{site}/delivered", get(site_delivered));
     let writes = Router::new()
         .route("/v1/dlq/replay", post(dlq_replay))
         .route("/v1/dlq/discard", post(dlq_discard));
@@ -247,6 +248,107 @@ async fn event_trace(
             },
         ),
         Ok(Ok((_, traces))) => axum::Json(serde_json::json!({ "traces": traces })).into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+/// An answer of `GET /v1/sites/{site}/delivered` (the epoch as text: JSON readers lose a
+/// 128-bit number).
+#[derive(Debug, serde::Serialize, Deserialize)]
+pub struct DeliveredAnswer {
+    pub events: Vec<DeliveredEvent>,
+    pub next_after: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, Deserialize)]
+pub struct DeliveredEvent {
+    pub site: String,
+    pub epoch: String,
+    pub seq: u64,
+    pub received_at_ms: i64,
+    pub event: backhaul_events::Event,
+}
+
+impl DeliveredEvent {
+    fn of(stamped: backhaul_events::StampedEvent) -> DeliveredEvent {
+        DeliveredEvent {
+            site: stamped.site,
+            epoch: stamped.epoch.to_string(),
+            seq: stamped.seq,
+            received_at_ms: stamped.received_at_ms,
+            event: stamped.event,
+        }
+    }
+
+    pub fn into_stamped(self) -> Result<backhaul_events::StampedEvent, String> {
+        Ok(backhaul_events::StampedEvent {
+            site: self.site,
+            epoch: self.epoch.parse()?,
+            seq: self.seq,
+            received_at_ms: self.received_at_ms,
+            event: self.event,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct DeliveredQuery {
+    /// First and last calendar day (YYYY-MM-DD) of the events' own timestamps, inclusive.
+    from: String,
+    to: String,
+    #[serde(default)]
+    after: String,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/sites/{site}/delivered?from=DAY&to=DAY`: the site's events the ERP took whose
+/// timestamps fall on those days, as far as the trace retention reaches, in pages by id
+/// (`after`: the last id of the previous page, as `next_after` says).
+async fn site_delivered(
+    State(state): State<AdminState>,
+    Path(site): Path<String>,
+    Query(query): Query<DeliveredQuery>,
+) -> Response {
+    for (name, day) in [("from", &query.from), ("to", &query.to)] {
+        let valid = day.len() == 10
+            && time::Date::parse(
+                day,
+                time::macros::format_description!("[year]-[month]-[day]"),
+            )
+            .is_ok();
+        if !valid {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("{name}: a calendar day, YYYY-MM-DD (got {day:?})"),
+            );
+        }
+    }
+    let limit = query.limit.unwrap_or(10_000).clamp(1, 100_000);
+    let outbox = state.outbox.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        outbox.site_traces(&site, &query.after, limit).map(|page| {
+            let next_after = (page.len() == limit)
+                .then(|| page.last().map(|t| t.event.event.id.clone()))
+                .flatten();
+            let events: Vec<_> = page
+                .into_iter()
+                .filter(|t| t.finished == crate::trace::Finished::Posted)
+                .map(|t| t.event)
+                .filter(|e| {
+                    let day = e.event.ts.get(..10).unwrap_or_default();
+                    day >= query.from.as_str() && day <= query.to.as_str()
+                })
+                .map(DeliveredEvent::of)
+                .collect();
+            (events, next_after)
+        })
+    })
+    .await;
+    match read {
+        Ok(Ok((events, next_after))) => {
+            axum::Json(DeliveredAnswer { events, next_after }).into_response()
+        }
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }

@@ -186,6 +186,61 @@ pub fn trace(
     Ok(())
 }
 
+pub fn export_epcis(
+    target: &AdminTarget,
+    site: &str,
+    from: &str,
+    to: &str,
+    mapping: &crate::connector::epcis::EpcisConfig,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use crate::connector::epcis::{document, object_event};
+    let client = client(target)?;
+    let mut objects = Vec::new();
+    let mut skipped: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut after = String::new();
+    loop {
+        let path = format!(
+            "/v1/sites/{}/delivered?from={}&to={}&after={}",
+            url_component(site),
+            url_component(from),
+            url_component(to),
+            url_component(&after)
+        );
+        let page: crate::admin::DeliveredAnswer = client.get_json(&path)?;
+        for event in page.events {
+            let event = event
+                .into_stamped()
+                .map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+            match object_event(mapping, &event) {
+                Ok(object) => objects.push(object),
+                Err(reason) => *skipped.entry(reason).or_default() += 1,
+            }
+        }
+        match page.next_after {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    let count = objects.len();
+    let text = serde_json::to_string_pretty(&document(objects))?;
+    match out {
+        Some(file) => {
+            std::fs::write(file, format!("{text}\n"))
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+            eprintln!(
+                "wrote {count} events of site {site}, {from} to {to}, to {}",
+                file.display()
+            );
+        }
+        None => println!("{text}"),
+    }
+    for (reason, n) in skipped {
+        eprintln!("left out {n} events: {reason}");
+    }
+    Ok(())
+}
+
 #[derive(serde::Deserialize)]
 struct TraceAnswer {
     traces: Vec<crate::trace::TraceView>,

@@ -59,12 +59,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write what the relay delivered in a format others read.
+    Export {
+        #[command(subcommand)]
+        format: ExportFormat,
+    },
     /// The dead-letter queue: events the ERP refused for good.
     Dlq {
         #[command(flatten)]
         target: Target,
         #[command(subcommand)]
         action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportFormat {
+    /// A site's events the ERP took on those days (of the events' own timestamps, as far as
+    /// outbox.trace_days reaches) as one GS1 EPCIS 2.0 document, mapped as [sink.epcis] says:
+    /// the same ObjectEvents, with the same event ids, the EPCIS connector captures.
+    Epcis {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        site: String,
+        /// First day, YYYY-MM-DD.
+        #[arg(long)]
+        from: String,
+        /// Last day, YYYY-MM-DD (inclusive).
+        #[arg(long)]
+        to: String,
+        /// A TOML file with the [sink.epcis] mapping (owner_gln, gtins, locations, sites);
+        /// default: --config.
+        #[arg(long, value_name = "FILE")]
+        mapping: Option<PathBuf>,
+        /// Write the document here instead of to standard output.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -136,6 +167,35 @@ fn main() -> ExitCode {
         } => operate(target, |url| {
             backhaul_relay::cli::trace(url, &id, site.as_deref(), json)
         }),
+        Command::Export {
+            format:
+                ExportFormat::Epcis {
+                    target,
+                    site,
+                    from,
+                    to,
+                    mapping,
+                    out,
+                },
+        } => {
+            let Some(mapping) = mapping.or_else(|| target.config.clone()) else {
+                eprintln!(
+                    "error: export epcis needs the [sink.epcis] mapping: --mapping FILE or --config FILE"
+                );
+                return ExitCode::FAILURE;
+            };
+            let mapping =
+                match backhaul_relay::connector::epcis::EpcisConfig::load_mapping(&mapping) {
+                    Ok(mapping) => mapping,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+            operate(target, |url| {
+                backhaul_relay::cli::export_epcis(url, &site, &from, &to, &mapping, out.as_deref())
+            })
+        }
         Command::Dlq { target, action } => operate(target, |url| match action {
             DlqAction::List { json } => backhaul_relay::cli::dlq_list(url, json),
             DlqAction::Show { id } => backhaul_relay::cli::dlq_show(url, id),

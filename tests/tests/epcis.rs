@@ -162,6 +162,67 @@ fn every_event_type_is_captured_as_valid_epcis_and_a_refused_one_is_dead_lettere
     let documents: Vec<Value> = captures.into_iter().map(|(d, _)| d).collect();
     assert_valid_epcis(&documents);
 
+    // `export epcis` writes the same ObjectEvents, with the same ids, for the day's delivered
+    // events, in a document GS1's SDK accepts too.
+    let mapping = dir.path().join("mapping.toml");
+    std::fs::write(&mapping, sink(&repository)).expect("write the mapping");
+    let exported = dir.path().join("export.json");
+    let (mapping_arg, out_arg) = (
+        mapping.display().to_string(),
+        exported.display().to_string(),
+    );
+    relay.cli(&[
+        "export",
+        "epcis",
+        "--site",
+        SITE,
+        "--from",
+        "2026-11-22",
+        "--to",
+        "2026-11-22",
+        "--mapping",
+        &mapping_arg,
+        "--out",
+        &out_arg,
+    ]);
+    let export: Value =
+        serde_json::from_slice(&std::fs::read(&exported).expect("the export")).expect("JSON");
+    let mut exported_ids: Vec<&str> = export["epcisBody"]["eventList"]
+        .as_array()
+        .expect("eventList")
+        .iter()
+        .filter_map(|e| e["eventID"].as_str())
+        .collect();
+    let mut captured_ids: Vec<&str> = all_captured
+        .values()
+        .filter_map(|e| e["eventID"].as_str())
+        .collect();
+    exported_ids.sort_unstable();
+    captured_ids.sort_unstable();
+    assert_eq!(
+        exported_ids, captured_ids,
+        "the delivered events, as captured"
+    );
+    assert_valid_epcis(std::slice::from_ref(&export));
+    let none: Value = serde_json::from_str(&relay.cli(&[
+        "export",
+        "epcis",
+        "--site",
+        SITE,
+        "--from",
+        "2026-11-23",
+        "--to",
+        "2026-11-30",
+        "--mapping",
+        &mapping_arg,
+    ]))
+    .expect("an export to stdout");
+    assert_eq!(
+        none["epcisBody"]["eventList"],
+        json!([]),
+        "other days hold nothing"
+    );
+
     // The two bad events are dead letters with reasons an operator can act on.
     let letters = poll_until(Duration::from_secs(30), || {
         let list: Value = serde_json::from_str(&relay.cli(&["dlq", "list", "--json"])).ok()?;

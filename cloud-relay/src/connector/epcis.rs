@@ -31,8 +31,10 @@ const JOB_POLL: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EpcisConfig {
-    /// The repository's EPCIS 2.0 REST base: documents go to `{url}/capture`.
-    pub url: String,
+    /// The repository's EPCIS 2.0 REST base: documents go to `{url}/capture`. Needed by the
+    /// connector; a mapping used only by `export epcis` may leave it out.
+    #[serde(default)]
+    pub url: Option<String>,
     /// Sent as `Authorization: Bearer …` when set.
     #[serde(default)]
     pub token: Option<SecretSource>,
@@ -64,13 +66,26 @@ fn is_digits(s: &str, n: usize) -> bool {
 
 impl EpcisConfig {
     pub fn check(&self, file: &Path) -> Result<(), ConfigError> {
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+        let url = self.url.as_deref().unwrap_or_default();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::invalid(
                 file,
                 "sink.epcis.url",
                 "an http:// or https:// URL (the repository's EPCIS 2.0 REST base)",
             ));
         }
+        if self.timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "sink.epcis.timeout_ms",
+                "at least 1",
+            ));
+        }
+        self.check_mapping(file)
+    }
+
+    /// The mapping's own rules (GLN, GTINs, SGLNs), which `export epcis` needs too.
+    pub fn check_mapping(&self, file: &Path) -> Result<(), ConfigError> {
         if !is_digits(&self.owner_gln, 13) {
             return Err(ConfigError::invalid(
                 file,
@@ -98,14 +113,35 @@ impl EpcisConfig {
                 }
             }
         }
-        if self.timeout_ms == 0 {
-            return Err(ConfigError::invalid(
-                file,
-                "sink.epcis.timeout_ms",
-                "at least 1",
-            ));
-        }
         Ok(())
+    }
+
+    /// The `[sink.epcis]` table of a TOML file (a relay configuration, or a file holding only
+    /// that table), for `export epcis`.
+    pub fn load_mapping(file: &Path) -> Result<EpcisConfig, ConfigError> {
+        #[derive(Deserialize)]
+        struct WithSink {
+            #[serde(default)]
+            sink: Sinks,
+        }
+        #[derive(Deserialize, Default)]
+        struct Sinks {
+            epcis: Option<EpcisConfig>,
+        }
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        let parsed: WithSink = backhaul_events::config::parse_toml(file, &text)?;
+        let mapping = parsed.sink.epcis.ok_or_else(|| {
+            ConfigError::invalid(
+                file,
+                "sink.epcis",
+                "a [sink.epcis] table: owner_gln, gtins, locations and sites",
+            )
+        })?;
+        mapping.check_mapping(file)?;
+        Ok(mapping)
     }
 }
 
@@ -174,12 +210,10 @@ pub fn event_id(site: &str, id: &str) -> String {
 /// The ObjectEvent of one event, or why it cannot be one.
 pub fn object_event(config: &EpcisConfig, stamped: &StampedEvent) -> Result<Value, String> {
     let event = &stamped.event;
-    let gtin = config.gtins.get(&event.sku).ok_or_else(|| {
-        format!(
-            "SKU {} has no GTIN in sink.epcis.gtins: add it, then replay this dead letter",
-            event.sku
-        )
-    })?;
+    let gtin = config
+        .gtins
+        .get(&event.sku)
+        .ok_or_else(|| format!("SKU {} has no GTIN in sink.epcis.gtins", event.sku))?;
     let mut object = json!({
         "type": "ObjectEvent",
         "eventID": event_id(&stamped.site, &event.id),
@@ -284,7 +318,11 @@ impl EpcisConnector {
         for (at, stamped) in events.iter().enumerate() {
             match object_event(&self.config, stamped) {
                 Ok(object) => mapped.push((at, object)),
-                Err(reason) => results[at] = Some(Delivery::Permanent { reason }),
+                Err(reason) => {
+                    results[at] = Some(Delivery::Permanent {
+                        reason: format!("{reason}: add it, then replay this dead letter"),
+                    })
+                }
             }
         }
         if mapped.is_empty() {
@@ -338,7 +376,8 @@ impl EpcisConnector {
     }
 
     async fn capture(&self, document: &Value) -> Captured {
-        let url = format!("{}/capture", self.config.url.trim_end_matches('/'));
+        let base = self.config.url.as_deref().unwrap_or_default();
+        let url = format!("{}/capture", base.trim_end_matches('/'));
         let started = Instant::now();
         let sent = self
             .request(self.client.post(&url))

@@ -123,6 +123,15 @@ pub trait Outbox: Send + Sync {
     /// What became of event `id` of `site`, if it left the outbox within the retention.
     fn trace(&self, site: &str, id: &str) -> Result<Option<EventTrace>, OutboxError>;
 
+    /// What is kept of the site's events that left the outbox, by id, from just after
+    /// `after_id` (`""` from the first), at most `limit`.
+    fn site_traces(
+        &self,
+        site: &str,
+        after_id: &str,
+        limit: usize,
+    ) -> Result<Vec<EventTrace>, OutboxError>;
+
     /// The batch that carried `seq` of the site's `epoch`, if it is still kept.
     fn batch_of(
         &self,

@@ -1135,6 +1135,27 @@ impl PgOutbox {
 }
 
 impl Outbox for PgOutbox {
+    fn site_traces(
+        &self,
+        site: &str,
+        after_id: &str,
+        limit: usize,
+    ) -> Result<Vec<EventTrace>, OutboxError> {
+        let rows = self.transaction(|txn| {
+            Ok(txn.query(
+                "SELECT record FROM backhaul.traces WHERE site = $1 AND event_id > $2
+                 ORDER BY event_id LIMIT $3",
+                &[&site, &after_id, &big(limit as u64)],
+            )?)
+        })?;
+        rows.iter()
+            .map(|row| {
+                let bytes: Vec<u8> = row.get(0);
+                postcard::from_bytes(&bytes).map_err(storage)
+            })
+            .collect()
+    }
+
     fn record_traces(
         &self,
         traces: &[EventTrace],

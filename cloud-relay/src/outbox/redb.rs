@@ -1217,6 +1217,34 @@ impl RedbOutbox {
 }
 
 impl Outbox for RedbOutbox {
+    fn site_traces(
+        &self,
+        site: &str,
+        after_id: &str,
+        limit: usize,
+    ) -> Result<Vec<EventTrace>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(TRACES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let prefix = site_key(site, &[]);
+        let from = site_key(site, after_id.as_bytes());
+        let mut traces = Vec::new();
+        for entry in table.range(from.as_slice()..).map_err(storage)? {
+            let (key, value) = entry.map_err(storage)?;
+            if !key.value().starts_with(&prefix) || traces.len() >= limit {
+                break;
+            }
+            if key.value() == from.as_slice() {
+                continue;
+            }
+            traces.push(postcard::from_bytes(value.value()).map_err(storage)?);
+        }
+        Ok(traces)
+    }
+
     fn record_traces(
         &self,
         traces: &[EventTrace],
