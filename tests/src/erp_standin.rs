@@ -6,7 +6,7 @@
 //! without a second effect.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -114,6 +114,38 @@ impl ErpStandIn {
     }
 }
 
+/// Reads one HTTP/1.1 request: its request line, headers (lower-case names) and body (by
+/// Content-Length). `None` once the client has gone.
+pub(crate) fn read_request(
+    reader: &mut impl BufRead,
+) -> Option<(String, HashMap<String, String>, Vec<u8>)> {
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = HashMap::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+        }
+    }
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).ok()?;
+    Some((request_line, headers, body))
+}
+
 fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(write_half) = stream.try_clone() else {
@@ -122,32 +154,9 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
     let mut reader = BufReader::new(stream);
     let mut writer = write_half;
     loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        let Some((_, headers, body)) = read_request(&mut reader) else {
             return;
-        }
-        let mut headers = HashMap::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
-            }
-        }
-        let length: usize = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+        };
         let arrived = Instant::now();
         let key = headers.get("idempotency-key").cloned().unwrap_or_default();
         let received = String::from_utf8_lossy(&body).into_owned();
