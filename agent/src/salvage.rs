@@ -172,13 +172,18 @@ pub async fn salvage(options: LogOptions, force: bool) -> Result<SalvageReport, 
         n += 1;
         quarantined_as = quarantine.join(format!("events-{stamp}-{n}.redb"));
     }
-    std::fs::rename(&path, &quarantined_as).map_err(io("moving to quarantine", &path))?;
+    // A second name for the damaged file first, then the new log replaces the old name in
+    // one step: at every moment `events.redb` is one whole log, old or new.
+    std::fs::hard_link(&path, &quarantined_as).map_err(io("keeping in quarantine", &path))?;
+    File::open(&quarantine)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io("syncing", &quarantine))?;
     let new_file = staging.join("events.redb");
     std::fs::rename(&new_file, &path).map_err(io("moving the new log into place", &new_file))?;
-    std::fs::remove_dir_all(&staging).map_err(io("removing", &staging))?;
     File::open(&options.dir)
         .and_then(|dir| dir.sync_all())
         .map_err(io("syncing", &options.dir))?;
+    std::fs::remove_dir_all(&staging).map_err(io("removing", &staging))?;
 
     let unreadable = unreadable_ranges(&scan, &recovered_seqs);
     let unreadable_events = unreadable.iter().map(SeqRange::count).sum();

@@ -633,11 +633,16 @@ impl<S: Sink> Engine<S> {
             let kept = tokio::task::spawn_blocking(move || {
                 outbox.record_traces(&traces, forget_before_ms)
             })
-            .await
-            .map_err(EngineError::Worker)?;
-            if let Err(e) = kept {
-                // Diagnosis only: delivery goes on without it.
-                tracing::warn!(error = %e, "the traces of delivered events could not be kept");
+            .await;
+            // Diagnosis only: delivery goes on without it, whatever went wrong.
+            match kept {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the traces of delivered events could not be kept")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the traces of delivered events could not be kept")
+                }
             }
         }
         Ok(())

@@ -21,6 +21,8 @@ const FIRST_ATTEMPTS_KEPT: usize = 4;
 const ATTEMPTS_KEPT: usize = 20;
 /// Waiting events whose attempts are remembered at most; past it the oldest are forgotten.
 const WAITING_EVENTS_KEPT: usize = 100_000;
+/// The longest answer kept per attempt, in characters: the ERP's words, not its whole page.
+const DETAIL_CHARS: usize = 300;
 
 /// What one delivery attempt came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +113,11 @@ impl AttemptLog {
         let Ok(mut waiting) = self.inner.lock() else {
             return;
         };
+        let mut attempt = attempt;
+        if attempt.detail.chars().count() > DETAIL_CHARS {
+            attempt.detail = attempt.detail.chars().take(DETAIL_CHARS).collect();
+            attempt.detail.push('…');
+        }
         let key = (site.to_string(), id.to_string());
         match waiting.attempts.get_mut(&key) {
             Some(list) => {
@@ -118,10 +125,13 @@ impl AttemptLog {
                 keep_bounded(list);
             }
             None => {
-                if waiting.order.len() >= WAITING_EVENTS_KEPT
-                    && let Some(oldest) = waiting.order.pop_front()
-                {
-                    waiting.attempts.remove(&oldest);
+                while waiting.attempts.len() >= WAITING_EVENTS_KEPT {
+                    match waiting.order.pop_front() {
+                        Some(oldest) => {
+                            waiting.attempts.remove(&oldest);
+                        }
+                        None => break,
+                    }
                 }
                 waiting.order.push_back(key.clone());
                 waiting.attempts.insert(key, vec![attempt]);
@@ -136,10 +146,11 @@ impl AttemptLog {
         };
         let key = (site.to_string(), id.to_string());
         let taken = waiting.attempts.remove(&key).unwrap_or_default();
-        if !taken.is_empty()
-            && let Some(at) = waiting.order.iter().position(|k| *k == key)
-        {
-            waiting.order.remove(at);
+        // The key stays in `order` (finding it would cost a scan per delivered event); the
+        // order is rebuilt from what is still waiting once stale keys fill half of it.
+        if waiting.order.len() > 2 * waiting.attempts.len() + 1024 {
+            let Waiting { attempts, order } = &mut *waiting;
+            order.retain(|k| attempts.contains_key(k));
         }
         taken
     }

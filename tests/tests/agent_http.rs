@@ -507,9 +507,16 @@ fn a_flood_of_violations_gets_a_bounded_answer() {
         "the answer ({} bytes) is larger than the request",
         text.len()
     );
-    // Rejects are stored behind the answer: wait for them.
+    // Rejects are stored behind the answer: wait for them. Past 1 MiB waiting for the writer
+    // (a slow disk, a busy machine) a reject is answered and counted as not kept instead of
+    // queued, so every one is either stored or counted.
     let stored = backhaul_tests::poll_until(Duration::from_secs(30), || {
-        (agent.status()["rejects_stored"] == 150).then_some(())
+        let status = agent.status();
+        let (kept, shed) = (
+            status["rejects_stored"].as_u64().unwrap_or(0),
+            status["rejects_not_kept"].as_u64().unwrap_or(0),
+        );
+        (kept + shed == 150 && kept > 0).then_some(())
     });
     assert!(stored.is_some(), "{}", agent.status());
 }

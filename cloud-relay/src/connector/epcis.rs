@@ -415,7 +415,17 @@ impl EpcisConnector {
                 retry_after: None,
             });
         }
-        if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        // A wrong URL or an expired token is the relay's to fix, not the events': refusing
+        // them would dead-letter the whole backlog.
+        if status.is_server_error()
+            || matches!(
+                status,
+                StatusCode::REQUEST_TIMEOUT
+                    | StatusCode::UNAUTHORIZED
+                    | StatusCode::FORBIDDEN
+                    | StatusCode::NOT_FOUND
+            )
+        {
             return Captured::Failed(Delivery::Transient {
                 reason: format!("POST {url}: HTTP {}: {body}", status.as_u16()),
                 retry_after: None,

@@ -1186,12 +1186,15 @@ impl Outbox for PgOutbox {
                     &[site, id, &trace.finished_at_ms, &record],
                 )?;
             }
+            // A bounded bite per call, so a lowered retention never holds up delivery.
             txn.execute(
-                "DELETE FROM backhaul.traces WHERE finished_ms < $1",
+                "DELETE FROM backhaul.traces WHERE ctid IN (SELECT ctid FROM backhaul.traces
+                 WHERE finished_ms < $1 LIMIT 10000)",
                 &[&forget_before_ms],
             )?;
             txn.execute(
-                "DELETE FROM backhaul.batches WHERE stored_at_ms < $1",
+                "DELETE FROM backhaul.batches WHERE ctid IN (SELECT ctid FROM backhaul.batches
+                 WHERE stored_at_ms < $1 LIMIT 10000)",
                 &[&forget_before_ms],
             )?;
             Ok(())
