@@ -221,6 +221,10 @@ pub struct LogConfig {
     pub cache_size: ByteSize,
     /// How many rejected events are kept for inspection; the oldest go first.
     pub max_rejects: u64,
+    /// Days the daily tally of accepted events is kept, for reconciliation with the ERP
+    /// (`backhaul-relay reconcile`): per day and event type, the count and the sequence
+    /// numbers, a few dozen bytes a day.
+    pub tally_days: u32,
 }
 
 impl Default for LogConfig {
@@ -231,6 +235,7 @@ impl Default for LogConfig {
             group_commit_max_events: 4096,
             cache_size: ByteSize(16 << 20),
             max_rejects: 10_000,
+            tally_days: 30,
         }
     }
 }
@@ -490,6 +495,13 @@ impl AgentConfig {
                 file,
                 "log.group_commit_max_events",
                 "at least 1",
+            ));
+        }
+        if !(1..=366).contains(&self.log.tally_days) {
+            return Err(ConfigError::invalid(
+                file,
+                "log.tally_days",
+                "from 1 to 366 (days)",
             ));
         }
         check_device_topic(file, "mqtt.topic", &self.mqtt.topic)?;

@@ -3,7 +3,8 @@
 //!
 //! What it owns: sequence numbers within the log's epoch, deduplication by event id while an
 //! event is in the log, the disk quota, deletion of what the relay acknowledged, giving freed
-//! space back to the file system, and the bounded reject store.
+//! space back to the file system, the bounded reject store, and the daily tally of what was
+//! accepted, kept `log.tally_days` after the events themselves are gone.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use backhaul_events::admin::ErpRefusal;
 use backhaul_events::service::Heartbeat;
-use backhaul_events::{Epoch, Event, Refusal, Violation};
+use backhaul_events::{DayTally, Epoch, Event, EventType, Refusal, Violation};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -28,6 +29,9 @@ const REJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("rejects");
 /// endian, so a re-sent refusal lands on itself and the oldest come first) → JSON
 /// [`ErpRefusal`], as the admin API shows it. Kept, like rejects, up to `max_rejects`.
 const ERP_REFUSALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("erp_refusals");
+/// Days since 1970-01-01 (UTC) → [`DayTally`] (postcard): what the log accepted that day.
+const TALLY: TableDefinition<i32, &[u8]> = TableDefinition::new("tally");
+const MS_PER_DAY: i64 = 86_400_000;
 
 const META_EPOCH: &str = "epoch";
 const META_NEXT_SEQ: &str = "next_seq";
@@ -57,6 +61,8 @@ pub struct LogOptions {
     pub group_commit_delay: Duration,
     pub group_commit_max_events: usize,
     pub max_rejects: u64,
+    /// Days the daily tally is kept (the current day included).
+    pub tally_days: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -597,6 +603,26 @@ impl EventLog {
         Ok(())
     }
 
+    /// The daily tally of what the log accepted, oldest day first.
+    pub fn tally(&self) -> Result<Vec<DayTally>, LogError> {
+        let db = self.shared.db.read().map_err(|_| LogError::Closed)?;
+        let txn = db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(TALLY) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut days = Vec::new();
+        for entry in table.iter().map_err(storage)? {
+            let (_, value) = entry.map_err(storage)?;
+            match postcard::from_bytes::<DayTally>(value.value()) {
+                Ok(day) => days.push(day),
+                Err(e) => tracing::warn!(error = %e, "a day of the tally cannot be read; left out"),
+            }
+        }
+        Ok(days)
+    }
+
     /// The newest `limit` refusals, newest first.
     pub fn erp_refusals(&self, limit: usize) -> Result<Vec<ErpRefusal>, LogError> {
         let db = self.shared.db.read().map_err(|_| LogError::Closed)?;
@@ -908,6 +934,8 @@ impl Writer {
                 ids: txn.open_table(IDS).map_err(storage)?,
                 meta: txn.open_table(META).map_err(storage)?,
                 rejects: txn.open_table(REJECTS).map_err(storage)?,
+                tally: txn.open_table(TALLY).map_err(storage)?,
+                accepted: std::collections::BTreeMap::new(),
             };
             for request in batch {
                 outcomes.push(match request {
@@ -923,6 +951,7 @@ impl Writer {
                     }
                 });
             }
+            tables.merge_tally(self.options.tally_days)?;
             write_u64(&mut tables.meta, META_NEXT_SEQ, stats.next_seq)?;
             write_u64(&mut tables.meta, META_LIVE_BYTES, stats.backlog_bytes)?;
         }
@@ -986,6 +1015,7 @@ impl Writer {
             ..
         } = tables;
         let mut out = Vec::with_capacity(events.len());
+        let mut accepted = Vec::with_capacity(events.len());
         let mut buf = Vec::with_capacity(512);
         for (event, received_at_ms) in events {
             if let Some(seq) = ids.get(event.id.as_str()).map_err(storage)? {
@@ -1030,6 +1060,10 @@ impl Writer {
                 stats.oldest_received_at_ms = Some(*received_at_ms);
             }
             out.push(Appended::Stored { seq });
+            accepted.push((*received_at_ms, event.kind, seq));
+        }
+        for (received_at_ms, kind, seq) in accepted {
+            tables.count_accepted(self.shared.epoch, received_at_ms, kind, seq);
         }
         Ok(out)
     }
@@ -1155,9 +1189,65 @@ struct Tables<'txn> {
     ids: redb::Table<'txn, &'static str, u64>,
     meta: redb::Table<'txn, &'static str, &'static [u8]>,
     rejects: redb::Table<'txn, u64, &'static [u8]>,
+    tally: redb::Table<'txn, i32, &'static [u8]>,
+    /// What this transaction accepted, by day, merged into `tally` before it commits.
+    accepted: std::collections::BTreeMap<i32, DayTally>,
 }
 
 impl Tables<'_> {
+    fn count_accepted(&mut self, epoch: Epoch, received_at_ms: i64, kind: EventType, seq: u64) {
+        let day = day_of(received_at_ms);
+        let tally = self.accepted.entry(day).or_insert(DayTally {
+            day,
+            epoch,
+            first_seq: seq,
+            last_seq: seq,
+            counts: [0; 5],
+        });
+        tally.first_seq = tally.first_seq.min(seq);
+        tally.last_seq = tally.last_seq.max(seq);
+        tally.counts[kind_index(kind)] += 1;
+    }
+
+    /// Adds this transaction's accepted events to the stored tally, and forgets the days
+    /// older than `keep_days` before the newest.
+    fn merge_tally(&mut self, keep_days: u32) -> Result<(), LogError> {
+        let accepted = std::mem::take(&mut self.accepted);
+        let Some(&newest) = accepted.keys().next_back() else {
+            return Ok(());
+        };
+        let mut new_day = false;
+        for (day, delta) in accepted {
+            let merged = match self.tally.get(day).map_err(storage)? {
+                Some(stored) => match postcard::from_bytes::<DayTally>(stored.value()) {
+                    // A log keeps one epoch: a stored day of another one is not this log's.
+                    Ok(mut stored) if stored.epoch == delta.epoch => {
+                        stored.first_seq = stored.first_seq.min(delta.first_seq);
+                        stored.last_seq = stored.last_seq.max(delta.last_seq);
+                        for (count, add) in stored.counts.iter_mut().zip(delta.counts) {
+                            *count += add;
+                        }
+                        stored
+                    }
+                    _ => delta,
+                },
+                None => {
+                    new_day = true;
+                    delta
+                }
+            };
+            let bytes = postcard::to_allocvec(&merged).map_err(storage)?;
+            self.tally.insert(day, bytes.as_slice()).map_err(storage)?;
+        }
+        if new_day {
+            let oldest_kept = newest.saturating_sub(keep_days.max(1) as i32 - 1);
+            self.tally
+                .retain_in(..oldest_kept, |_, _| false)
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+
     /// Forgets the oldest reject; false when there is none.
     fn drop_oldest_reject(&mut self, stats: &mut LogStats) -> Result<bool, LogError> {
         match self.rejects.pop_first().map_err(storage)? {
@@ -1199,4 +1289,15 @@ fn event_count(request: &Request) -> usize {
         Request::Append { events, .. } => events.len(),
         _ => 1,
     }
+}
+
+/// The UTC day of a time in ms since the Unix epoch, as days since 1970-01-01.
+pub fn day_of(ms: i64) -> i32 {
+    ms.div_euclid(MS_PER_DAY)
+        .clamp(i32::MIN as i64, i32::MAX as i64) as i32
+}
+
+/// Where an event type's count sits in [`DayTally::counts`].
+pub fn kind_index(kind: EventType) -> usize {
+    EventType::ALL.iter().position(|k| *k == kind).unwrap_or(0)
 }

@@ -31,6 +31,7 @@ pub fn log_options(config: &AgentConfig) -> LogOptions {
         group_commit_delay: Duration::from_millis(config.log.group_commit_delay_ms),
         group_commit_max_events: config.log.group_commit_max_events,
         max_rejects: config.log.max_rejects,
+        tally_days: config.log.tally_days,
     }
 }
 

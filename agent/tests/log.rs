@@ -15,6 +15,7 @@ fn options(dir: &std::path::Path) -> LogOptions {
         group_commit_delay: Duration::from_millis(1),
         group_commit_max_events: 4096,
         max_rejects: 3,
+        tally_days: 30,
     }
 }
 
@@ -222,6 +223,7 @@ fn rejects_count_in_the_quota_and_give_way_to_events() {
     let log = EventLog::open(LogOptions {
         max_bytes: 1 << 20,
         max_rejects: 10_000,
+        tally_days: 30,
         ..options(dir.path())
     })
     .unwrap();
@@ -324,4 +326,52 @@ mod backhaul_tests_support {
     pub fn reopen(dir: &std::path::Path, options: fn(&std::path::Path) -> LogOptions) -> EventLog {
         try_reopen(dir, options).unwrap()
     }
+}
+
+#[test]
+fn the_daily_tally_counts_what_was_accepted_and_outlives_the_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.tally_days = 2;
+    let log = EventLog::open(opts).unwrap();
+    let rt = runtime();
+    let day = 20_000i64;
+    let at = |d: i64, hour: i64| d * 86_400_000 + hour * 3_600_000;
+    let mut receive = event("r1");
+    receive.kind = backhaul_events::EventType::Receive;
+    let appended = rt
+        .block_on(log.append_received(vec![
+            (event("p1"), at(day, 1)),
+            (receive, at(day, 2)),
+            (event("p1"), at(day, 3)),
+            (event("p2"), at(day + 1, 0)),
+        ]))
+        .unwrap();
+    assert_eq!(appended[2], Appended::Duplicate { seq: 1 });
+    rt.block_on(log.ack_through(3)).unwrap();
+    let tally = log.tally().unwrap();
+    let days: Vec<(i32, u64, u64, [u64; 5])> = tally
+        .iter()
+        .map(|d| (d.day, d.first_seq, d.last_seq, d.counts))
+        .collect();
+    // counts: pick, ship, receive, adjust, count; the duplicate is not accepted twice.
+    assert_eq!(
+        days,
+        vec![
+            (day as i32, 1, 2, [1, 0, 1, 0, 0]),
+            (day as i32 + 1, 3, 3, [1, 0, 0, 0, 0])
+        ]
+    );
+    assert!(tally.iter().all(|d| d.epoch == log.epoch()));
+
+    // Two days are kept: a third forgets the first.
+    rt.block_on(log.append_received(vec![(event("p3"), at(day + 2, 0))]))
+        .unwrap();
+    let kept: Vec<i32> = log.tally().unwrap().iter().map(|d| d.day).collect();
+    assert_eq!(kept, vec![day as i32 + 1, day as i32 + 2]);
+
+    // The tally is in the file: it survives a restart.
+    rt.block_on(log.close());
+    let log = EventLog::open(options(dir.path())).unwrap();
+    assert_eq!(log.tally().unwrap().len(), 2);
 }

@@ -20,6 +20,7 @@ fn options(dir: &std::path::Path) -> LogOptions {
         group_commit_delay: Duration::from_millis(1),
         group_commit_max_events: 4096,
         max_rejects: 10,
+        tally_days: 30,
     }
 }
 

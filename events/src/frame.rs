@@ -1,6 +1,7 @@
 //! The binary frames between agent and relay: a batch of logged events, the relay's
 //! acknowledgement, what the ERP did with the events, the refusals the relay keeps for a site
-//! until its agent acknowledges them, and that acknowledgement. Each frame is one version byte
+//! until its agent acknowledges them, that acknowledgement, and the site's daily tally of what
+//! it accepted (for reconciliation with the ERP). Each frame is one version byte
 //! followed by postcard; a batch may instead be version 3, the same postcard compressed with
 //! zstd, so that a site's uplink carries a fraction of its events' size. A relay that reads only
 //! version 1 refuses version 3 by its first byte, naming the version.
@@ -200,6 +201,85 @@ impl RefusalAckFrame {
         let frame: RefusalAckFrame = decode(bytes, max_len)?;
         check_site_id(&frame.site)
             .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
+        Ok(frame)
+    }
+}
+
+/// What a site accepted on one day (UTC, by the time its agent received each event): how many
+/// events of each type, and the sequence numbers they took. A day's events are one run of
+/// sequence numbers of one epoch unless the log was rebuilt that day, so the run names every
+/// accepted event compactly: the relay knows each one's id by its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayTally {
+    /// Days since 1970-01-01.
+    pub day: i32,
+    pub epoch: Epoch,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Accepted events per type, in the order of [`crate::EventType::ALL`].
+    pub counts: [u64; 5],
+}
+
+impl DayTally {
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// An event the site accepted that the relay has not acknowledged yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingAtSite {
+    pub seq: u64,
+    pub id: String,
+    pub received_at_ms: i64,
+}
+
+/// A site's tally of the days its agent keeps (`log.tally_days`), sent by the agent when it
+/// connects and whenever it changed, on the site's tally topic. Each frame replaces the last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TallyFrame {
+    pub site: String,
+    pub epoch: Epoch,
+    /// Everything of the epoch up to here was acknowledged by a relay.
+    pub acked_through: u64,
+    /// When the agent made the tally (ms since the Unix epoch).
+    pub at_ms: i64,
+    pub days: Vec<DayTally>,
+    /// The oldest events still waiting at the site, at most [`TallyFrame::WAITING_LISTED`].
+    pub waiting: Vec<WaitingAtSite>,
+    /// Events waiting at the site in all.
+    pub waiting_total: u64,
+}
+
+impl TallyFrame {
+    /// Waiting events a tally names by id at most; the rest are counted.
+    pub const WAITING_LISTED: usize = 200;
+    /// Days a tally carries at most.
+    pub const MAX_DAYS: usize = 400;
+
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8], max_len: usize) -> Result<TallyFrame, FrameError> {
+        let frame: TallyFrame = decode(bytes, max_len)?;
+        check_site_id(&frame.site)
+            .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
+        if frame.days.len() > Self::MAX_DAYS || frame.waiting.len() > Self::WAITING_LISTED {
+            return Err(FrameError::Inconsistent(format!(
+                "a tally carries at most {} days and {} waiting events (got {} and {})",
+                Self::MAX_DAYS,
+                Self::WAITING_LISTED,
+                frame.days.len(),
+                frame.waiting.len()
+            )));
+        }
+        if let Some(day) = frame.days.iter().find(|d| d.first_seq > d.last_seq) {
+            return Err(FrameError::Inconsistent(format!(
+                "day {}: first_seq {} is after last_seq {}",
+                day.day, day.first_seq, day.last_seq
+            )));
+        }
         Ok(frame)
     }
 }

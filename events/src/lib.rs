@@ -23,7 +23,8 @@ pub mod topics;
 
 pub use event::{Event, EventType, MAX_EVENT_BYTES, MAX_STRING_CHARS, Violation, Violations};
 pub use frame::{
-    AckFrame, BatchEntry, BatchFrame, BatchRefusal, Compression, EventOutcome, FrameError, Outcome,
-    OutcomeFrame, Refusal, RefusalAckFrame, RefusalFrame,
+    AckFrame, BatchEntry, BatchFrame, BatchRefusal, Compression, DayTally, EventOutcome,
+    FrameError, Outcome, OutcomeFrame, Refusal, RefusalAckFrame, RefusalFrame, TallyFrame,
+    WaitingAtSite,
 };
 pub use stamped::{Epoch, OrderingKey, StampedEvent};

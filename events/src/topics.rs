@@ -29,6 +29,20 @@ pub fn refusal_acks_topic(site: &str) -> String {
     format!("{PREFIX}{site}/refusal-acks")
 }
 
+/// Where an agent publishes its daily tally, for reconciliation.
+pub fn tally_topic(site: &str) -> String {
+    format!("{PREFIX}{site}/tally")
+}
+
+/// The filter a relay subscribes to for every site's tally.
+pub const ALL_TALLIES_FILTER: &str = "backhaul/v1/sites/+/tally";
+
+/// The site a tally topic belongs to, or `None` if the topic is not one.
+pub fn site_of_tally_topic(topic: &str) -> Option<&str> {
+    let site = topic.strip_prefix(PREFIX)?.strip_suffix("/tally")?;
+    check_site_id(site).ok().map(|()| site)
+}
+
 /// The filter a relay subscribes to for every site's refusal acknowledgements.
 pub const ALL_REFUSAL_ACKS_FILTER: &str = "backhaul/v1/sites/+/refusal-acks";
 

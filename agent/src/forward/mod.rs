@@ -19,9 +19,9 @@ use backhaul_events::service::Backoff;
 use backhaul_events::service::Heartbeat;
 use backhaul_events::signing::{SiteKeys, is_sealed};
 use backhaul_events::topics::{
-    acks_topic, batches_topic, outcomes_topic, refusal_acks_topic, refusals_topic,
+    acks_topic, batches_topic, outcomes_topic, refusal_acks_topic, refusals_topic, tally_topic,
 };
-use backhaul_events::{RefusalAckFrame, RefusalFrame};
+use backhaul_events::{RefusalAckFrame, RefusalFrame, TallyFrame, WaitingAtSite};
 use bytes::Bytes;
 use rumqttc::{Outgoing, Transport, v5};
 use serde::Serialize;
@@ -41,6 +41,9 @@ const MAX_FRAME_BYTES: usize = 8 << 20;
 
 /// Requests (publishes, subscribes) the MQTT client queues for its event loop.
 const REQUEST_QUEUE: usize = 64;
+
+/// A changed tally goes to the relay at most this often (and at once after each connect).
+const TALLY_EVERY: Duration = Duration::from_secs(5);
 
 /// The link states in which the relay holds events back on purpose, so the link is not stalled.
 const RELAY_FULL: &str = "relay full";
@@ -300,6 +303,56 @@ impl Forwarder {
         }
     }
 
+    /// Tells the relay what the site accepted per day, and which events still wait here, for
+    /// reconciliation. Best effort: a tally lost on the way is replaced by the next one.
+    async fn send_tally(&self, client: &UplinkClient, epoch: Epoch, acked_through: u64) {
+        let log = self.log.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let days = log.tally()?;
+            let waiting = log.read_from(acked_through + 1, TallyFrame::WAITING_LISTED, 1 << 20)?;
+            anyhow::Ok((days, waiting, log.stats().backlog_events))
+        })
+        .await;
+        let (mut days, waiting, waiting_total) = match read {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the tally could not be read; it goes with the next one");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the tally reader failed");
+                return;
+            }
+        };
+        if days.len() > TallyFrame::MAX_DAYS {
+            days.drain(..days.len() - TallyFrame::MAX_DAYS);
+        }
+        let frame = TallyFrame {
+            site: self.site.clone(),
+            epoch,
+            acked_through,
+            at_ms: now_ms(),
+            days,
+            waiting: waiting
+                .into_iter()
+                .map(|(seq, record)| WaitingAtSite {
+                    seq,
+                    id: record.event.id,
+                    received_at_ms: record.received_at_ms,
+                })
+                .collect(),
+            waiting_total,
+        };
+        match frame.encode().map(|payload| self.seal(payload)) {
+            Ok(payload) => {
+                if let Err(e) = client.try_publish(&tally_topic(&self.site), payload) {
+                    tracing::debug!(error = %e, "tally not sent; the next one replaces it");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the tally could not be encoded"),
+        }
+    }
+
     /// Reads the batch from `from` out of the log and publishes it; whether one went (a full
     /// client queue means the link is going down: the batch goes again after the reconnect).
     async fn send_batch(
@@ -473,6 +526,9 @@ impl Forwarder {
         let mut window = Window::new(settings, acked_through, Instant::now());
         self.set_status(|s| s.acked_through = acked_through);
         let mut beat = tokio::time::interval(Duration::from_secs(1));
+        // What the last tally sent said (next sequence number, acknowledged through) and when.
+        let mut tally_sent: Option<(u64, u64, Instant)> = None;
+        let mut link_up = false;
 
         loop {
             self.heartbeat.beat();
@@ -490,6 +546,8 @@ impl Forwarder {
                 event = link_rx.recv() => match event {
                     None => break,
                     Some(LinkEvent::Ready) => {
+                        link_up = true;
+                        tally_sent = None;
                         let resent = window.link_up();
                         self.metrics.batch_resends.inc_by(resent as u64);
                         self.metrics.link_up.set(1);
@@ -502,6 +560,7 @@ impl Forwarder {
                         tracing::info!(host = %self.config.host, port = self.config.port, "uplink connected");
                     }
                     Some(LinkEvent::Down(error)) => {
+                        link_up = false;
                         if window.link_down() {
                             tracing::warn!(error = %error, "uplink down");
                         }
@@ -543,7 +602,16 @@ impl Forwarder {
                     self.metrics.batch_resends.inc_by(resent as u64);
                 }
                 _ = appends.changed() => {}
-                _ = beat.tick() => {}
+                _ = beat.tick() => {
+                    let state = (self.log.stats().next_seq, window.acked_through());
+                    let due = tally_sent.is_none_or(|(next, acked, at)| {
+                        (next, acked) != state && at.elapsed() >= TALLY_EVERY
+                    });
+                    if link_up && due {
+                        self.send_tally(&client, epoch, state.1).await;
+                        tally_sent = Some((state.0, state.1, Instant::now()));
+                    }
+                }
                 _ = sleep_until_opt(window.linger_until()), if window.linger_until().is_some() => {}
                 _ = sleep_until_opt(window.ack_deadline()), if window.ack_deadline().is_some() => {
                     let Some(timed_out) = window.timed_out(Instant::now()) else {
