@@ -30,6 +30,10 @@ pub struct AdminState {
     pub wake: Arc<tokio::sync::Notify>,
     /// The delivery engine's attempts of events still waiting.
     pub attempts: Arc<AttemptLog>,
+    /// The connector, asked what the ERP holds when reconciling.
+    pub erp: Arc<crate::connector::Connector>,
+    /// `outbox.trace_days`: how far back the relay knows what became of delivered events.
+    pub trace_days: u64,
 }
 
 /// The admin API: health for anyone who can reach it, reads for a read token, dead-letter
@@ -42,7 +46,8 @@ pub fn router(state: AdminState, access: Arc<AdminAccess>) -> Router {
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/{id}", get(dlq_show))
         .route("/v1/events/{id}", get(event_trace))
-        .route("/v1/sites/{site}/delivered", get(site_delivered));
+        .route("/v1/sites/{site}/delivered", get(site_delivered))
+        .route("/v1/reconcile", get(reconcile));
     let writes = Router::new()
         .route("/v1/dlq/replay", post(dlq_replay))
         .route("/v1/dlq/discard", post(dlq_discard));
@@ -352,6 +357,80 @@ async fn site_delivered(
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }
+}
+
+#[derive(Deserialize)]
+struct ReconcileQuery {
+    site: String,
+    from: String,
+    to: String,
+}
+
+/// Days reconciled in one report at most.
+const RECONCILE_MAX_DAYS: i64 = 366;
+
+/// `GET /v1/reconcile?site=S&from=DAY&to=DAY`: the site's days side by side, from its
+/// agent's tally to what the ERP holds, with every event that differs (see `reconcile`).
+async fn reconcile(
+    State(state): State<AdminState>,
+    Query(query): Query<ReconcileQuery>,
+) -> Response {
+    use crate::reconcile::{ErpHoldings, Inputs, RelayState, parse_day, relay_side, report};
+    if let Err(e) = backhaul_events::topics::check_site_id(&query.site) {
+        return refuse(StatusCode::BAD_REQUEST, format!("site: expected {e}"));
+    }
+    let (from, to) = match (parse_day("from", &query.from), parse_day("to", &query.to)) {
+        (Ok(from), Ok(to)) => (from, to),
+        (Err(e), _) | (_, Err(e)) => return refuse(StatusCode::BAD_REQUEST, e),
+    };
+    if to < from || (to - from).whole_days() >= RECONCILE_MAX_DAYS {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "to: a day on or after from, at most {RECONCILE_MAX_DAYS} days in one report                  (got {from} to {to})"
+            ),
+        );
+    }
+    let outbox = state.outbox.clone();
+    let site = query.site.clone();
+    let days = crate::reconcile::day_number(from)..=crate::reconcile::day_number(to);
+    let gathered = tokio::task::spawn_blocking(move || {
+        let tally = outbox.tally(&site)?;
+        let mut seen = std::collections::HashSet::new();
+        let known = relay_side(outbox.as_ref(), &site, days, &mut seen)?;
+        Ok::<_, crate::outbox::OutboxError>((tally, known, seen))
+    })
+    .await;
+    let (tally, known, seen) = match gathered {
+        Ok(Ok(gathered)) => gathered,
+        Ok(Err(e)) => return internal(e),
+        Err(e) => return internal(e),
+    };
+    let posted: Vec<(String, String)> = known
+        .iter()
+        .filter_map(|k| match &k.state {
+            RelayState::Posted { erp_ref } => Some((k.id.clone(), erp_ref.clone())),
+            _ => None,
+        })
+        .collect();
+    let erp = match state.erp.holdings(&query.site, &posted).await {
+        Ok(holdings) => holdings,
+        Err(e) => ErpHoldings::NotAvailable(format!("asking it failed: {e}")),
+    };
+    use crate::connector::Sink;
+    let answer = report(&Inputs {
+        site: &query.site,
+        from,
+        to,
+        tally: tally.as_ref(),
+        known: &known,
+        seen: &seen,
+        erp_name: state.erp.name(),
+        erp: &erp,
+        trace_days: state.trace_days,
+        now_ms: crate::outbox::now_ms(),
+    });
+    axum::Json(answer).into_response()
 }
 
 async fn dlq_replay(

@@ -186,6 +186,39 @@ pub fn trace(
     Ok(())
 }
 
+/// How a report is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+pub fn reconcile(
+    target: &AdminTarget,
+    site: &str,
+    from: &str,
+    to: &str,
+    format: ReportFormat,
+) -> anyhow::Result<()> {
+    for (what, day) in [("--from", from), ("--to", to)] {
+        crate::reconcile::parse_day(what, day).map_err(|e| anyhow::anyhow!(e))?;
+    }
+    let path = format!(
+        "/v1/reconcile?site={}&from={}&to={}",
+        url_component(site),
+        url_component(from),
+        url_component(to)
+    );
+    let report: crate::reconcile::Report = client(target)?.get_json(&path)?;
+    match format {
+        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        ReportFormat::Csv => print!("{}", crate::reconcile::csv(&report)),
+        ReportFormat::Table => print!("{}", crate::reconcile::render(&report)),
+    }
+    Ok(())
+}
+
 pub fn export_epcis(
     target: &AdminTarget,
     site: &str,

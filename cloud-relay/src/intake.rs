@@ -2,7 +2,8 @@
 //! (several batches share one durable commit), and only then publishes the acknowledgement
 //! the agent waits for before it deletes anything. It also carries the ERP's answers back:
 //! each site's refusals are sent until the site's agent acknowledges them (at once when they
-//! happen, again when the site is heard from, and every few seconds while any are left).
+//! happen, again when the site is heard from, and every few seconds while any are left). It keeps
+//! each site's latest tally of what its agent accepted, for reconciliation.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,10 +14,10 @@ use backhaul_events::frame::{AckFrame, BatchFrame, BatchRefusal};
 use backhaul_events::service::{Backoff, Heartbeat};
 use backhaul_events::signing::{Keyring, is_sealed};
 use backhaul_events::topics::{
-    ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER, acks_topic, outcomes_topic, refusals_topic,
-    site_of_batches_topic, site_of_refusal_acks_topic,
+    ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER, ALL_TALLIES_FILTER, acks_topic, outcomes_topic,
+    refusals_topic, site_of_batches_topic, site_of_refusal_acks_topic, site_of_tally_topic,
 };
-use backhaul_events::{RefusalAckFrame, RefusalFrame};
+use backhaul_events::{RefusalAckFrame, RefusalFrame, TallyFrame};
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
@@ -46,6 +47,7 @@ const REFUSALS_RESEND: Duration = Duration::from_secs(10);
 enum Inbound {
     Batch(BatchFrame, Instant),
     RefusalAck(RefusalAckFrame),
+    Tally(Box<TallyFrame>),
 }
 
 struct Received {
@@ -88,13 +90,16 @@ impl Intake {
         options
     }
 
-    /// The batches filter, and the refusal acknowledgements filter.
-    fn filters(&self) -> [String; 2] {
-        [ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER].map(|filter| {
-            match &self.broker.shared_group {
-                Some(group) => format!("$share/{group}/{filter}"),
-                None => filter.to_string(),
-            }
+    /// The batches filter, the refusal acknowledgements filter and the tallies filter.
+    fn filters(&self) -> [String; 3] {
+        [
+            ALL_BATCHES_FILTER,
+            ALL_REFUSAL_ACKS_FILTER,
+            ALL_TALLIES_FILTER,
+        ]
+        .map(|filter| match &self.broker.shared_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter.to_string(),
         })
     }
 
@@ -202,6 +207,10 @@ impl Intake {
                         self.refusals_acknowledged(ack).await;
                         continue;
                     }
+                    Some(Inbound::Tally(tally)) => {
+                        self.keep_tally(*tally).await;
+                        continue;
+                    }
                     None => break Err(anyhow::anyhow!("the broker reader stopped")),
                 },
                 outcomes = self.outcomes.recv() => {
@@ -220,6 +229,7 @@ impl Intake {
             let mut events = first.0.events.len();
             let (mut batches, mut arrivals) = (vec![first.0], vec![first.1]);
             let mut acks = Vec::new();
+            let mut tallies = Vec::new();
             while batches.len() < MAX_BATCHES_PER_COMMIT && events < MAX_EVENTS_PER_COMMIT {
                 match decoded_rx.try_recv() {
                     Ok(Inbound::Batch(batch, at)) => {
@@ -228,11 +238,15 @@ impl Intake {
                         arrivals.push(at);
                     }
                     Ok(Inbound::RefusalAck(ack)) => acks.push(ack),
+                    Ok(Inbound::Tally(tally)) => tallies.push(*tally),
                     Err(_) => break,
                 }
             }
             for ack in acks {
                 self.refusals_acknowledged(ack).await;
+            }
+            for tally in tallies {
+                self.keep_tally(tally).await;
             }
             let outbox = self.outbox.clone();
             let stored = tokio::task::spawn_blocking(move || {
@@ -405,6 +419,18 @@ impl Intake {
         }
     }
 
+    async fn keep_tally(&self, tally: TallyFrame) {
+        let outbox = self.outbox.clone();
+        let site = tally.site.clone();
+        match tokio::task::spawn_blocking(move || outbox.record_tally(&tally)).await {
+            Ok(Ok(())) => tracing::debug!(site, "the site's tally is kept"),
+            Ok(Err(e)) => {
+                tracing::warn!(site, error = %e, "a tally could not be kept; the agent sends another")
+            }
+            Err(e) => tracing::error!(error = %e, "the tally writer failed"),
+        }
+    }
+
     async fn refusals_acknowledged(&self, ack: RefusalAckFrame) {
         let outbox = self.outbox.clone();
         let (site, through) = (ack.site.clone(), ack.through);
@@ -497,6 +523,23 @@ fn check(
             }
             Err(e) => {
                 tracing::warn!(site = topic_site, error = %e, "refusal acknowledgement ignored");
+                None
+            }
+        };
+    }
+    if let Some(topic_site) = site_of_tally_topic(&received.topic) {
+        let Ok(payload) = opened(keys, topic_site, &received.payload) else {
+            tracing::warn!(site = topic_site, "tally ignored: not signed by its site");
+            return None;
+        };
+        return match TallyFrame::decode(payload, max_frame) {
+            Ok(tally) if tally.site == topic_site => Some(Inbound::Tally(Box::new(tally))),
+            Ok(tally) => {
+                tracing::warn!(topic_site, frame_site = %tally.site, "tally ignored: its site does not match its topic");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(site = topic_site, error = %e, "tally ignored");
                 None
             }
         };

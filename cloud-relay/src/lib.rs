@@ -10,5 +10,6 @@ pub mod engine;
 pub mod intake;
 pub mod metrics;
 pub mod outbox;
+pub mod reconcile;
 pub mod service;
 pub mod trace;

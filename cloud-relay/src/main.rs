@@ -59,6 +59,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A site's days side by side, per UTC day and event type: accepted at the site (its
+    /// agent's tally), known to the relay (waiting, posted, dead-lettered, discarded), and
+    /// held by the ERP; then every event that differs and where it is now.
+    Reconcile {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        site: String,
+        /// The first day, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        from: String,
+        /// The last day, YYYY-MM-DD (UTC); the first day when left out.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// The rows, then the differences, as CSV.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Write what the relay delivered in a format others read.
     Export {
         #[command(subcommand)]
@@ -166,6 +186,22 @@ fn main() -> ExitCode {
             json,
         } => operate(target, |url| {
             backhaul_relay::cli::trace(url, &id, site.as_deref(), json)
+        }),
+        Command::Reconcile {
+            target,
+            site,
+            from,
+            to,
+            json,
+            csv,
+        } => operate(target, |url| {
+            let to = to.as_deref().unwrap_or(&from);
+            let format = match (json, csv) {
+                (true, _) => backhaul_relay::cli::ReportFormat::Json,
+                (_, true) => backhaul_relay::cli::ReportFormat::Csv,
+                _ => backhaul_relay::cli::ReportFormat::Table,
+            };
+            backhaul_relay::cli::reconcile(url, &site, &from, to, format)
         }),
         Command::Export {
             format:

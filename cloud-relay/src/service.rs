@@ -84,7 +84,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
     let attempts = Arc::new(crate::trace::AttemptLog::default());
     let engine = Engine {
         outbox: outbox.clone(),
-        sink: connector,
+        sink: connector.clone(),
         config: config.delivery.clone(),
         metrics: metrics.clone(),
         outcomes: outcomes_tx,
@@ -125,6 +125,8 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
             metrics,
             wake: stored,
             attempts,
+            erp: connector,
+            trace_days: config.outbox.trace_days,
         },
         Arc::new(loaded.admin_access.clone()),
     );

@@ -199,6 +199,23 @@ impl Tryton {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// `[sink.tryton]` for this server as an operator would write it: the seed's login, parties
+    /// and the bin A1 mapped to STO-A1, every tuning setting at its default.
+    pub fn sink_config(&self) -> String {
+        format!(
+            r#"[sink.tryton]
+url = "{}"
+database = "{DATABASE}"
+username = "{USERNAME}"
+password = {{ value = "{PASSWORD}" }}
+customer_party = "CUST-A"
+supplier_party = "SUPP-B"
+locations = {{ "A1" = "STO-A1" }}
+"#,
+            self.url()
+        )
+    }
+
     fn rpc_url(&self) -> String {
         format!("{}/{DATABASE}/rpc/", self.url())
     }

@@ -8,33 +8,11 @@ use std::time::Duration;
 use backhaul_tests::agent::{AgentOptions, AgentProcess};
 use backhaul_tests::poll_until;
 use backhaul_tests::relay::RelayProcess;
-use backhaul_tests::tryton::{self, Tryton};
+use backhaul_tests::tryton::Tryton;
 use serde_json::{Value, json};
 
 fn tryton_sink(tryton: &Tryton) -> String {
-    format!(
-        "{}waiting_retry_ms = 500\n",
-        tryton_sink_with_defaults(tryton)
-    )
-}
-
-/// The sink as an operator would write it, every tuning setting left at its default.
-fn tryton_sink_with_defaults(tryton: &Tryton) -> String {
-    format!(
-        r#"[sink.tryton]
-url = "{}"
-database = "{}"
-username = "{}"
-password = {{ value = "{}" }}
-customer_party = "CUST-A"
-supplier_party = "SUPP-B"
-locations = {{ "A1" = "STO-A1" }}
-"#,
-        tryton.url(),
-        tryton::DATABASE,
-        tryton::USERNAME,
-        tryton::PASSWORD
-    )
+    format!("{}waiting_retry_ms = 500\n", tryton.sink_config())
 }
 
 /// A relay with its embedded broker and this sink, and an agent of site wh1 forwarding to it.
@@ -245,7 +223,7 @@ fn scans_reach_tryton_and_a_refused_sku_replays_after_the_product_exists() {
 fn a_pick_waiting_for_stock_holds_back_no_other_key() {
     let tryton = Tryton::start();
     let dir = tempfile::tempdir().unwrap();
-    let (relay, agent) = pipeline(dir.path(), &tryton_sink_with_defaults(&tryton), &[]);
+    let (relay, agent) = pipeline(dir.path(), &tryton.sink_config(), &[]);
     let pick = event(
         "pick-early",
         json!({"type": "pick", "sku": "SKU-003", "qty": "1000", "order": "SO-WAIT", "line": 1}),

@@ -10,6 +10,7 @@
 
 use anyhow::Context;
 use backhaul_events::StampedEvent;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -23,7 +24,46 @@ pub struct Ledger {
     len: u64,
 }
 
+/// Of the site's events `ids`, those without a line in the ledger at `path`, each with why.
+/// The file is read as it is; a torn last line (a write in progress) is not counted.
+pub fn missing_lines(
+    path: &Path,
+    site: &str,
+    ids: &[String],
+) -> Result<HashMap<String, String>, String> {
+    let file =
+        File::open(path).map_err(|e| format!("cannot read the ledger {}: {e}", path.display()))?;
+    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut found: HashSet<String> = HashSet::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(|e| format!("cannot read the ledger {}: {e}", path.display()))?;
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if value["site"].as_str() == Some(site)
+            && let Some(id) = value["id"].as_str()
+            && wanted.contains(id)
+        {
+            found.insert(id.to_string());
+        }
+    }
+    Ok(ids
+        .iter()
+        .filter(|id| !found.contains(id.as_str()))
+        .map(|id| {
+            (
+                id.clone(),
+                format!("the ledger {} has no line for it", path.display()),
+            )
+        })
+        .collect())
+}
+
 impl Ledger {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Opens the ledger and reconciles it with the outbox after a crash.
     pub fn open(path: &Path, outbox: &dyn Outbox) -> anyhow::Result<Ledger> {
         if let Some(dir) = path.parent() {

@@ -20,7 +20,10 @@ use std::time::Duration;
 use backhaul_events::StampedEvent;
 use tokio::sync::Mutex;
 
+use std::collections::HashMap;
+
 use crate::config::DeliveryConfig;
+use crate::reconcile::ErpHoldings;
 use ledger::Ledger;
 
 /// The result of delivering one event.
@@ -97,12 +100,52 @@ pub trait Sink: Send + Sync + 'static {
     fn deliver(&self, events: &[StampedEvent]) -> impl Future<Output = Delivered> + Send;
 }
 
+/// Event ids asked of the ERP per call.
+const HOLDINGS_PER_CALL: usize = 500;
+
 /// The connector a relay delivers to.
 pub enum Connector {
     Ledger(Mutex<Ledger>),
     Http(Box<http::HttpConnector>),
     Tryton(tryton::TrytonConnector),
     Epcis(Box<epcis::EpcisConnector>),
+}
+
+impl Connector {
+    /// What the ERP still holds of the site's events the relay posted to it: `posted` is
+    /// (event id, the ERP's reference of its record). Tryton is asked for each record by its
+    /// reference (a deleted or cancelled document is missing); the ledger is read for the
+    /// site's lines. An HTTP ERP or an EPCIS repository offers no lookup here.
+    pub async fn holdings(
+        &self,
+        site: &str,
+        posted: &[(String, String)],
+    ) -> Result<ErpHoldings, String> {
+        match self {
+            Connector::Ledger(ledger) => {
+                let path = ledger.lock().await.path().to_path_buf();
+                let site = site.to_string();
+                let ids: Vec<String> = posted.iter().map(|(id, _)| id.clone()).collect();
+                tokio::task::spawn_blocking(move || ledger::missing_lines(&path, &site, &ids))
+                    .await
+                    .map_err(|e| format!("the ledger reader failed: {e}"))?
+                    .map(|missing| ErpHoldings::Checked { missing })
+            }
+            Connector::Tryton(tryton) => {
+                let mut missing = HashMap::new();
+                for chunk in posted.chunks(HOLDINGS_PER_CALL) {
+                    missing.extend(tryton.missing_records(chunk).await?);
+                }
+                Ok(ErpHoldings::Checked { missing })
+            }
+            Connector::Http(_) => Ok(ErpHoldings::NotAvailable(
+                "the HTTP connector has no lookup of what the ERP holds".into(),
+            )),
+            Connector::Epcis(_) => Ok(ErpHoldings::NotAvailable(
+                "the EPCIS connector does not query the repository".into(),
+            )),
+        }
+    }
 }
 
 impl Sink for Connector {

@@ -12,7 +12,9 @@ pub mod redb;
 
 use std::path::PathBuf;
 
-use backhaul_events::{BatchFrame, BatchRefusal, Epoch, EventOutcome, Refusal, StampedEvent};
+use backhaul_events::{
+    BatchFrame, BatchRefusal, Epoch, EventOutcome, Refusal, StampedEvent, TallyFrame,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::connector::CommitToken;
@@ -46,7 +48,16 @@ pub trait Outbox: Send + Sync {
     ) -> Result<(), OutboxError>;
 
     /// The oldest undelivered events, in arrival order, with their outbox sequence numbers.
-    fn pending(&self, limit: usize) -> Result<Vec<(u64, StampedEvent)>, OutboxError>;
+    fn pending(&self, limit: usize) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
+        self.pending_after(0, limit)
+    }
+
+    /// Undelivered events after outbox sequence number `after`, in arrival order.
+    fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StampedEvent)>, OutboxError>;
 
     /// The connector's token as of the last committed delivery.
     fn committed_token(&self) -> Result<Option<CommitToken>, OutboxError>;
@@ -139,6 +150,14 @@ pub trait Outbox: Send + Sync {
         epoch: Epoch,
         seq: u64,
     ) -> Result<Option<BatchRecord>, OutboxError>;
+
+    /// Keeps a site's latest tally (what its agent accepted per day), replacing the last one;
+    /// an older tally than the one kept is ignored. A tally is for reconciliation, not a
+    /// promise: the backends may lose the latest in a crash, and the agent sends it again.
+    fn record_tally(&self, tally: &TallyFrame) -> Result<(), OutboxError>;
+
+    /// The site's latest tally, if its agent sent one.
+    fn tally(&self, site: &str) -> Result<Option<TallyFrame>, OutboxError>;
 
     /// Hands back what this relay holds for delivery, at a clean stop.
     fn release(&self) -> Result<(), OutboxError> {

@@ -30,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use backhaul_events::config::Secret;
-use backhaul_events::{BatchFrame, BatchRefusal, Epoch, Refusal, StampedEvent};
+use backhaul_events::{BatchFrame, BatchRefusal, Epoch, Refusal, StampedEvent, TallyFrame};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 
@@ -136,6 +136,13 @@ CREATE TABLE backhaul.traces (
     PRIMARY KEY (site, event_id)
 );
 CREATE INDEX traces_by_age ON backhaul.traces (finished_ms);
+"#,
+    r#"
+CREATE TABLE backhaul.tallies (
+    site text PRIMARY KEY,
+    at_ms bigint NOT NULL,
+    frame bytea NOT NULL
+);
 "#,
 ];
 
@@ -1217,6 +1224,35 @@ impl Outbox for PgOutbox {
         }
     }
 
+    fn record_tally(&self, tally: &TallyFrame) -> Result<(), OutboxError> {
+        let frame = postcard::to_allocvec(tally).map_err(storage)?;
+        self.transaction(|txn| {
+            txn.execute(
+                "INSERT INTO backhaul.tallies (site, at_ms, frame) VALUES ($1, $2, $3)
+                 ON CONFLICT (site) DO UPDATE SET at_ms = EXCLUDED.at_ms, frame = EXCLUDED.frame
+                 WHERE backhaul.tallies.at_ms <= EXCLUDED.at_ms",
+                &[&tally.site, &tally.at_ms, &frame],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn tally(&self, site: &str) -> Result<Option<TallyFrame>, OutboxError> {
+        let row = self.transaction(|txn| {
+            Ok(txn.query_opt(
+                "SELECT frame FROM backhaul.tallies WHERE site = $1",
+                &[&site],
+            )?)
+        })?;
+        match row {
+            Some(row) => {
+                let bytes: Vec<u8> = row.get(0);
+                postcard::from_bytes(&bytes).map(Some).map_err(storage)
+            }
+            None => Ok(None),
+        }
+    }
+
     fn batch_of(
         &self,
         site: &str,
@@ -1395,12 +1431,17 @@ impl Outbox for PgOutbox {
         })
     }
 
-    fn pending(&self, limit: usize) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
+    fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
         self.index_staged()?;
         let rows = self.transaction(|txn| {
             Ok(txn.query(
-                "SELECT outbox_seq, record FROM backhaul.events ORDER BY outbox_seq LIMIT $1",
-                &[&big(limit as u64)],
+                "SELECT outbox_seq, record FROM backhaul.events WHERE outbox_seq > $1
+                 ORDER BY outbox_seq LIMIT $2",
+                &[&big(after), &big(limit as u64)],
             )?)
         })?;
         rows.iter()

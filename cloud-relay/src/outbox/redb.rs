@@ -19,7 +19,9 @@ use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use backhaul_events::{BatchFrame, Epoch, Event, EventOutcome, Outcome, Refusal, StampedEvent};
+use backhaul_events::{
+    BatchFrame, Epoch, Event, EventOutcome, Outcome, Refusal, StampedEvent, TallyFrame,
+};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -60,6 +62,8 @@ const BATCHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("batches");
 /// Traces and batches by age, to forget them after the retention: time (ms, big endian), then
 /// the key in [`TRACES`] (tag 0) or [`BATCHES`] (tag 1).
 const TRACE_AGES: TableDefinition<&[u8], ()> = TableDefinition::new("trace_ages");
+/// Each site's latest tally: site → postcard [`TallyFrame`].
+const TALLIES: TableDefinition<&str, &[u8]> = TableDefinition::new("tallies");
 /// Traces and batches forgotten per commit at most.
 const FORGET_PER_COMMIT: usize = 10_000;
 
@@ -587,10 +591,23 @@ impl RedbOutbox {
 
     /// The oldest undelivered events, in arrival order, with their outbox sequence numbers.
     pub fn pending(&self, limit: usize) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
+        self.pending_after(0, limit)
+    }
+
+    /// Undelivered events after outbox sequence number `after`, in arrival order.
+    pub fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let table = txn.open_table(OUTBOX).map_err(storage)?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(storage)?.take(limit) {
+        for entry in table
+            .range(after.saturating_add(1)..)
+            .map_err(storage)?
+            .take(limit)
+        {
             let (key, value) = entry.map_err(storage)?;
             out.push((key.value(), decode_record(key.value(), value.value())?));
         }
@@ -1287,8 +1304,49 @@ impl Outbox for RedbOutbox {
         RedbOutbox::complete(self, posted, dead, commit)
     }
 
-    fn pending(&self, limit: usize) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
-        RedbOutbox::pending(self, limit)
+    fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
+        RedbOutbox::pending_after(self, after, limit)
+    }
+
+    fn record_tally(&self, tally: &TallyFrame) -> Result<(), OutboxError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        // Made durable by the next intake or delivery commit; the agent sends it again.
+        txn.set_durability(redb::Durability::None)
+            .map_err(storage)?;
+        {
+            let mut table = txn.open_table(TALLIES).map_err(storage)?;
+            let newer = match table.get(tally.site.as_str()).map_err(storage)? {
+                Some(kept) => postcard::from_bytes::<TallyFrame>(kept.value())
+                    .map_or(true, |kept| kept.at_ms <= tally.at_ms),
+                None => true,
+            };
+            if newer {
+                let bytes = postcard::to_allocvec(tally).map_err(storage)?;
+                table
+                    .insert(tally.site.as_str(), bytes.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)
+    }
+
+    fn tally(&self, site: &str) -> Result<Option<TallyFrame>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(TALLIES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(storage(e)),
+        };
+        match table.get(site).map_err(storage)? {
+            Some(value) => postcard::from_bytes(value.value())
+                .map(Some)
+                .map_err(storage),
+            None => Ok(None),
+        }
     }
 
     fn committed_token(&self) -> Result<Option<CommitToken>, OutboxError> {

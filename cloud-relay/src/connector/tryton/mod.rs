@@ -189,6 +189,74 @@ struct Inner {
 }
 
 impl TrytonConnector {
+    /// Of the posted events (event id, the record's reference as delivery reported it:
+    /// `model/id`), those whose record Tryton no longer has or has cancelled, each with why.
+    pub async fn missing_records(
+        &self,
+        posted: &[(String, String)],
+    ) -> Result<HashMap<String, String>, String> {
+        let mut by_model: BTreeMap<&str, Vec<(i64, &str)>> = BTreeMap::new();
+        let mut missing = HashMap::new();
+        for (event, erp_ref) in posted {
+            match erp_ref
+                .rsplit_once('/')
+                .and_then(|(model, id)| id.parse::<i64>().ok().map(|id| (model, id)))
+            {
+                Some((model, id)) => by_model.entry(model).or_default().push((id, event)),
+                None => {
+                    missing.insert(
+                        event.clone(),
+                        format!("its reference {erp_ref:?} does not name a Tryton record"),
+                    );
+                }
+            }
+        }
+        for (model, records) in by_model {
+            let ids: Vec<i64> = records.iter().map(|(id, _)| *id).collect();
+            let found = self
+                .0
+                .rpc
+                .call(
+                    &format!("model.{model}.search_read"),
+                    vec![
+                        serde_json::json!([["id", "in", ids]]),
+                        serde_json::json!(0),
+                        serde_json::Value::Null,
+                        serde_json::Value::Null,
+                        serde_json::json!(["state"]),
+                    ],
+                )
+                .await
+                .map_err(|e| format!("asking Tryton for {model} records: {}", e.message()))?;
+            let states: HashMap<i64, String> = rpc::records(&found)
+                .into_iter()
+                .filter_map(|r| {
+                    let id = r.get("id").and_then(serde_json::Value::as_i64)?;
+                    let state = r.get("state").and_then(serde_json::Value::as_str);
+                    Some((id, state.unwrap_or_default().to_string()))
+                })
+                .collect();
+            for (id, event) in records {
+                match states.get(&id).map(String::as_str) {
+                    None => {
+                        missing.insert(
+                            event.to_string(),
+                            format!("Tryton no longer has {model} {id} (deleted)"),
+                        );
+                    }
+                    Some("cancelled") => {
+                        missing.insert(
+                            event.to_string(),
+                            format!("Tryton's {model} {id} is cancelled"),
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(missing)
+    }
+
     pub fn new(config: &TrytonConfig, password: Secret) -> anyhow::Result<Self> {
         let endpoint = config.validate()?;
         Ok(TrytonConnector(Box::new(Inner {
