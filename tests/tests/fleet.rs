@@ -408,6 +408,44 @@ fn dead_letters_are_seen_and_handled_from_any_relay() {
         );
     }
 
+    // Either relay reconciles the site's day from the PostgreSQL outbox: nine accepted, eight
+    // posted, one discarded; the HTTP ERP cannot be asked, and the report says so.
+    let today = time::OffsetDateTime::now_utc().date();
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let (from, to) = (
+        today.previous_day().unwrap().format(&format).unwrap(),
+        today.next_day().unwrap().format(&format).unwrap(),
+    );
+    for relay in [&first, &second] {
+        let reconciled = poll_until(Duration::from_secs(30), || {
+            let report: Value = serde_json::from_str(&relay.cli(&[
+                "reconcile",
+                "--site",
+                "wh-dlq",
+                "--from",
+                &from,
+                "--to",
+                &to,
+                "--json",
+            ]))
+            .ok()?;
+            let receive = report["rows"]
+                .as_array()?
+                .iter()
+                .find(|r| r["type"] == "receive" && r["accepted"].as_u64() > Some(0))?
+                .clone();
+            (receive["accepted"] == 9).then_some((report, receive))
+        });
+        let (report, receive) = reconciled.expect("the site's tally on PostgreSQL");
+        assert_eq!(receive["posted"], 8, "{report:#}");
+        assert_eq!(receive["discarded"], 1, "{report:#}");
+        assert_eq!(receive["not_at_relay"], 0, "{report:#}");
+        assert_eq!(receive["in_erp"], Value::Null, "{report:#}");
+        assert_eq!(report["erp_checked"], false);
+        assert_eq!(report["differences_total"], 1, "{report:#}");
+        assert_eq!(report["differences"][0]["state"], "discarded");
+    }
+
     // Relays that stop cleanly hand back the keys they hold: with the ERP failing, a key
     // stays held while it is retried, until both relays stop.
     erp.set_mode(Mode::Fail);
