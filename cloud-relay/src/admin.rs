@@ -417,6 +417,17 @@ async fn reconcile(
         Ok(holdings) => holdings,
         Err(e) => ErpHoldings::NotAvailable(format!("asking it failed: {e}")),
     };
+    let moving: Vec<(&backhaul_events::Event, Option<&str>)> = known
+        .iter()
+        .map(|k| {
+            let erp_ref = match &k.state {
+                RelayState::Posted { erp_ref } => Some(erp_ref.as_str()),
+                _ => None,
+            };
+            (&k.event, erp_ref)
+        })
+        .collect();
+    let quantities = state.erp.booked_quantities(&moving).await;
     use crate::connector::Sink;
     let answer = report(&Inputs {
         site: &query.site,
@@ -429,6 +440,7 @@ async fn reconcile(
         erp: &erp,
         trace_days: state.trace_days,
         now_ms: crate::outbox::now_ms(),
+        quantities,
     });
     axum::Json(answer).into_response()
 }

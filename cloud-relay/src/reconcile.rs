@@ -21,6 +21,9 @@ use time::Date;
 use crate::outbox::{Outbox, OutboxError};
 use crate::trace::Finished;
 
+/// The location of events that name none: the warehouse's storage location.
+pub const WAREHOUSE_STORAGE: &str = "(storage)";
+
 /// Differences listed at most; the rest are counted.
 pub const DIFFERENCES_LISTED: usize = 1000;
 /// Entries read from the outbox per call.
@@ -54,6 +57,21 @@ pub struct Known {
     pub kind: EventType,
     pub received_at_ms: i64,
     pub state: RelayState,
+    pub event: backhaul_events::Event,
+}
+
+/// One SKU at one location: the net quantity the site's events imply, against what the ERP
+/// booked from the documents delivery made for them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuantityRow {
+    pub sku: String,
+    /// The events' location, or [`WAREHOUSE_STORAGE`].
+    pub location: String,
+    /// Events of this SKU and location that move stock.
+    pub events: u64,
+    pub implied: String,
+    pub booked: String,
+    pub differs: bool,
 }
 
 /// What the ERP says of the events posted to it, by event id.
@@ -118,6 +136,9 @@ pub struct Report {
     /// The relay keeps what became of events for this many days (`outbox.trace_days`).
     pub trace_days: u64,
     pub rows: Vec<Row>,
+    /// Per SKU and location, for an ERP that books stock (Tryton); `None` otherwise.
+    #[serde(default)]
+    pub quantities: Option<Vec<QuantityRow>>,
     pub differences: Vec<Difference>,
     pub differences_total: u64,
     pub notes: Vec<String>,
@@ -170,6 +191,7 @@ pub fn relay_side(
                     kind: event.event.kind,
                     received_at_ms: event.received_at_ms,
                     state,
+                    event: event.event.clone(),
                 },
             );
         }
@@ -242,6 +264,7 @@ pub struct Inputs<'a> {
     pub erp: &'a ErpHoldings,
     pub trace_days: u64,
     pub now_ms: i64,
+    pub quantities: Option<Result<Vec<QuantityRow>, String>>,
 }
 
 pub fn report(inputs: &Inputs<'_>) -> Report {
@@ -412,6 +435,16 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
                 .into(),
         );
     }
+    let quantities = match &inputs.quantities {
+        Some(Ok(rows)) => Some(rows.clone()),
+        Some(Err(why)) => {
+            notes.push(format!(
+                "quantities per SKU and location were not compared: {why}"
+            ));
+            None
+        }
+        None => None,
+    };
     if let ErpHoldings::NotAvailable(why) = inputs.erp {
         notes.push(format!("the ERP was not asked: {why}"));
     }
@@ -430,6 +463,7 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
         erp_checked: checked.is_some(),
         trace_days: inputs.trace_days,
         rows: rows.into_values().collect(),
+        quantities,
         differences,
         differences_total,
         notes,
@@ -513,6 +547,49 @@ pub fn render(report: &Report) -> String {
             .collect();
         let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
+    if let Some(quantities) = &report.quantities {
+        let _ = writeln!(
+            out,
+            "\nper SKU and location: net of receipts, adjustments, picks and ships (counts set \
+             a level and are left out), against the ERP's done moves"
+        );
+        let mut lines =
+            vec![["sku", "location", "events", "implied", "booked", ""].map(str::to_string)];
+        for q in quantities {
+            lines.push([
+                q.sku.clone(),
+                q.location.clone(),
+                q.events.to_string(),
+                q.implied.clone(),
+                q.booked.clone(),
+                if q.differs {
+                    "differs".into()
+                } else {
+                    String::new()
+                },
+            ]);
+        }
+        let widths: Vec<usize> = (0..6)
+            .map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0))
+            .collect();
+        for line in &lines {
+            let text = format!(
+                "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {}",
+                line[0],
+                line[1],
+                line[2],
+                line[3],
+                line[4],
+                line[5],
+                w0 = widths[0],
+                w1 = widths[1],
+                w2 = widths[2],
+                w3 = widths[3],
+                w4 = widths[4],
+            );
+            let _ = writeln!(out, "{}", text.trim_end());
+        }
+    }
     if report.differences_total == 0 {
         let _ = writeln!(out, "\nno differences");
     } else {
@@ -567,6 +644,22 @@ pub fn csv(report: &Report) -> String {
             opt(r.in_erp),
             opt(r.not_in_erp)
         );
+    }
+    if let Some(quantities) = &report.quantities {
+        out.push_str("\nsite,sku,location,events,implied,booked,differs\n");
+        for q in quantities {
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{},{}",
+                csv_field(&report.site),
+                csv_field(&q.sku),
+                csv_field(&q.location),
+                q.events,
+                q.implied,
+                q.booked,
+                q.differs
+            );
+        }
     }
     out.push_str("\nsite,day,type,id,epoch,seq,state,detail\n");
     for d in &report.differences {

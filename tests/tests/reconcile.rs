@@ -73,7 +73,7 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
         &dir.path().join("relay"),
         broker_port,
         true,
-        Some(&tryton.sink_config()),
+        Some(&format!("{}waiting_retry_ms = 500\n", tryton.sink_config())),
         &settings,
     );
     let wan = TcpProxy::start(([127, 0, 0, 1], broker_port).into());
@@ -144,6 +144,14 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
             "rcv-bad",
             json!({"type": "receive", "sku": "SKU-NEW", "qty": "5", "po": "PO-3"}),
         ),
+        event(
+            "pick-1",
+            json!({"type": "pick", "sku": "SKU-001", "qty": "3", "order": "SO-R-1", "line": 1}),
+        ),
+        event(
+            "ship-1",
+            json!({"type": "ship", "sku": "SKU-001", "qty": "3", "order": "SO-R-1"}),
+        ),
     ];
     assert_eq!(
         agent
@@ -152,20 +160,17 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
             .as_u16(),
         202
     );
-    assert_eq!(agent.status()["backlog"]["events"], 3);
+    assert_eq!(agent.status()["backlog"]["events"], 5);
 
     // Back up: everything goes; Tryton refuses the unknown SKU.
     wan.restore();
+    let afternoon_booked = || {
+        in_tryton("stock.shipment.in", "rcv-2")
+            && in_tryton("stock.shipment.internal", "adj-2")
+            && in_tryton("stock.shipment.out", "SO-R-1")
+    };
     assert!(
-        poll_until(Duration::from_secs(90), || (in_tryton(
-            "stock.shipment.in",
-            "rcv-2"
-        ) && in_tryton(
-            "stock.shipment.internal",
-            "adj-2"
-        ))
-        .then_some(()))
-        .is_some(),
+        poll_until(Duration::from_secs(90), || afternoon_booked().then_some(())).is_some(),
         "the afternoon never reached Tryton\n{}",
         relay.log_tail()
     );
@@ -193,11 +198,11 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
             .iter()
             .filter_map(|kind| by_type(&report, kind, "accepted"))
             .sum();
-        (accepted == 6 && report["waiting_at_site"] == 0).then_some(report)
+        (accepted == 8 && report["waiting_at_site"] == 0).then_some(report)
     })
     .unwrap_or_else(|| {
         panic!(
-            "the relay never had the site's tally of 6 accepted events: {}",
+            "the relay never had the site's tally of 8 accepted events: {}",
             reconcile(&relay, "wh1")
         )
     });
@@ -220,7 +225,11 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
     assert_eq!(column("adjust", "not_in_erp"), Some(0));
     assert_eq!(column("count", "accepted"), Some(1));
     assert_eq!(column("count", "in_erp"), Some(1));
-    assert_eq!(column("pick", "accepted"), Some(0));
+    // The pick and the ship of one order line are in the order's customer shipment.
+    for kind in ["pick", "ship"] {
+        assert_eq!(column(kind, "accepted"), Some(1), "{report:#}");
+        assert_eq!(column(kind, "in_erp"), Some(1), "{report:#}");
+    }
 
     // Exactly two differences: the dead letter and the deleted document, each with why.
     assert_eq!(report["differences_total"], 2, "{report:#}");
@@ -243,6 +252,44 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
     assert!(
         detail.contains(&format!("stock.shipment.in/{shipment}")) && detail.contains("deleted"),
         "{detail}"
+    );
+
+    // Per SKU and location: what the site's events imply against Tryton's done moves (SKU-001:
+    // +30 received, -2 and +4 adjusted, 3 picked and shipped once). The deleted receipt and the
+    // refused one are short; everything else matches.
+    let quantities: Vec<(String, String, String, String, bool)> = report["quantities"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no quantities: {report:#}"))
+        .iter()
+        .map(|q| {
+            let text = |k: &str| q[k].as_str().unwrap_or_default().to_string();
+            (
+                text("sku"),
+                text("location"),
+                text("implied"),
+                text("booked"),
+                q["differs"] == true,
+            )
+        })
+        .collect();
+    let row = |sku: &str, implied: &str, booked: &str| {
+        let differs = implied != booked;
+        (
+            sku.to_string(),
+            "(storage)".to_string(),
+            implied.to_string(),
+            booked.to_string(),
+            differs,
+        )
+    };
+    assert_eq!(
+        quantities,
+        vec![
+            row("SKU-001", "29", "29"),
+            row("SKU-003", "12", "0"),
+            row("SKU-NEW", "5", "0"),
+        ],
+        "{report:#}"
     );
 
     // The same report as a table and as CSV.

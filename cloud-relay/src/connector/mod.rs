@@ -148,6 +148,21 @@ impl Connector {
     }
 }
 
+impl Connector {
+    /// Per SKU and location, what the events imply against what the ERP booked from them,
+    /// for an ERP that keeps stock (Tryton); `None` for the others. `events` pairs each event
+    /// with the ERP's reference of its record when it was posted.
+    pub async fn booked_quantities(
+        &self,
+        events: &[(&backhaul_events::Event, Option<&str>)],
+    ) -> Option<Result<Vec<crate::reconcile::QuantityRow>, String>> {
+        match self {
+            Connector::Tryton(tryton) => Some(tryton.booked_quantities(events).await),
+            _ => None,
+        }
+    }
+}
+
 impl Sink for Connector {
     fn name(&self) -> &'static str {
         match self {

@@ -26,7 +26,7 @@ pub(super) struct Setup {
     pub(super) warehouse: i64,
     pub(super) input: i64,
     pub(super) output: i64,
-    storage: i64,
+    pub(super) storage: i64,
     pub(super) lost_found: i64,
     pub(super) customer: Result<Party, String>,
     pub(super) supplier: Result<Party, String>,

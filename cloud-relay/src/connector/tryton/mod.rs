@@ -257,6 +257,136 @@ impl TrytonConnector {
         Ok(missing)
     }
 
+    /// Per SKU and location, the net quantity these events imply (receipts in, adjustments by
+    /// their sign, a pick or ship of an order's SKU out once) against what Tryton booked in the
+    /// done moves of the documents delivery made for them (`erp_ref`, when posted). Counts set
+    /// a level rather than move one and are left out.
+    pub async fn booked_quantities(
+        &self,
+        events: &[(&backhaul_events::Event, Option<&str>)],
+    ) -> Result<Vec<crate::reconcile::QuantityRow>, String> {
+        use rust_decimal::Decimal;
+        let inner = &self.0;
+        let setup = inner.setup().await.map_err(|failure| match failure {
+            Delivery::Permanent { reason }
+            | Delivery::Transient { reason, .. }
+            | Delivery::Throttled { reason, .. }
+            | Delivery::Waiting { reason, .. } => format!("reading Tryton's warehouse: {reason}"),
+            Delivery::Posted { .. } => "reading Tryton's warehouse".to_string(),
+        })?;
+        let moved: Vec<&(&backhaul_events::Event, Option<&str>)> = events
+            .iter()
+            .filter(|(e, _)| e.kind != EventType::Count)
+            .collect();
+        let skus: Vec<&str> = moved.iter().map(|(e, _)| e.sku.as_str()).collect();
+        let labels: Vec<&str> = moved
+            .iter()
+            .filter_map(|(e, _)| e.location.as_deref())
+            .collect();
+        let looked_up = match inner.load_products(&skus).await {
+            Ok(()) => inner.load_locations(&labels).await,
+            Err(e) => Err(e),
+        };
+        looked_up.map_err(|e| format!("looking up products and locations: {}", e.message()))?;
+        let products: HashMap<String, i64> = lock(&inner.products)
+            .iter()
+            .map(|(sku, p)| (sku.clone(), p.id))
+            .collect();
+        let locations = lock(&inner.locations).clone();
+        let location_of = |label: Option<&str>| match label {
+            None => Some(setup.storage),
+            Some(label) => locations.get(label).copied(),
+        };
+
+        let mut rows: BTreeMap<(String, String), (Decimal, Decimal, u64)> = BTreeMap::new();
+        let mut order_lines = std::collections::HashSet::new();
+        let mut documents = std::collections::BTreeSet::new();
+        for (event, erp_ref) in &moved {
+            let delta = match event.kind {
+                EventType::Receive | EventType::Adjust => event.qty,
+                EventType::Pick | EventType::Ship => {
+                    let line = (event.order.clone(), event.sku.clone());
+                    if order_lines.insert(line) {
+                        -event.qty
+                    } else {
+                        Decimal::ZERO
+                    }
+                }
+                EventType::Count => continue,
+            };
+            let label = event
+                .location
+                .clone()
+                .unwrap_or_else(|| crate::reconcile::WAREHOUSE_STORAGE.to_string());
+            let row =
+                rows.entry((event.sku.clone(), label))
+                    .or_insert((Decimal::ZERO, Decimal::ZERO, 0));
+            row.0 += delta;
+            row.2 += 1;
+            if let Some((model, id)) = erp_ref.and_then(|r| r.rsplit_once('/')) {
+                documents.insert(format!("{model},{id}"));
+            }
+        }
+        let documents: Vec<String> = documents.into_iter().collect();
+        for chunk in documents.chunks(500) {
+            let found = inner
+                .rpc
+                .call(
+                    "model.stock.move.search_read",
+                    vec![
+                        serde_json::json!([["shipment", "in", chunk], ["state", "=", "done"]]),
+                        serde_json::json!(0),
+                        serde_json::Value::Null,
+                        serde_json::Value::Null,
+                        serde_json::json!(["product", "quantity", "from_location", "to_location"]),
+                    ],
+                )
+                .await
+                .map_err(|e| format!("reading the documents' stock moves: {}", e.message()))?;
+            for record in rpc::records(&found) {
+                let (Some(product), Some(quantity)) = (
+                    rpc::id_field(record, "product"),
+                    record.get("quantity").and_then(tryton_decimal),
+                ) else {
+                    continue;
+                };
+                let (from, to) = (
+                    rpc::id_field(record, "from_location"),
+                    rpc::id_field(record, "to_location"),
+                );
+                for ((sku, label), row) in rows.iter_mut() {
+                    let location = if label == crate::reconcile::WAREHOUSE_STORAGE {
+                        location_of(None)
+                    } else {
+                        location_of(Some(label))
+                    };
+                    if products.get(sku) != Some(&product) || location.is_none() {
+                        continue;
+                    }
+                    if to == location {
+                        row.1 += quantity;
+                    }
+                    if from == location {
+                        row.1 -= quantity;
+                    }
+                }
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .map(
+                |((sku, location), (implied, booked, events))| crate::reconcile::QuantityRow {
+                    sku,
+                    location,
+                    events,
+                    implied: implied.normalize().to_string(),
+                    booked: booked.normalize().to_string(),
+                    differs: implied.normalize() != booked.normalize(),
+                },
+            )
+            .collect())
+    }
+
     pub fn new(config: &TrytonConfig, password: Secret) -> anyhow::Result<Self> {
         let endpoint = config.validate()?;
         Ok(TrytonConnector(Box::new(Inner {
@@ -368,6 +498,19 @@ impl Inner {
             })
             .collect()
     }
+}
+
+/// A quantity as Tryton's JSON-RPC writes it: a number, or a `Decimal` object.
+fn tryton_decimal(value: &serde_json::Value) -> Option<rust_decimal::Decimal> {
+    use std::str::FromStr;
+    let text = match value {
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Object(o) => o.get("decimal")?.as_str()?.to_string(),
+        _ => return None,
+    };
+    rust_decimal::Decimal::from_str(&text)
+        .or_else(|_| rust_decimal::Decimal::from_scientific(&text))
+        .ok()
 }
 
 fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
