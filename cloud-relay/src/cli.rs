@@ -150,7 +150,7 @@ pub fn dlq_list(target: &AdminTarget, as_json: bool) -> anyhow::Result<()> {
 }
 
 /// `s` as one segment of a URL path or a query value.
-fn url_component(s: &str) -> String {
+pub(crate) fn url_component(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for byte in s.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

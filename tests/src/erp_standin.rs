@@ -100,6 +100,12 @@ impl ErpStandIn {
         self.state.lock().unwrap().unknown_skus.retain(|s| s != sku);
     }
 
+    /// Forgets the record of an idempotency key, as if someone deleted it in the ERP: its
+    /// lookup answers 404 (the effect stays listed in [`ErpStandIn::effects`]).
+    pub fn forget(&self, key: &str) {
+        self.state.lock().unwrap().keys.remove(key);
+    }
+
     pub fn effects(&self) -> Vec<Value> {
         self.state.lock().unwrap().effects.clone()
     }
@@ -154,9 +160,28 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
     let mut reader = BufReader::new(stream);
     let mut writer = write_half;
     loop {
-        let Some((_, headers, body)) = read_request(&mut reader) else {
+        let Some((request_line, headers, body)) = read_request(&mut reader) else {
             return;
         };
+        // GET …/{key}: whether the ERP holds the record of that idempotency key.
+        if let Some(path) = request_line.strip_prefix("GET ") {
+            let path = path.split_whitespace().next().unwrap_or_default();
+            let key = path.rsplit('/').next().unwrap_or_default();
+            let held = state.lock().unwrap().keys.contains_key(key);
+            let (status, text) = if held {
+                ("200 OK", format!(r#"{{"id":{key:?}}}"#))
+            } else {
+                ("404 Not Found", r#"{"error":"no such event"}"#.to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
+            if writer.write_all(response.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
         let arrived = Instant::now();
         let key = headers.get("idempotency-key").cloned().unwrap_or_default();
         let received = String::from_utf8_lossy(&body).into_owned();

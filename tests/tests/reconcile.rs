@@ -2,11 +2,12 @@
 //! document an operator deleted in Tryton by hand. `backhaul-relay reconcile` shows what the
 //! site accepted, what the relay posted and dead-lettered and what Tryton still holds, per
 //! type, and lists exactly the dead letter and the deleted document as differences; the
-//! ledger connector is reconciled against its own file.
+//! ledger connector is reconciled against its own file, an HTTP ERP at its lookup URL.
 
 use std::time::Duration;
 
 use backhaul_tests::agent::{AgentOptions, AgentProcess};
+use backhaul_tests::erp_standin::ErpStandIn;
 use backhaul_tests::poll_until;
 use backhaul_tests::proxy::TcpProxy;
 use backhaul_tests::relay::RelayProcess;
@@ -379,5 +380,66 @@ fn the_ledger_is_reconciled_against_its_own_lines() {
     assert_eq!(report["differences_total"], 1, "{report:#}");
     assert_eq!(report["differences"][0]["id"], "pick-3");
     assert_eq!(report["differences"][0]["state"], "not_in_erp");
+    drop(agent);
+}
+
+#[test]
+fn an_http_erp_is_asked_at_its_lookup_url() {
+    let erp = ErpStandIn::start();
+    let dir = tempfile::tempdir().unwrap();
+    let broker_port = backhaul_tests::free_port();
+    let sink = format!(
+        "[sink.http]\nurl = \"{0}\"\nlookup_url = \"{0}/{{id}}\"\n",
+        erp.url()
+    );
+    let relay = RelayProcess::start_with(
+        &dir.path().join("relay"),
+        broker_port,
+        true,
+        Some(&sink),
+        &[],
+    );
+    let agent = AgentProcess::start(
+        AgentOptions::default()
+            .uplink("127.0.0.1", broker_port)
+            .set("site", "wh3")
+            .set("uplink.client_id", format!("agent-wh3-{broker_port}"))
+            .set("uplink.linger_ms", 10),
+    );
+    let events: Vec<Value> = (1..=4)
+        .map(|n| {
+            event(
+                &format!("adj-{n}"),
+                json!({"type": "adjust", "sku": format!("SKU-{n}"), "qty": "1", "reason": "found"}),
+            )
+        })
+        .collect();
+    assert_eq!(
+        agent
+            .post_events(&Value::Array(events), None)
+            .status()
+            .as_u16(),
+        202
+    );
+    assert!(
+        poll_until(Duration::from_secs(30), || (erp.effects().len() == 4)
+            .then_some(()))
+        .is_some()
+    );
+    erp.forget("adj-2");
+    let report = poll_until(Duration::from_secs(30), || {
+        let report = reconcile(&relay, "wh3");
+        (by_type(&report, "adjust", "posted") == Some(4)
+            && by_type(&report, "adjust", "accepted") == Some(4))
+        .then_some(report)
+    })
+    .expect("the site's tally and four posted adjustments");
+    assert_eq!(report["erp"], "http");
+    assert_eq!(report["erp_checked"], true, "{report:#}");
+    assert_eq!(by_type(&report, "adjust", "in_erp"), Some(3));
+    assert_eq!(report["differences_total"], 1, "{report:#}");
+    assert_eq!(report["differences"][0]["id"], "adj-2");
+    let detail = report["differences"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("HTTP 404"), "{detail}");
     drop(agent);
 }

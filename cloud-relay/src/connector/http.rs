@@ -10,7 +10,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,11 @@ pub struct HttpConfig {
     /// canonical JSON.
     #[serde(default)]
     pub body: BTreeMap<String, BTreeMap<String, BodyValue>>,
+    /// Where `backhaul-relay reconcile` asks whether the ERP holds an event: `{id}` (and
+    /// `{site}`) are filled in, percent-encoded; a 2xx answer means it does, 404 or 410 that
+    /// it does not. Without it, reconciliation cannot ask this ERP.
+    #[serde(default)]
+    pub lookup_url: Option<String>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -104,6 +109,17 @@ impl HttpConfig {
                     "an http:// or https:// URL",
                 ));
             }
+        }
+        if let Some(lookup) = &self.lookup_url
+            && (!(lookup.starts_with("http://") || lookup.starts_with("https://"))
+                || !lookup.contains("{id}"))
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "sink.http.lookup_url",
+                "an http:// or https:// URL template with {id} where the event id goes \
+                 (and {site} if the ERP needs it)",
+            ));
         }
         if self.timeout_ms == 0 {
             return Err(ConfigError::invalid(
@@ -280,6 +296,65 @@ impl HttpConnector {
         classify(status, retry_after, &excerpt, location, url)
     }
 
+    /// Of the site's posted events (event id, the ERP's reference), those the ERP answers it
+    /// does not hold at `lookup_url`, each with why; `None` without a `lookup_url`. Any other
+    /// answer fails the whole lookup: a report must not guess.
+    pub async fn missing(
+        &self,
+        site: &str,
+        posted: &[(String, String)],
+    ) -> Option<Result<HashMap<String, String>, String>> {
+        let template = self.config.lookup_url.as_deref()?;
+        let mut missing = HashMap::new();
+        for chunk in posted.chunks(LOOKUPS_AT_ONCE) {
+            let asked = chunk.iter().map(|(id, _)| self.lookup(template, site, id));
+            for answer in join_all(asked).await {
+                match answer {
+                    Ok(None) => {}
+                    Ok(Some((id, why))) => {
+                        missing.insert(id, why);
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+        }
+        Some(Ok(missing))
+    }
+
+    /// `Ok(None)` when the ERP holds event `id`, `Ok(Some((id, why)))` when it says it does not.
+    async fn lookup(
+        &self,
+        template: &str,
+        site: &str,
+        id: &str,
+    ) -> Result<Option<(String, String)>, String> {
+        let url = template
+            .replace("{id}", &crate::cli::url_component(id))
+            .replace("{site}", &crate::cli::url_component(site));
+        let mut request = self.client.get(&url);
+        if let Some(value) = self.authorization().await? {
+            request = request.header(AUTHORIZATION, value);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(None);
+        }
+        if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+            return Ok(Some((
+                id.to_string(),
+                format!("the ERP answers HTTP {} at {url}", status.as_u16()),
+            )));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            *self.token.lock().await = None;
+        }
+        Err(format!("GET {url}: HTTP {}", status.as_u16()))
+    }
+
     async fn authorization(&self) -> Result<Option<String>, String> {
         match &self.auth {
             None => Ok(None),
@@ -396,11 +471,21 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// Lookups `reconcile` has in flight at once.
+const LOOKUPS_AT_ONCE: usize = 16;
+
 async fn futures_join_all<F: std::future::Future<Output = Delivery>>(
     futures: impl Iterator<Item = F>,
 ) -> Vec<Delivery> {
+    join_all(futures).await
+}
+
+/// Every future's output, in order, all of them polled together.
+async fn join_all<T, F: std::future::Future<Output = T>>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<T> {
     let futures: Vec<_> = futures.map(Box::pin).collect();
-    let mut results: Vec<Option<Delivery>> = vec![None; futures.len()];
+    let mut results: Vec<Option<T>> = (0..futures.len()).map(|_| None).collect();
     let mut pending: Vec<(usize, std::pin::Pin<Box<F>>)> =
         futures.into_iter().enumerate().collect();
     std::future::poll_fn(|cx| {
@@ -418,15 +503,8 @@ async fn futures_join_all<F: std::future::Future<Output = Delivery>>(
         }
     })
     .await;
-    results
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or(Delivery::Transient {
-                reason: "no result".into(),
-                retry_after: None,
-            })
-        })
-        .collect()
+    // Every future finished: each slot holds its output.
+    results.into_iter().flatten().collect()
 }
 
 fn form_encode(text: &str) -> String {

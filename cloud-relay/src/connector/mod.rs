@@ -115,7 +115,8 @@ impl Connector {
     /// What the ERP still holds of the site's events the relay posted to it: `posted` is
     /// (event id, the ERP's reference of its record). Tryton is asked for each record by its
     /// reference (a deleted or cancelled document is missing); the ledger is read for the
-    /// site's lines. An HTTP ERP or an EPCIS repository offers no lookup here.
+    /// site's lines; an HTTP ERP at `sink.http.lookup_url`, when set. An EPCIS repository
+    /// offers no lookup here.
     pub async fn holdings(
         &self,
         site: &str,
@@ -138,9 +139,12 @@ impl Connector {
                 }
                 Ok(ErpHoldings::Checked { missing })
             }
-            Connector::Http(_) => Ok(ErpHoldings::NotAvailable(
-                "the HTTP connector has no lookup of what the ERP holds".into(),
-            )),
+            Connector::Http(http) => match http.missing(site, posted).await {
+                Some(answer) => answer.map(|missing| ErpHoldings::Checked { missing }),
+                None => Ok(ErpHoldings::NotAvailable(
+                    "sink.http.lookup_url is not set".into(),
+                )),
+            },
             Connector::Epcis(_) => Ok(ErpHoldings::NotAvailable(
                 "the EPCIS connector does not query the repository".into(),
             )),
