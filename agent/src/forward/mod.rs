@@ -274,7 +274,7 @@ impl Forwarder {
             return;
         };
         for refusal in &frame.refusals {
-            tracing::warn!(event = %refusal.id, seq = refusal.seq, reason = %refusal.reason, "the ERP refused an event");
+            tracing::warn!(id = %refusal.id, seq = refusal.seq, reason = %refusal.reason, "the ERP refused an event");
         }
         let log = self.log.clone();
         let refusals = frame.refusals;

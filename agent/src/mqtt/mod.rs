@@ -950,7 +950,7 @@ impl Connection {
                                 appended = endpoint.log.append(vec![event.clone()]).await;
                             }
                             Err(e) => {
-                                tracing::error!(error = %e, event = %id, "event could not be logged");
+                                tracing::error!(error = %e, id = %id, "event could not be logged");
                                 return match version {
                                     Version::V5 => ack(AckReason::Unspecified(format!("event {id}: not stored: {e}"))),
                                     // Without an ack the client re-sends after reconnecting.

@@ -408,7 +408,7 @@ impl Inner {
         if event_date > calendar.today.next_day().unwrap_or(Date::MAX) {
             // A day ahead is a time zone east of the company's; more is a clock that is wrong.
             tracing::warn!(
-                event = %event.id,
+                id = %event.id,
                 ts = %event.ts,
                 booked = %date,
                 "event dated after Tryton's today is booked on Tryton's today"
