@@ -268,6 +268,10 @@ pub fn export_epcis(
         }
         None => println!("{text}"),
     }
+    eprintln!(
+        "the export holds the events the relay posted and still keeps a trace of \
+         (outbox.trace_days); events still waiting or dead-lettered are not in it"
+    );
     for (reason, n) in skipped {
         eprintln!("left out {n} events: {reason}");
     }
