@@ -27,6 +27,8 @@ use super::Delivery;
 const EPCIS_CONTEXT: &str = "https://ref.gs1.org/standards/epcis/2.0.0/epcis-context.jsonld";
 /// How often a running capture job is asked about.
 const JOB_POLL: Duration = Duration::from_millis(100);
+/// The most of a capture job's answer read: its errors, not a flood.
+const JOB_ANSWER_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -402,17 +404,12 @@ impl EpcisConnector {
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body: String = response
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(2000)
-            .collect();
+        let retry_after = super::http::retry_after(response.headers());
+        let body = super::excerpt(response).await;
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             return Captured::Failed(Delivery::Throttled {
                 reason: format!("POST {url}: HTTP {}: {body}", status.as_u16()),
-                retry_after: None,
+                retry_after,
             });
         }
         // A wrong URL or an expired token is the relay's to fix, not the events': refusing
@@ -428,7 +425,7 @@ impl EpcisConnector {
         {
             return Captured::Failed(Delivery::Transient {
                 reason: format!("POST {url}: HTTP {}: {body}", status.as_u16()),
-                retry_after: None,
+                retry_after,
             });
         }
         if !status.is_success() {
@@ -460,7 +457,10 @@ impl EpcisConnector {
         loop {
             let answer = self.request(self.client.get(job_url.clone())).send().await;
             let job: Option<Value> = match answer {
-                Ok(response) if response.status().is_success() => response.json().await.ok(),
+                Ok(response) if response.status().is_success() => {
+                    let body = super::read_capped(response, JOB_ANSWER_BYTES).await;
+                    serde_json::from_slice(&body).ok()
+                }
                 _ => None,
             };
             if let Some(job) = job

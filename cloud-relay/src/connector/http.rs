@@ -281,8 +281,7 @@ impl HttpConnector {
             .get(reqwest::header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = response.text().await.unwrap_or_default();
-        let excerpt: String = body.chars().take(2000).collect();
+        let excerpt = super::excerpt(response).await;
         if status == StatusCode::UNAUTHORIZED
             && matches!(self.auth, Some(ResolvedAuth::Oauth2 { .. }))
         {
@@ -463,7 +462,7 @@ fn classify(
 }
 
 /// Retry-After in seconds (the HTTP-date form is rare from APIs and is treated as absent).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())

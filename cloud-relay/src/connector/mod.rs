@@ -100,6 +100,30 @@ pub trait Sink: Send + Sync + 'static {
     fn deliver(&self, events: &[StampedEvent]) -> impl Future<Output = Delivered> + Send;
 }
 
+/// The most of an ERP's answer read for an excerpt: a misbehaving server cannot fill memory.
+pub(crate) const EXCERPT_BYTES: usize = 64 * 1024;
+
+/// At most `max` bytes of a response body, read as they arrive (the rest is not read).
+pub(crate) async fn read_capped(mut response: reqwest::Response, max: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < max {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = max - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body
+}
+
+/// The first 2,000 characters of an ERP's answer, for a reason or a trace.
+pub(crate) async fn excerpt(response: reqwest::Response) -> String {
+    let body = read_capped(response, EXCERPT_BYTES).await;
+    String::from_utf8_lossy(&body).chars().take(2000).collect()
+}
+
 /// Event ids asked of the ERP per call.
 const HOLDINGS_PER_CALL: usize = 500;
 
