@@ -261,24 +261,68 @@ impl TallyFrame {
         encode(self)
     }
 
+    /// Bytes a tally frame may take: 400 days and 200 waiting ids fit in a fraction of it.
+    pub const MAX_BYTES: usize = 256 * 1024;
+    /// Sequence numbers one day may span: far above any warehouse's day, far below what would
+    /// keep a relay busy.
+    pub const MAX_DAY_SPAN: u64 = 1 << 32;
+
+    /// Decodes and checks a tally from the network: a valid site, days in increasing order,
+    /// each day's counts no more than its sequence numbers span, waiting events with valid ids.
     pub fn decode(bytes: &[u8], max_len: usize) -> Result<TallyFrame, FrameError> {
-        let frame: TallyFrame = decode(bytes, max_len)?;
+        let frame: TallyFrame = decode(bytes, max_len.min(Self::MAX_BYTES))?;
+        let inconsistent = |what: String| Err(FrameError::Inconsistent(what));
         check_site_id(&frame.site)
             .map_err(|e| FrameError::Inconsistent(format!("site: expected {e}")))?;
         if frame.days.len() > Self::MAX_DAYS || frame.waiting.len() > Self::WAITING_LISTED {
-            return Err(FrameError::Inconsistent(format!(
-                "a tally carries at most {} days and {} waiting events (got {} and {})",
+            return inconsistent(format!(
+                "days and waiting: at most {} days and {} waiting events (got {} and {})",
                 Self::MAX_DAYS,
                 Self::WAITING_LISTED,
                 frame.days.len(),
                 frame.waiting.len()
-            )));
+            ));
         }
-        if let Some(day) = frame.days.iter().find(|d| d.first_seq > d.last_seq) {
-            return Err(FrameError::Inconsistent(format!(
-                "day {}: first_seq {} is after last_seq {}",
-                day.day, day.first_seq, day.last_seq
-            )));
+        if let Some(pair) = frame.days.windows(2).find(|w| w[0].day >= w[1].day) {
+            return inconsistent(format!(
+                "days: must increase, but day {} is followed by day {}",
+                pair[0].day, pair[1].day
+            ));
+        }
+        for day in &frame.days {
+            if day.first_seq > day.last_seq {
+                return inconsistent(format!(
+                    "day {}: first_seq {} is after last_seq {}",
+                    day.day, day.first_seq, day.last_seq
+                ));
+            }
+            let span = (day.last_seq - day.first_seq).saturating_add(1);
+            let total = day
+                .counts
+                .iter()
+                .try_fold(0u64, |sum, n| sum.checked_add(*n))
+                .unwrap_or(u64::MAX);
+            if span > Self::MAX_DAY_SPAN || total > span {
+                return inconsistent(format!(
+                    "day {}: its counts ({total}) must fit the {span} sequence numbers it spans, \
+                     at most {}",
+                    day.day,
+                    Self::MAX_DAY_SPAN
+                ));
+            }
+        }
+        for waiting in &frame.waiting {
+            let chars = waiting.id.chars().count();
+            if chars == 0
+                || chars > crate::event::MAX_ID_CHARS
+                || waiting.id.chars().any(char::is_control)
+            {
+                return inconsistent(format!(
+                    "waiting seq {}: id must be 1-{} characters without control characters",
+                    waiting.seq,
+                    crate::event::MAX_ID_CHARS
+                ));
+            }
         }
         Ok(frame)
     }

@@ -905,3 +905,94 @@ fn a_reader_of_version_1_frames_names_the_version_of_a_compressed_one() {
     );
     assert!(error.to_string().contains("frame version 3"), "{error}");
 }
+
+fn tally() -> backhaul_events::TallyFrame {
+    backhaul_events::TallyFrame {
+        site: "wh1".into(),
+        epoch: Epoch(7),
+        acked_through: 10,
+        at_ms: 1_765_000_000_000,
+        days: vec![
+            backhaul_events::DayTally {
+                day: 20_000,
+                epoch: Epoch(7),
+                first_seq: 1,
+                last_seq: 7,
+                counts: [2, 1, 1, 1, 2],
+            },
+            backhaul_events::DayTally {
+                day: 20_001,
+                epoch: Epoch(7),
+                first_seq: 8,
+                last_seq: 12,
+                counts: [5, 0, 0, 0, 0],
+            },
+        ],
+        waiting: vec![backhaul_events::WaitingAtSite {
+            seq: 11,
+            id: "pick-11".into(),
+            received_at_ms: 1_765_000_000_000,
+        }],
+        waiting_total: 2,
+    }
+}
+
+fn tally_error(frame: &backhaul_events::TallyFrame) -> String {
+    let bytes = frame.encode().unwrap();
+    match backhaul_events::TallyFrame::decode(&bytes, 1 << 20) {
+        Ok(_) => panic!("decoded: {frame:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_tally_round_trips_and_a_forged_one_is_refused_naming_the_rule() {
+    let good = tally();
+    let bytes = good.encode().unwrap();
+    assert_eq!(
+        backhaul_events::TallyFrame::decode(&bytes, 1 << 20).unwrap(),
+        good
+    );
+
+    // A day that claims the whole sequence space would keep a relay busy for ever.
+    let mut huge = tally();
+    huge.days[0].first_seq = 0;
+    huge.days[0].last_seq = u64::MAX;
+    assert!(
+        tally_error(&huge).contains("sequence numbers it spans"),
+        "{}",
+        tally_error(&huge)
+    );
+    // More events than sequence numbers.
+    let mut crowded = tally();
+    crowded.days[1].counts = [6, 0, 0, 0, 0];
+    assert!(tally_error(&crowded).contains("counts (6) must fit the 5"));
+    let mut overflow = tally();
+    overflow.days[1].counts = [u64::MAX, 1, 0, 0, 0];
+    assert!(tally_error(&overflow).contains("must fit"));
+    // Days out of order, and an id a terminal would choke on.
+    let mut unordered = tally();
+    unordered.days.swap(0, 1);
+    assert!(tally_error(&unordered).contains("days: must increase"));
+    let mut control = tally();
+    control.waiting[0].id = "pick\u{1b}[2J".into();
+    assert!(tally_error(&control).contains("without control characters"));
+    // Over its own size limit, whatever the broker allows.
+    let mut long = tally();
+    long.waiting = (0..200)
+        .map(|n| backhaul_events::WaitingAtSite {
+            seq: n,
+            id: "x".repeat(64),
+            received_at_ms: 0,
+        })
+        .collect();
+    long.site = "wh1".into();
+    let bytes = long.encode().unwrap();
+    assert!(bytes.len() < backhaul_events::TallyFrame::MAX_BYTES);
+    let mut padded = bytes.clone();
+    padded.resize(backhaul_events::TallyFrame::MAX_BYTES + 1, 0);
+    assert!(matches!(
+        backhaul_events::TallyFrame::decode(&padded, 8 << 20),
+        Err(backhaul_events::FrameError::TooLarge { .. })
+    ));
+}

@@ -14,7 +14,7 @@
 use backhaul_events::signing::{SealError, SiteKeys, is_sealed};
 use backhaul_events::topics::check_site_id;
 use backhaul_events::{
-    AckFrame, BatchFrame, FrameError, OutcomeFrame, RefusalAckFrame, RefusalFrame,
+    AckFrame, BatchFrame, FrameError, OutcomeFrame, RefusalAckFrame, RefusalFrame, TallyFrame,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -64,6 +64,7 @@ fn decode_all(data: &[u8]) -> Vec<Result<(), FrameError>> {
         round_trip!(OutcomeFrame, data).map(drop),
         round_trip!(RefusalFrame, data).map(drop),
         round_trip!(RefusalAckFrame, data).map(drop),
+        round_trip!(TallyFrame, data).map(drop),
     ]
 }
 
