@@ -1210,12 +1210,14 @@ impl Tables<'_> {
     }
 
     /// Adds this transaction's accepted events to the stored tally, and forgets the days
-    /// older than `keep_days` before the newest.
+    /// more than `keep_days` before today, or after it (a clock that was set wrong): days are
+    /// judged by today's date, never by an event's, so one wrong receive time cannot wipe the
+    /// days before it.
     fn merge_tally(&mut self, keep_days: u32) -> Result<(), LogError> {
         let accepted = std::mem::take(&mut self.accepted);
-        let Some(&newest) = accepted.keys().next_back() else {
+        if accepted.is_empty() {
             return Ok(());
-        };
+        }
         let mut new_day = false;
         for (day, delta) in accepted {
             let merged = match self.tally.get(day).map_err(storage)? {
@@ -1240,9 +1242,15 @@ impl Tables<'_> {
             self.tally.insert(day, bytes.as_slice()).map_err(storage)?;
         }
         if new_day {
-            let oldest_kept = newest.saturating_sub(keep_days.max(1) as i32 - 1);
+            let keep = keep_days.max(1) as i32;
+            let today = day_of(now_ms());
+            let oldest_kept = today.saturating_sub(keep - 1);
+            let newest_kept = today.saturating_add(keep);
             self.tally
                 .retain_in(..oldest_kept, |_, _| false)
+                .map_err(storage)?;
+            self.tally
+                .retain_in(newest_kept.saturating_add(1).., |_, _| false)
                 .map_err(storage)?;
         }
         Ok(())

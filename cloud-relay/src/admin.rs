@@ -34,6 +34,8 @@ pub struct AdminState {
     pub erp: Arc<crate::connector::Connector>,
     /// `outbox.trace_days`: how far back the relay knows what became of delivered events.
     pub trace_days: u64,
+    /// One reconciliation at a time: each reads a site's whole window and asks the ERP.
+    pub reconciling: Arc<tokio::sync::Semaphore>,
 }
 
 /// The admin API: health for anyone who can reach it, reads for a read token, dead-letter
@@ -387,16 +389,24 @@ async fn reconcile(
         return refuse(
             StatusCode::BAD_REQUEST,
             format!(
-                "to: a day on or after from, at most {RECONCILE_MAX_DAYS} days in one report                  (got {from} to {to})"
+                "to: a day from `from` to {} days after it (got {from} to {to})",
+                RECONCILE_MAX_DAYS - 1
             ),
         );
     }
+    let Ok(_running) = state.reconciling.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a reconciliation is already running on this relay; ask again when it has finished"
+                .to_string(),
+        );
+    };
     let outbox = state.outbox.clone();
     let site = query.site.clone();
     let days = crate::reconcile::day_number(from)..=crate::reconcile::day_number(to);
     let gathered = tokio::task::spawn_blocking(move || {
         let tally = outbox.tally(&site)?;
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = std::collections::BTreeSet::new();
         let known = relay_side(outbox.as_ref(), &site, days, &mut seen)?;
         Ok::<_, crate::outbox::OutboxError>((tally, known, seen))
     })
@@ -417,32 +427,30 @@ async fn reconcile(
         Ok(holdings) => holdings,
         Err(e) => ErpHoldings::NotAvailable(format!("asking it failed: {e}")),
     };
-    let moving: Vec<(&backhaul_events::Event, Option<&str>)> = known
-        .iter()
-        .map(|k| {
-            let erp_ref = match &k.state {
-                RelayState::Posted { erp_ref } => Some(erp_ref.as_str()),
-                _ => None,
-            };
-            (&k.event, erp_ref)
-        })
-        .collect();
-    let quantities = state.erp.booked_quantities(&moving).await;
+    let quantities = state.erp.booked_quantities(&known).await;
     use crate::connector::Sink;
-    let answer = report(&Inputs {
-        site: &query.site,
-        from,
-        to,
-        tally: tally.as_ref(),
-        known: &known,
-        seen: &seen,
-        erp_name: state.erp.name(),
-        erp: &erp,
-        trace_days: state.trace_days,
-        now_ms: crate::outbox::now_ms(),
-        quantities,
-    });
-    axum::Json(answer).into_response()
+    let (erp_name, trace_days) = (state.erp.name(), state.trace_days);
+    let site = query.site;
+    let answer = tokio::task::spawn_blocking(move || {
+        report(&Inputs {
+            site: &site,
+            from,
+            to,
+            tally: tally.as_ref(),
+            known: &known,
+            seen: &seen,
+            erp_name,
+            erp: &erp,
+            trace_days,
+            now_ms: crate::outbox::now_ms(),
+            quantities,
+        })
+    })
+    .await;
+    match answer {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(e) => internal(e),
+    }
 }
 
 async fn dlq_replay(

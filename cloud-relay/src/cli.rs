@@ -210,9 +210,14 @@ pub fn reconcile(
         url_component(from),
         url_component(to)
     );
-    let report: crate::reconcile::Report = client(target)?.get_json(&path)?;
+    // The relay reads every trace of the site's window and asks the ERP: give it time.
+    let client = AdminClient::with_timeout(target, std::time::Duration::from_secs(600))?;
+    if format == ReportFormat::Json {
+        return print_sent(&client, &path);
+    }
+    let report: crate::reconcile::Report = client.get_json(&path)?;
     match format {
-        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        ReportFormat::Json => {}
         ReportFormat::Csv => print!("{}", crate::reconcile::csv(&report)),
         ReportFormat::Table => print!("{}", crate::reconcile::render(&report)),
     }

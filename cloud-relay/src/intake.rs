@@ -189,11 +189,15 @@ impl Intake {
         });
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         let mut refusals_sent: HashMap<String, Instant> = HashMap::new();
+        // The latest tally of each site since the last write, and whether a write is running.
+        let mut tallies: HashMap<String, TallyFrame> = HashMap::new();
+        let tally_writer = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let result = loop {
             self.heartbeat.beat();
             let first = tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
                 _ = beat.tick() => {
+                    self.keep_tallies(&mut tallies, &tally_writer);
                     for site in self.outbox.sites_with_refusals() {
                         if refusals_sent.get(&site).is_none_or(|at| at.elapsed() >= REFUSALS_RESEND) {
                             self.publish_refusals(&client, &site, &mut refusals_sent).await;
@@ -208,7 +212,7 @@ impl Intake {
                         continue;
                     }
                     Some(Inbound::Tally(tally)) => {
-                        self.keep_tally(*tally).await;
+                        tallies.insert(tally.site.clone(), *tally);
                         continue;
                     }
                     None => break Err(anyhow::anyhow!("the broker reader stopped")),
@@ -229,7 +233,6 @@ impl Intake {
             let mut events = first.0.events.len();
             let (mut batches, mut arrivals) = (vec![first.0], vec![first.1]);
             let mut acks = Vec::new();
-            let mut tallies = Vec::new();
             while batches.len() < MAX_BATCHES_PER_COMMIT && events < MAX_EVENTS_PER_COMMIT {
                 match decoded_rx.try_recv() {
                     Ok(Inbound::Batch(batch, at)) => {
@@ -238,16 +241,16 @@ impl Intake {
                         arrivals.push(at);
                     }
                     Ok(Inbound::RefusalAck(ack)) => acks.push(ack),
-                    Ok(Inbound::Tally(tally)) => tallies.push(*tally),
+                    Ok(Inbound::Tally(tally)) => {
+                        tallies.insert(tally.site.clone(), *tally);
+                    }
                     Err(_) => break,
                 }
             }
             for ack in acks {
                 self.refusals_acknowledged(ack).await;
             }
-            for tally in tallies {
-                self.keep_tally(tally).await;
-            }
+
             let outbox = self.outbox.clone();
             let stored = tokio::task::spawn_blocking(move || {
                 let result = outbox.store(&batches);
@@ -419,16 +422,28 @@ impl Intake {
         }
     }
 
-    async fn keep_tally(&self, tally: TallyFrame) {
-        let outbox = self.outbox.clone();
-        let site = tally.site.clone();
-        match tokio::task::spawn_blocking(move || outbox.record_tally(&tally)).await {
-            Ok(Ok(())) => tracing::debug!(site, "the site's tally is kept"),
-            Ok(Err(e)) => {
-                tracing::warn!(site, error = %e, "a tally could not be kept; the agent sends another")
-            }
-            Err(e) => tracing::error!(error = %e, "the tally writer failed"),
+    /// Writes the sites' latest tallies in one transaction, off the intake's path: batches
+    /// never wait for a tally. While a write runs, newer tallies wait for the next second.
+    fn keep_tallies(
+        &self,
+        tallies: &mut HashMap<String, TallyFrame>,
+        writing: &Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::Ordering;
+        if tallies.is_empty() || writing.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let frames: Vec<TallyFrame> = tallies.drain().map(|(_, tally)| tally).collect();
+        let (outbox, writing) = (self.outbox.clone(), writing.clone());
+        tokio::task::spawn_blocking(move || {
+            match outbox.record_tallies(&frames) {
+                Ok(()) => tracing::debug!(sites = frames.len(), "the sites' tallies are kept"),
+                Err(e) => {
+                    tracing::warn!(error = %e, sites = frames.len(), "tallies could not be kept; the agents send them again")
+                }
+            }
+            writing.store(false, Ordering::Release);
+        });
     }
 
     async fn refusals_acknowledged(&self, ack: RefusalAckFrame) {
@@ -528,17 +543,26 @@ fn check(
         };
     }
     if let Some(topic_site) = site_of_tally_topic(&received.topic) {
+        let refused = |reason: &'static str| {
+            metrics
+                .tallies_refused
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        };
         let Ok(payload) = opened(keys, topic_site, &received.payload) else {
+            refused("unsigned");
             tracing::warn!(site = topic_site, "tally ignored: not signed by its site");
             return None;
         };
         return match TallyFrame::decode(payload, max_frame) {
             Ok(tally) if tally.site == topic_site => Some(Inbound::Tally(Box::new(tally))),
             Ok(tally) => {
+                refused("site_mismatch");
                 tracing::warn!(topic_site, frame_site = %tally.site, "tally ignored: its site does not match its topic");
                 None
             }
             Err(e) => {
+                refused("undecodable");
                 tracing::warn!(site = topic_site, error = %e, "tally ignored");
                 None
             }

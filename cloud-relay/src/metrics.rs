@@ -29,6 +29,7 @@ pub struct RelayMetrics {
     pub batch_bytes_received: Counter,
     pub events_duplicate: Counter,
     pub batches_refused: Family<ReasonLabel, Counter>,
+    pub tallies_refused: Family<ReasonLabel, Counter>,
     pub acks_published: Counter,
     pub ack_latency_seconds: Histogram,
     pub events_delivered: Counter,
@@ -54,6 +55,7 @@ impl RelayMetrics {
             batch_bytes_received: Counter::default(),
             events_duplicate: Counter::default(),
             batches_refused: Family::default(),
+            tallies_refused: Family::default(),
             acks_published: Counter::default(),
             ack_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             events_delivered: Counter::default(),
@@ -94,6 +96,11 @@ impl RelayMetrics {
             "batches_refused",
             "Batch frames refused, by reason (undecodable, site_mismatch, gap, outbox_full)",
             metrics.batches_refused.clone(),
+        );
+        registry.register(
+            "tallies_refused",
+            "Site tallies refused, by reason (unsigned, undecodable, site_mismatch)",
+            metrics.tallies_refused.clone(),
         );
         registry.register(
             "acks_published",

@@ -11,7 +11,7 @@
 //! A day is the UTC day the agent received the event, on every side: the site counts by it, and
 //! the relay knows it from each event's receive time.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use backhaul_events::{Epoch, EventType, StampedEvent, TallyFrame};
@@ -57,7 +57,11 @@ pub struct Known {
     pub kind: EventType,
     pub received_at_ms: i64,
     pub state: RelayState,
-    pub event: backhaul_events::Event,
+    /// What the quantities per SKU and location need of the event.
+    pub sku: String,
+    pub qty: rust_decimal::Decimal,
+    pub location: Option<String>,
+    pub order: Option<String>,
 }
 
 /// One SKU at one location: the net quantity the site's events imply, against what the ERP
@@ -92,7 +96,8 @@ pub struct Row {
     pub kind: String,
     /// Accepted at the site; `None` when the site's tally does not reach this day.
     pub accepted: Option<u64>,
-    /// Accepted at the site and not (or no longer) known to the relay.
+    /// Accepted at the site and not known to the relay; `None` before the trace horizon,
+    /// where the relay no longer knows what it delivered.
     pub not_at_relay: Option<u64>,
     /// Known to the relay: waiting + posted + dead-lettered + discarded.
     pub at_relay: u64,
@@ -172,48 +177,51 @@ fn day_of_ms(ms: i64) -> i32 {
 /// Everything the relay knows of the site's events: waiting, dead letters, and the traces of
 /// events that left the outbox. Only the events received on `days` are returned; `seen` gets
 /// the sequence numbers of all of them, whatever their day.
+///
+/// The three are read one after another while delivery goes on, so an event may move between
+/// them meanwhile: waiting events are read first and traces last, so a moving event is found
+/// at least once, and where it is found twice the later place wins (posted over waiting, a
+/// queued dead letter over the trace of its refusal).
 pub fn relay_side(
     outbox: &dyn Outbox,
     site: &str,
     days: std::ops::RangeInclusive<i32>,
-    seen: &mut HashSet<(Epoch, u64)>,
+    seen: &mut BTreeSet<(Epoch, u64)>,
 ) -> Result<Vec<Known>, OutboxError> {
     let mut known: HashMap<String, Known> = HashMap::new();
     let mut keep = |event: &StampedEvent, state: RelayState, known: &mut HashMap<String, Known>| {
         seen.insert((event.epoch, event.seq));
-        if days.contains(&day_of_ms(event.received_at_ms)) {
-            known.insert(
-                event.event.id.clone(),
-                Known {
-                    id: event.event.id.clone(),
-                    epoch: event.epoch,
-                    seq: event.seq,
-                    kind: event.event.kind,
-                    received_at_ms: event.received_at_ms,
-                    state,
-                    event: event.event.clone(),
-                },
-            );
+        if !days.contains(&day_of_ms(event.received_at_ms)) {
+            return;
         }
+        if let Some(kept) = known.get(&event.event.id)
+            && rank(&kept.state) > rank(&state)
+        {
+            return;
+        }
+        known.insert(
+            event.event.id.clone(),
+            Known {
+                id: event.event.id.clone(),
+                epoch: event.epoch,
+                seq: event.seq,
+                kind: event.event.kind,
+                received_at_ms: event.received_at_ms,
+                state,
+                sku: event.event.sku.clone(),
+                qty: event.event.qty,
+                location: event.event.location.clone(),
+                order: event.event.order.clone(),
+            },
+        );
     };
-    // Oldest knowledge first, so the current place wins: a trace says how an event left the
-    // outbox; a dead letter still queued, or an event waiting again after a replay, is newer.
-    let mut after = String::new();
+    let mut after = 0;
     loop {
-        let page = outbox.site_traces(site, &after, PAGE)?;
-        let Some(last) = page.last() else { break };
-        after = last.event.event.id.clone();
-        for trace in &page {
-            let state = match trace.finished {
-                Finished::Posted => RelayState::Posted {
-                    erp_ref: trace.erp_ref.clone().unwrap_or_default(),
-                },
-                // Still queued, it is found among the dead letters below.
-                Finished::DeadLettered => RelayState::Discarded {
-                    reason: trace.reason.clone().unwrap_or_default(),
-                },
-            };
-            keep(&trace.event, state, &mut known);
+        let page = outbox.pending_after(after, PAGE)?;
+        let Some(&(last, _)) = page.last() else { break };
+        after = last;
+        for (_, event) in page.iter().filter(|(_, e)| e.site == site) {
+            keep(event, RelayState::Waiting, &mut known);
         }
         if page.len() < PAGE {
             break;
@@ -234,13 +242,22 @@ pub fn relay_side(
             break;
         }
     }
-    let mut after = 0;
+    let mut after = String::new();
     loop {
-        let page = outbox.pending_after(after, PAGE)?;
-        let Some(&(last, _)) = page.last() else { break };
-        after = last;
-        for (_, event) in page.iter().filter(|(_, e)| e.site == site) {
-            keep(event, RelayState::Waiting, &mut known);
+        let page = outbox.site_traces(site, &after, PAGE)?;
+        let Some(last) = page.last() else { break };
+        after = last.event.event.id.clone();
+        for trace in &page {
+            let state = match trace.finished {
+                Finished::Posted => RelayState::Posted {
+                    erp_ref: trace.erp_ref.clone().unwrap_or_default(),
+                },
+                // Unless it was found waiting (replayed) or queued as a dead letter above.
+                Finished::DeadLettered => RelayState::Discarded {
+                    reason: trace.reason.clone().unwrap_or_default(),
+                },
+            };
+            keep(&trace.event, state, &mut known);
         }
         if page.len() < PAGE {
             break;
@@ -251,6 +268,18 @@ pub fn relay_side(
     Ok(known)
 }
 
+/// Which of two places an event was found in is where it is now: posted is final; a waiting
+/// event (one replayed) is past its dead letter; a queued dead letter is past a trace that
+/// only says it was refused.
+fn rank(state: &RelayState) -> u8 {
+    match state {
+        RelayState::Discarded { .. } => 0,
+        RelayState::DeadLettered { .. } => 1,
+        RelayState::Waiting => 2,
+        RelayState::Posted { .. } => 3,
+    }
+}
+
 /// Everything the report is made of.
 pub struct Inputs<'a> {
     pub site: &'a str,
@@ -259,7 +288,7 @@ pub struct Inputs<'a> {
     pub tally: Option<&'a TallyFrame>,
     pub known: &'a [Known],
     /// Sequence numbers of every event of the site the relay knows, whatever its day.
-    pub seen: &'a HashSet<(Epoch, u64)>,
+    pub seen: &'a BTreeSet<(Epoch, u64)>,
     pub erp_name: &'a str,
     pub erp: &'a ErpHoldings,
     pub trace_days: u64,
@@ -275,14 +304,7 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
     };
     let mut rows: BTreeMap<(i32, usize), Row> = BTreeMap::new();
     let erp_asked = checked.is_some();
-    let mut differences = Vec::new();
-    let mut differences_total = 0u64;
-    let mut differ = |difference: Difference| {
-        differences_total += 1;
-        if differences.len() < DIFFERENCES_LISTED {
-            differences.push(difference);
-        }
-    };
+    let mut differences = Differences::default();
 
     let tally_days: HashMap<i32, &backhaul_events::DayTally> = inputs
         .tally
@@ -325,7 +347,7 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
         match &known.state {
             RelayState::Waiting => {
                 r.waiting += 1;
-                differ(difference(
+                differences.push(difference(
                     "waiting_at_relay",
                     "in the relay's outbox, waiting for delivery".into(),
                 ));
@@ -337,7 +359,7 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
                         if let Some(n) = r.not_in_erp.as_mut() {
                             *n += 1;
                         }
-                        differ(difference(
+                        differences.push(difference(
                             "not_in_erp",
                             format!("posted to the ERP as {erp_ref}, but {why}"),
                         ));
@@ -352,14 +374,14 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
             }
             RelayState::DeadLettered { reason } => {
                 r.dead_lettered += 1;
-                differ(difference(
+                differences.push(difference(
                     "dead_lettered",
                     format!("in the dead-letter queue: {reason}"),
                 ));
             }
             RelayState::Discarded { reason } => {
                 r.discarded += 1;
-                differ(difference(
+                differences.push(difference(
                     "discarded",
                     format!("dead-lettered, then discarded by an operator: {reason}"),
                 ));
@@ -367,7 +389,10 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
         }
     }
 
-    // What the site accepted that the relay does not know, sequence number by sequence number.
+    // What the site accepted that the relay does not know, sequence number by sequence number:
+    // the gaps between the numbers the relay has, walked only as far as the list goes. Before
+    // the trace horizon the relay has forgotten what it delivered, so only what the site still
+    // holds is looked for there.
     let horizon_day = day_of_ms(inputs.now_ms) - inputs.trace_days as i32 + 1;
     let mut notes = Vec::new();
     if let Some(tally) = inputs.tally {
@@ -380,36 +405,50 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
             let Some(day_tally) = tally_days.get(&day) else {
                 continue;
             };
-            if day < horizon_day {
-                continue;
-            }
-            for seq in day_tally.first_seq..=day_tally.last_seq {
-                if inputs.seen.contains(&(day_tally.epoch, seq)) {
-                    continue;
-                }
-                let (state, detail) = if day_tally.epoch == tally.epoch && seq > tally.acked_through
-                {
+            let epoch = day_tally.epoch;
+            let held_at_site = if epoch == tally.epoch {
+                tally.acked_through.saturating_add(1)
+            } else {
+                u64::MAX
+            };
+            let ranges = if day < horizon_day {
+                vec![(held_at_site.max(day_tally.first_seq), day_tally.last_seq)]
+            } else {
+                vec![
+                    (
+                        day_tally.first_seq,
+                        day_tally.last_seq.min(held_at_site.saturating_sub(1)),
+                    ),
+                    (held_at_site.max(day_tally.first_seq), day_tally.last_seq),
+                ]
+            };
+            for (lo, hi) in ranges.into_iter().filter(|(lo, hi)| lo <= hi) {
+                let at_site = lo >= held_at_site;
+                let (state, detail) = if at_site {
                     (
                         "waiting_at_site",
-                        "at the site, not yet acknowledged by a relay".to_string(),
+                        "at the site, not yet acknowledged by a relay",
                     )
                 } else {
                     (
                         "not_at_relay",
                         "acknowledged by a relay but not in its records: a repeat of an id it \
-                         already had, or a record lost with its outbox"
-                            .to_string(),
+                         already had, or a record lost with its outbox",
                     )
                 };
-                differ(Difference {
-                    day: day_text(day),
-                    kind: None,
-                    id: waiting.get(&seq).map(|id| id.to_string()),
-                    epoch: day_tally.epoch.to_string(),
-                    seq,
-                    state: state.into(),
-                    detail,
-                });
+                let missing = missing_seqs(inputs.seen, epoch, lo, hi, differences.room());
+                for &seq in &missing.listed {
+                    differences.push(Difference {
+                        day: day_text(day),
+                        kind: None,
+                        id: waiting.get(&seq).map(|id| id.to_string()),
+                        epoch: epoch.to_string(),
+                        seq,
+                        state: state.into(),
+                        detail: detail.into(),
+                    });
+                }
+                differences.count_unlisted(missing.total - missing.listed.len() as u64);
             }
         }
         if inputs.trace_days > 0 && from < horizon_day {
@@ -448,10 +487,22 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
     if let ErpHoldings::NotAvailable(why) = inputs.erp {
         notes.push(format!("the ERP was not asked: {why}"));
     }
-    for r in rows.values_mut() {
-        if let Some(accepted) = r.accepted {
+    let mut more_at_relay = Vec::new();
+    for (&(day, _), r) in rows.iter_mut() {
+        let Some(accepted) = r.accepted else { continue };
+        if day >= horizon_day {
             r.not_at_relay = Some(accepted.saturating_sub(r.at_relay));
         }
+        if r.at_relay > accepted {
+            more_at_relay.push(format!("{} {}", r.day, r.kind));
+        }
+    }
+    if !more_at_relay.is_empty() {
+        notes.push(format!(
+            "the relay knows more events than the site's tally counts on {}: the site's log was \
+             rebuilt (salvage, or a new state directory) since, and its tally starts again",
+            more_at_relay.join(", ")
+        ));
     }
     Report {
         site: inputs.site.to_string(),
@@ -464,10 +515,75 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
         trace_days: inputs.trace_days,
         rows: rows.into_values().collect(),
         quantities,
-        differences,
-        differences_total,
+        differences: differences.listed,
+        differences_total: differences.total,
         notes,
     }
+}
+
+/// The differences found, the first [`DIFFERENCES_LISTED`] of them listed.
+#[derive(Default)]
+struct Differences {
+    listed: Vec<Difference>,
+    total: u64,
+}
+
+impl Differences {
+    fn push(&mut self, difference: Difference) {
+        self.total += 1;
+        if self.listed.len() < DIFFERENCES_LISTED {
+            self.listed.push(difference);
+        }
+    }
+
+    fn room(&self) -> usize {
+        DIFFERENCES_LISTED - self.listed.len()
+    }
+
+    fn count_unlisted(&mut self, n: u64) {
+        self.total += n;
+    }
+}
+
+/// Sequence numbers `lo..=hi` of `epoch` that `seen` lacks: how many, and the first `limit`.
+struct Missing {
+    total: u64,
+    listed: Vec<u64>,
+}
+
+fn missing_seqs(
+    seen: &BTreeSet<(Epoch, u64)>,
+    epoch: Epoch,
+    lo: u64,
+    hi: u64,
+    limit: usize,
+) -> Missing {
+    let mut missing = Missing {
+        total: 0,
+        listed: Vec::new(),
+    };
+    let note = |from: u64, to: u64, missing: &mut Missing| {
+        if from > to {
+            return;
+        }
+        missing.total += to - from + 1;
+        let mut seq = from;
+        while missing.listed.len() < limit && seq <= to {
+            missing.listed.push(seq);
+            seq += 1;
+        }
+    };
+    let mut next = lo;
+    for &(_, seq) in seen.range((epoch, lo)..=(epoch, hi)) {
+        if seq > next {
+            note(next, seq - 1, &mut missing);
+        }
+        next = seq.saturating_add(1);
+    }
+    if next <= hi {
+        note(next, hi, &mut missing);
+    }
+    missing
 }
 
 /// The row of a day and event type, made empty when it is first needed.
@@ -685,5 +801,29 @@ fn csv_field(text: &str) -> String {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
         text.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_sequence_numbers_are_counted_in_full_and_listed_up_to_the_limit() {
+        let epoch = Epoch(9);
+        let seen: BTreeSet<(Epoch, u64)> = [1, 2, 5, 9]
+            .into_iter()
+            .map(|seq| (epoch, seq))
+            .chain([(Epoch(8), 3)])
+            .collect();
+        let missing = missing_seqs(&seen, epoch, 1, 10, 3);
+        assert_eq!(missing.total, 6);
+        assert_eq!(missing.listed, vec![3, 4, 6]);
+        // A day spanning a huge run costs what the relay holds, not what the day spans.
+        let missing = missing_seqs(&seen, epoch, 1, u64::MAX - 1, 2);
+        assert_eq!(missing.total, u64::MAX - 1 - 4);
+        assert_eq!(missing.listed, vec![3, 4]);
+        let none = missing_seqs(&seen, epoch, 1, 2, 10);
+        assert_eq!((none.total, none.listed.len()), (0, 0));
     }
 }

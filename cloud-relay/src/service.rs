@@ -127,6 +127,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
             attempts,
             erp: connector,
             trace_days: config.outbox.trace_days,
+            reconciling: Arc::new(tokio::sync::Semaphore::new(1)),
         },
         Arc::new(loaded.admin_access.clone()),
     );

@@ -98,12 +98,21 @@ pub struct AdminClient {
 impl AdminClient {
     /// A client for the service whose admin API is at `target`.
     pub fn new(target: &AdminTarget) -> Result<AdminClient, AdminError> {
+        AdminClient::with_timeout(target, Duration::from_secs(30))
+    }
+
+    /// A client that waits up to `timeout` for each answer, for the commands that make the
+    /// service work longer than a status read (a reconciliation).
+    pub fn with_timeout(
+        target: &AdminTarget,
+        timeout: Duration,
+    ) -> Result<AdminClient, AdminError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| AdminError::Setup(e.to_string()))?;
         let inner = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
+            .timeout(timeout)
             .build()
             .map_err(|e| AdminError::Setup(e.to_string()))?;
         Ok(AdminClient {

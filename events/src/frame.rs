@@ -220,6 +220,9 @@ pub struct DayTally {
     pub counts: [u64; 5],
 }
 
+// `counts` has a place for each event type.
+const _: () = assert!(crate::event::EventType::ALL.len() == 5);
+
 impl DayTally {
     pub fn total(&self) -> u64 {
         self.counts.iter().sum()

@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use backhaul_events::topics::{
-    ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER, acks_topic, batches_topic, outcomes_topic,
-    refusal_acks_topic, refusals_topic,
+    ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER, ALL_TALLIES_FILTER, acks_topic, batches_topic,
+    outcomes_topic, refusal_acks_topic, refusals_topic, tally_topic,
 };
 use backhaul_tests::agent::{AgentProcess, metric_value};
 use backhaul_tests::events::{pick, unique_id};
@@ -373,7 +373,11 @@ fn topics(received: &[(String, String)]) -> Vec<&str> {
 fn a_site_certificate_publishes_only_on_its_own_sites_topics() {
     let broker = Broker::start();
     let mut relay = broker.relay_v4("relay-watching");
-    for filter in [ALL_BATCHES_FILTER, ALL_REFUSAL_ACKS_FILTER] {
+    for filter in [
+        ALL_BATCHES_FILTER,
+        ALL_REFUSAL_ACKS_FILTER,
+        ALL_TALLIES_FILTER,
+    ] {
         assert!(
             relay.subscribe(filter).expect("a SUBACK"),
             "the relay's subscription to {filter} was refused"
@@ -386,6 +390,7 @@ fn a_site_certificate_publishes_only_on_its_own_sites_topics() {
     for forbidden in [
         batches_topic(SITE_B),
         refusal_acks_topic(SITE_B),
+        tally_topic(SITE_B),
         acks_topic(SITE_A),
         outcomes_topic(SITE_A),
         refusals_topic(SITE_A),
@@ -400,7 +405,11 @@ fn a_site_certificate_publishes_only_on_its_own_sites_topics() {
             "site A's certificate published on {forbidden}"
         );
     }
-    for own in [batches_topic(SITE_A), refusal_acks_topic(SITE_A)] {
+    for own in [
+        batches_topic(SITE_A),
+        refusal_acks_topic(SITE_A),
+        tally_topic(SITE_A),
+    ] {
         let ack = site_a
             .publish(&own, 1, "own, over MQTT 5")
             .expect("a PUBACK");
@@ -423,13 +432,14 @@ fn a_site_certificate_publishes_only_on_its_own_sites_topics() {
 
     // The relay gets one publisher's messages in the order they were published, so once the
     // last of site A's own has arrived, a forged one that got through would have come before.
-    let received = receive_until(&mut relay, |received| received.len() >= 3);
+    let received = receive_until(&mut relay, |received| received.len() >= 4);
     let own = |topic: &str, payload: &str| (topic.to_string(), payload.to_string());
     assert_eq!(
         received,
         vec![
             own(&batches_topic(SITE_A), "own, over MQTT 5"),
             own(&refusal_acks_topic(SITE_A), "own, over MQTT 5"),
+            own(&tally_topic(SITE_A), "own, over MQTT 5"),
             own(&batches_topic(SITE_A), "own, over MQTT 3.1.1"),
         ],
         "the relay's login received something site A's certificate may not publish"

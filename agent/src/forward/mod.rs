@@ -44,6 +44,8 @@ const REQUEST_QUEUE: usize = 64;
 
 /// A changed tally goes to the relay at most this often (and at once after each connect).
 const TALLY_EVERY: Duration = Duration::from_secs(5);
+/// An unchanged one goes again this often, in case the last was lost on the way.
+const TALLY_REFRESH: Duration = Duration::from_secs(60);
 
 /// The link states in which the relay holds events back on purpose, so the link is not stalled.
 const RELAY_FULL: &str = "relay full";
@@ -605,7 +607,8 @@ impl Forwarder {
                 _ = beat.tick() => {
                     let state = (self.log.stats().next_seq, window.acked_through());
                     let due = tally_sent.is_none_or(|(next, acked, at)| {
-                        (next, acked) != state && at.elapsed() >= TALLY_EVERY
+                        ((next, acked) != state && at.elapsed() >= TALLY_EVERY)
+                            || at.elapsed() >= TALLY_REFRESH
                     });
                     if link_up && due {
                         self.send_tally(&client, epoch, state.1).await;

@@ -178,11 +178,10 @@ impl Connector {
 
 impl Connector {
     /// Per SKU and location, what the events imply against what the ERP booked from them,
-    /// for an ERP that keeps stock (Tryton); `None` for the others. `events` pairs each event
-    /// with the ERP's reference of its record when it was posted.
+    /// for an ERP that keeps stock (Tryton); `None` for the others.
     pub async fn booked_quantities(
         &self,
-        events: &[(&backhaul_events::Event, Option<&str>)],
+        events: &[crate::reconcile::Known],
     ) -> Option<Result<Vec<crate::reconcile::QuantityRow>, String>> {
         match self {
             Connector::Tryton(tryton) => Some(tryton.booked_quantities(events).await),

@@ -151,10 +151,11 @@ pub trait Outbox: Send + Sync {
         seq: u64,
     ) -> Result<Option<BatchRecord>, OutboxError>;
 
-    /// Keeps a site's latest tally (what its agent accepted per day), replacing the last one;
-    /// an older tally than the one kept is ignored. A tally is for reconciliation, not a
-    /// promise: the backends may lose the latest in a crash, and the agent sends it again.
-    fn record_tally(&self, tally: &TallyFrame) -> Result<(), OutboxError>;
+    /// Keeps each site's latest tally (what its agent accepted per day), replacing the one
+    /// kept, in one transaction. The last received wins, whatever the agent's clock says. A
+    /// tally is for reconciliation, not a promise: the backends may lose the latest in a
+    /// crash, and the agent sends it again.
+    fn record_tallies(&self, tallies: &[TallyFrame]) -> Result<(), OutboxError>;
 
     /// The site's latest tally, if its agent sent one.
     fn tally(&self, site: &str) -> Result<Option<TallyFrame>, OutboxError>;

@@ -1224,15 +1224,21 @@ impl Outbox for PgOutbox {
         }
     }
 
-    fn record_tally(&self, tally: &TallyFrame) -> Result<(), OutboxError> {
-        let frame = postcard::to_allocvec(tally).map_err(storage)?;
+    fn record_tallies(&self, tallies: &[TallyFrame]) -> Result<(), OutboxError> {
+        let frames = tallies
+            .iter()
+            .map(|tally| postcard::to_allocvec(tally).map(|frame| (tally, frame)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(storage)?;
         self.transaction(|txn| {
-            txn.execute(
-                "INSERT INTO backhaul.tallies (site, at_ms, frame) VALUES ($1, $2, $3)
-                 ON CONFLICT (site) DO UPDATE SET at_ms = EXCLUDED.at_ms, frame = EXCLUDED.frame
-                 WHERE backhaul.tallies.at_ms <= EXCLUDED.at_ms",
-                &[&tally.site, &tally.at_ms, &frame],
-            )?;
+            for (tally, frame) in &frames {
+                txn.execute(
+                    "INSERT INTO backhaul.tallies (site, at_ms, frame) VALUES ($1, $2, $3)
+                     ON CONFLICT (site) DO UPDATE SET at_ms = EXCLUDED.at_ms,
+                     frame = EXCLUDED.frame",
+                    &[&tally.site, &tally.at_ms, frame],
+                )?;
+            }
             Ok(())
         })
     }

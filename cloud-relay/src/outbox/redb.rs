@@ -1312,19 +1312,14 @@ impl Outbox for RedbOutbox {
         RedbOutbox::pending_after(self, after, limit)
     }
 
-    fn record_tally(&self, tally: &TallyFrame) -> Result<(), OutboxError> {
+    fn record_tallies(&self, tallies: &[TallyFrame]) -> Result<(), OutboxError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         // Made durable by the next intake or delivery commit; the agent sends it again.
         txn.set_durability(redb::Durability::None)
             .map_err(storage)?;
         {
             let mut table = txn.open_table(TALLIES).map_err(storage)?;
-            let newer = match table.get(tally.site.as_str()).map_err(storage)? {
-                Some(kept) => postcard::from_bytes::<TallyFrame>(kept.value())
-                    .map_or(true, |kept| kept.at_ms <= tally.at_ms),
-                None => true,
-            };
-            if newer {
+            for tally in tallies {
                 let bytes = postcard::to_allocvec(tally).map_err(storage)?;
                 table
                     .insert(tally.site.as_str(), bytes.as_slice())

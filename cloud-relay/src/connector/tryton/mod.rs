@@ -258,12 +258,12 @@ impl TrytonConnector {
     }
 
     /// Per SKU and location, the net quantity these events imply (receipts in, adjustments by
-    /// their sign, a pick or ship of an order's SKU out once) against what Tryton booked in the
-    /// done moves of the documents delivery made for them (`erp_ref`, when posted). Counts set
-    /// a level rather than move one and are left out.
+    /// their sign, picks out, and a ship out only for an order's SKU no event picked) against
+    /// what Tryton booked in the done moves of the documents delivery made for them (when
+    /// posted). Counts set a level rather than move one and are left out.
     pub async fn booked_quantities(
         &self,
-        events: &[(&backhaul_events::Event, Option<&str>)],
+        events: &[crate::reconcile::Known],
     ) -> Result<Vec<crate::reconcile::QuantityRow>, String> {
         use rust_decimal::Decimal;
         let inner = &self.0;
@@ -274,15 +274,12 @@ impl TrytonConnector {
             | Delivery::Waiting { reason, .. } => format!("reading Tryton's warehouse: {reason}"),
             Delivery::Posted { .. } => "reading Tryton's warehouse".to_string(),
         })?;
-        let moved: Vec<&(&backhaul_events::Event, Option<&str>)> = events
+        let moved: Vec<&crate::reconcile::Known> = events
             .iter()
-            .filter(|(e, _)| e.kind != EventType::Count)
+            .filter(|e| e.kind != EventType::Count)
             .collect();
-        let skus: Vec<&str> = moved.iter().map(|(e, _)| e.sku.as_str()).collect();
-        let labels: Vec<&str> = moved
-            .iter()
-            .filter_map(|(e, _)| e.location.as_deref())
-            .collect();
+        let skus: Vec<&str> = moved.iter().map(|e| e.sku.as_str()).collect();
+        let labels: Vec<&str> = moved.iter().filter_map(|e| e.location.as_deref()).collect();
         let looked_up = match inner.load_products(&skus).await {
             Ok(()) => inner.load_locations(&labels).await,
             Err(e) => Err(e),
@@ -299,20 +296,26 @@ impl TrytonConnector {
         };
 
         let mut rows: BTreeMap<(String, String), (Decimal, Decimal, u64)> = BTreeMap::new();
-        let mut order_lines = std::collections::HashSet::new();
+        // A ship moves stock out of storage only when nothing picked that line first.
+        let picked: std::collections::HashSet<(Option<&str>, &str)> = moved
+            .iter()
+            .filter(|e| e.kind == EventType::Pick)
+            .map(|e| (e.order.as_deref(), e.sku.as_str()))
+            .collect();
         let mut documents = std::collections::BTreeSet::new();
-        for (event, erp_ref) in &moved {
+        for event in &moved {
             let delta = match event.kind {
                 EventType::Receive | EventType::Adjust => event.qty,
-                EventType::Pick | EventType::Ship => {
-                    let line = (event.order.clone(), event.sku.clone());
-                    if order_lines.insert(line) {
-                        -event.qty
-                    } else {
-                        Decimal::ZERO
-                    }
+                EventType::Pick => -event.qty,
+                EventType::Ship if picked.contains(&(event.order.as_deref(), &event.sku)) => {
+                    Decimal::ZERO
                 }
+                EventType::Ship => -event.qty,
                 EventType::Count => continue,
+            };
+            let erp_ref = match &event.state {
+                crate::reconcile::RelayState::Posted { erp_ref } => Some(erp_ref.as_str()),
+                _ => None,
             };
             let label = event
                 .location
@@ -328,6 +331,19 @@ impl TrytonConnector {
             }
         }
         let documents: Vec<String> = documents.into_iter().collect();
+        // (product, Tryton location) → the row's key, for each row whose SKU and location
+        // Tryton knows.
+        let mut row_of: HashMap<(i64, i64), (String, String)> = HashMap::new();
+        for (sku, label) in rows.keys() {
+            let location = if label == crate::reconcile::WAREHOUSE_STORAGE {
+                location_of(None)
+            } else {
+                location_of(Some(label))
+            };
+            if let (Some(&product), Some(location)) = (products.get(sku), location) {
+                row_of.insert((product, location), (sku.clone(), label.clone()));
+            }
+        }
         for chunk in documents.chunks(500) {
             let found = inner
                 .rpc
@@ -350,24 +366,15 @@ impl TrytonConnector {
                 ) else {
                     continue;
                 };
-                let (from, to) = (
-                    rpc::id_field(record, "from_location"),
-                    rpc::id_field(record, "to_location"),
-                );
-                for ((sku, label), row) in rows.iter_mut() {
-                    let location = if label == crate::reconcile::WAREHOUSE_STORAGE {
-                        location_of(None)
-                    } else {
-                        location_of(Some(label))
-                    };
-                    if products.get(sku) != Some(&product) || location.is_none() {
-                        continue;
-                    }
-                    if to == location {
-                        row.1 += quantity;
-                    }
-                    if from == location {
-                        row.1 -= quantity;
+                let ends = [
+                    (rpc::id_field(record, "to_location"), quantity),
+                    (rpc::id_field(record, "from_location"), -quantity),
+                ];
+                for (location, signed) in ends {
+                    if let Some(key) = location.and_then(|l| row_of.get(&(product, l)))
+                        && let Some(row) = rows.get_mut(key)
+                    {
+                        row.1 += signed;
                     }
                 }
             }
