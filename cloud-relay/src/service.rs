@@ -55,6 +55,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
         dedup_ids: config.outbox.dedup_ids,
         frontier_events: FRONTIER_EVENTS,
         max_bytes: config.outbox.max_bytes.0,
+        keep_batches: config.outbox.trace_days > 0,
     };
     let outbox: Arc<dyn Outbox> = match config.outbox.backend {
         OutboxBackend::Redb => {
@@ -68,6 +69,7 @@ pub async fn run(loaded: LoadedRelayConfig) -> anyhow::Result<()> {
                 lease: Duration::from_secs(config.outbox.lease_secs),
                 max_bytes: config.outbox.max_bytes.0,
                 connections: config.outbox.connections,
+                keep_batches: config.outbox.trace_days > 0,
             };
             tokio::task::spawn_blocking(move || PgOutbox::open(options)).await??
         }

@@ -310,6 +310,7 @@ fn run_engine(events: &[(&str, &str)], script: Script, delivery: DeliveryConfig)
             dedup_ids: 10_000,
             frontier_events: 10_000,
             max_bytes: 1 << 30,
+            keep_batches: true,
         },
     )
     .unwrap();

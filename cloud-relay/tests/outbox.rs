@@ -11,6 +11,7 @@ fn options(dedup_ids: u64) -> OutboxOptions {
         dedup_ids,
         frontier_events: 1000,
         max_bytes: 1 << 30,
+        keep_batches: true,
     }
 }
 
@@ -270,4 +271,27 @@ fn a_frontier_full_of_held_back_keys_says_so() {
     let heads = outbox.heads(10, |_| false).unwrap();
     assert_eq!(heads.len(), 1);
     assert!(!outbox.frontier_blocked());
+}
+
+#[test]
+fn batches_are_recorded_for_traces_only_when_traces_are_kept() {
+    use backhaul_relay::outbox::Outbox;
+    for keep_batches in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = RedbOutbox::open(
+            dir.path(),
+            OutboxOptions {
+                keep_batches,
+                ..options(1000)
+            },
+        )
+        .unwrap();
+        outbox.store(&[batch(1, 1, &["a", "b"])]).unwrap();
+        let record = outbox.batch_of("wh", Epoch(1), 2).unwrap();
+        assert_eq!(
+            record.map(|r| (r.first_seq, r.last_seq)),
+            keep_batches.then_some((1, 2)),
+            "keep_batches = {keep_batches}"
+        );
+    }
 }

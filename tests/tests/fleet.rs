@@ -566,6 +566,7 @@ fn batches_stored_out_of_order_are_acknowledged_once_the_gap_closes() {
         lease: Duration::from_secs(5),
         max_bytes: 1 << 30,
         connections: 2,
+        keep_batches: true,
     })
     .expect("the outbox opens");
     let store = |batch: backhaul_events::BatchFrame| {

@@ -175,6 +175,9 @@ pub struct PgOptions {
     pub max_bytes: u64,
     /// Connections this relay keeps open at most.
     pub connections: usize,
+    /// Whether the batch that carried each event is recorded for its trace (off when
+    /// `outbox.trace_days` is 0).
+    pub keep_batches: bool,
 }
 
 pub struct PgOutbox {
@@ -184,6 +187,7 @@ pub struct PgOutbox {
     relay_id: String,
     lease_secs: f64,
     max_bytes: u64,
+    keep_batches: bool,
     idle: Mutex<Vec<Client>>,
     connections: usize,
     open_connections: Mutex<usize>,
@@ -242,6 +246,7 @@ impl PgOutbox {
             relay_id: options.relay_id,
             lease_secs: options.lease.as_secs_f64(),
             max_bytes: options.max_bytes,
+            keep_batches: options.keep_batches,
             idle: Mutex::new(Vec::new()),
             connections: options.connections.max(2),
             open_connections: Mutex::new(0),
@@ -479,6 +484,7 @@ impl PgOutbox {
         batch: &BatchFrame,
         site: &mut SiteRow,
         full: bool,
+        keep_batches: bool,
     ) -> Result<Stored, Failure> {
         let epoch = batch.epoch.to_string();
         let known: Option<u64> = txn
@@ -504,7 +510,7 @@ impl PgOutbox {
                 site.seen = true;
                 site.epoch = epoch.clone();
                 site.highest_seq = Some(known.unwrap_or(0));
-                Self::park(txn, batch, &epoch, site)?;
+                Self::park(txn, batch, &epoch, site, keep_batches)?;
                 return Ok(result);
             }
             Admission::Refused(refusal) => {
@@ -538,7 +544,7 @@ impl PgOutbox {
         let fresh = &batch.events[skip..];
         result.duplicates += skip as u64;
         if !fresh.is_empty() {
-            Self::stage(txn, batch, &epoch, fresh, false, site)?;
+            Self::stage(txn, batch, &epoch, fresh, false, site, keep_batches)?;
             result.stored = fresh.len() as u64;
         }
         let through = Self::unpark(txn, batch, &epoch, from.max(batch.last_seq), site)?;
@@ -560,6 +566,7 @@ impl PgOutbox {
         batch: &BatchFrame,
         epoch: &str,
         site: &mut SiteRow,
+        keep_batches: bool,
     ) -> Result<(), Failure> {
         let first = big(batch.first_seq);
         let last = big(batch.last_seq);
@@ -571,7 +578,7 @@ impl PgOutbox {
         if parked.is_some() {
             return Ok(());
         }
-        Self::stage(txn, batch, epoch, &batch.events, true, site)
+        Self::stage(txn, batch, epoch, &batch.events, true, site, keep_batches)
     }
 
     /// Stores `entries` of `batch` (its new tail, or all of it when parked) as one row.
@@ -582,6 +589,7 @@ impl PgOutbox {
         entries: &[backhaul_events::BatchEntry],
         parked: bool,
         site: &mut SiteRow,
+        keep_batches: bool,
     ) -> Result<(), Failure> {
         let Some(first) = entries.first() else {
             return Ok(());
@@ -591,19 +599,21 @@ impl PgOutbox {
             entries,
         })
         .map_err(storage)?;
-        txn.execute(
-            "INSERT INTO backhaul.batches
+        if keep_batches {
+            txn.execute(
+                "INSERT INTO backhaul.batches
                  (site, epoch, first_seq, last_seq, events, stored_at_ms)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            &[
-                &batch.site,
-                &epoch,
-                &big(batch.first_seq),
-                &big(batch.last_seq),
-                &big(batch.events.len() as u64),
-                &now_ms(),
-            ],
-        )?;
+                &[
+                    &batch.site,
+                    &epoch,
+                    &big(batch.first_seq),
+                    &big(batch.last_seq),
+                    &big(batch.events.len() as u64),
+                    &now_ms(),
+                ],
+            )?;
+        }
         txn.execute(
             "INSERT INTO backhaul.staged
                  (site, epoch, first_seq, last_seq, events, record, parked)
@@ -1294,7 +1304,13 @@ impl Outbox for PgOutbox {
             let mut results = Vec::with_capacity(batches.len());
             for batch in batches {
                 let site = sites.entry(batch.site.clone()).or_default();
-                results.push(Self::store_batch(txn, batch, site, full)?);
+                results.push(Self::store_batch(
+                    txn,
+                    batch,
+                    site,
+                    full,
+                    self.keep_batches,
+                )?);
             }
             Self::write_sites(txn, &sites)?;
             Ok(results)

@@ -89,6 +89,9 @@ pub struct OutboxOptions {
     /// Once the waiting events and dead letters take this many bytes, batches are refused
     /// (the agents keep them) until deliveries make room.
     pub max_bytes: u64,
+    /// Whether the batch that carried each event is recorded for its trace (off when
+    /// `outbox.trace_days` is 0: nothing would ever read or forget them).
+    pub keep_batches: bool,
 }
 
 pub struct RedbOutbox {
@@ -558,7 +561,7 @@ impl RedbOutbox {
             let stored_at_ms = now_ms();
             for batch in batches {
                 let result = store_batch(&mut queue, &mut epochs, batch, &mut sites, full)?;
-                if result.stored > 0 {
+                if result.stored > 0 && self.options.keep_batches {
                     let key = batch_key(&batch.site, batch.epoch, batch.first_seq);
                     let record = BatchRecord {
                         first_seq: batch.first_seq,
@@ -1446,6 +1449,7 @@ mod tests {
             dedup_ids: 1000,
             frontier_events: 100,
             max_bytes: 1 << 30,
+            keep_batches: true,
         };
         let event = |seq: u64, id: &str| {
             backhaul_events::frame::BatchEntry {
@@ -1508,6 +1512,7 @@ mod tests {
             dedup_ids: 100,
             frontier_events: 100,
             max_bytes: 1 << 20,
+            keep_batches: true,
         };
         let outbox = RedbOutbox::open(dir.path(), options).unwrap();
         // A writer holds its lock for as long as a slow disk takes to flush.
