@@ -419,6 +419,12 @@ impl<S: Sink> Engine<S> {
             "delivery engine running"
         );
         let mut unavailable_since: Option<Instant> = None;
+        // Traces are written by their own task, so a delivery never waits for one unless the
+        // writer falls TRACE_QUEUE calls behind.
+        let (trace_tx, trace_rx) = tokio::sync::mpsc::channel(TRACE_QUEUE);
+        let trace_writer = self
+            .trace_retention
+            .map(|retention| tokio::spawn(keep_traces(self.outbox.clone(), retention, trace_rx)));
         let result = loop {
             self.heartbeat.beat();
             let now = Instant::now();
@@ -502,11 +508,19 @@ impl<S: Sink> Engine<S> {
             let traces = self.note_attempts(&done);
             let settled =
                 schedule.call_finished(&done.heads, done.delivered.results, Instant::now());
-            if let Err(e) = self.record(settled, done.delivered.commit, traces).await {
+            if let Err(e) = self.record(settled, done.delivered.commit).await {
                 break Err(e);
+            }
+            if self.trace_retention.is_some() && !traces.is_empty() {
+                // Only after `complete`: a trace never says more than the outbox recorded.
+                let _ = trace_tx.send(traces).await;
             }
         };
         calls.abort_all();
+        drop(trace_tx);
+        if let Some(writer) = trace_writer {
+            let _ = writer.await;
+        }
         result
     }
 
@@ -592,7 +606,6 @@ impl<S: Sink> Engine<S> {
         &self,
         settled: Settled,
         commit: Option<CommitToken>,
-        traces: Vec<EventTrace>,
     ) -> Result<(), EngineError> {
         self.metrics.delivery_retries.inc_by(settled.retried);
         if settled.posted.is_empty() && settled.dead.is_empty() && commit.is_none() {
@@ -627,24 +640,40 @@ impl<S: Sink> Engine<S> {
             // Outcomes are information for the warehouse; a full queue drops them.
             let _ = self.outcomes.try_send(site_outcomes);
         }
-        if let (Some(retention), false) = (self.trace_retention, traces.is_empty()) {
-            let forget_before_ms = now_ms() - retention.as_millis() as i64;
-            let outbox = self.outbox.clone();
-            let kept = tokio::task::spawn_blocking(move || {
-                outbox.record_traces(&traces, forget_before_ms)
-            })
-            .await;
-            // Diagnosis only: delivery goes on without it, whatever went wrong.
-            match kept {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "the traces of delivered events could not be kept")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "the traces of delivered events could not be kept")
-                }
+        Ok(())
+    }
+}
+
+/// Calls whose traces may wait for the trace writer before a delivery waits for it.
+const TRACE_QUEUE: usize = 64;
+
+/// Writes the traces of finished events, several calls' worth per transaction, and forgets
+/// those older than `retention`. Diagnosis only: a failure is logged and delivery goes on.
+async fn keep_traces(
+    outbox: Arc<dyn Outbox>,
+    retention: Duration,
+    mut traces: tokio::sync::mpsc::Receiver<Vec<EventTrace>>,
+) {
+    while let Some(mut batch) = traces.recv().await {
+        while let Ok(more) = traces.try_recv() {
+            batch.extend(more);
+            if batch.len() >= 10_000 {
+                break;
             }
         }
-        Ok(())
+        let forget_before_ms = now_ms() - retention.as_millis() as i64;
+        let outbox = outbox.clone();
+        let kept =
+            tokio::task::spawn_blocking(move || outbox.record_traces(&batch, forget_before_ms))
+                .await;
+        match kept {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the traces of delivered events could not be kept")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the traces of delivered events could not be kept")
+            }
+        }
     }
 }
