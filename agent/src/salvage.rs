@@ -45,6 +45,12 @@ pub enum SalvageError {
          it anyway)"
     )]
     NotDamaged(PathBuf),
+    #[error(
+        "the event log {0} was not closed cleanly and needs the crash repair the agent makes \
+         when it starts: start the agent (systemctl start backhaul-agent); if it still refuses \
+         the log, run salvage with --force"
+    )]
+    NeedsRepair(PathBuf),
     #[error("the event log {0} is in use: stop the agent (systemctl stop backhaul-agent) first")]
     InUse(PathBuf),
     #[error("{action} {path}: {source}")]
@@ -133,8 +139,11 @@ pub async fn salvage(options: LogOptions, force: bool) -> Result<SalvageReport, 
     if !path.exists() {
         return Err(SalvageError::NoLog(path));
     }
-    if !probe_damaged(&path)? && !force {
-        return Err(SalvageError::NotDamaged(path));
+    match probe(&path)? {
+        Probe::Damaged => {}
+        _ if force => {}
+        Probe::Sound => return Err(SalvageError::NotDamaged(path)),
+        Probe::NeedsRepair => return Err(SalvageError::NeedsRepair(path)),
     }
     let scan_path = path.clone();
     let scan = tokio::task::spawn_blocking(move || scan_file(&scan_path))
@@ -203,32 +212,78 @@ pub async fn salvage(options: LogOptions, force: bool) -> Result<SalvageReport, 
     })
 }
 
+/// What a look at the log without changing it found.
+enum Probe {
+    Sound,
+    /// Not closed cleanly: redb's crash repair, which the agent runs when it opens the log,
+    /// is all it needs, and a read-only open does not make it.
+    NeedsRepair,
+    Damaged,
+}
+
 /// Whether redb refuses the file or any of its events, without changing it (a read-only open
 /// takes no write lock and repairs nothing). A log the agent holds is refused as in use.
-fn probe_damaged(path: &Path) -> Result<bool, SalvageError> {
+fn probe(path: &Path) -> Result<Probe, SalvageError> {
     use redb::{ReadableDatabase, ReadableTable};
-    let db = match redb::Builder::new().open_read_only(path) {
-        Ok(db) => db,
-        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-            return Err(SalvageError::InUse(path.to_path_buf()));
-        }
-        Err(_) => return Ok(true),
-    };
-    // redb may panic on a page it cannot make sense of; that is an answer here, not news for
-    // the operator's terminal.
+    // redb may panic on a page it cannot make sense of, opening the file as well as reading
+    // it; that is an answer here, not news for the operator's terminal.
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let readable = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let txn = db.begin_read().ok()?;
-        let table = txn.open_table(EVENTS_TABLE).ok()?;
-        for entry in table.iter().ok()? {
-            let (_, value) = entry.ok()?;
-            legible_event(value.value())?;
-        }
-        Some(())
+    let looked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let db = match redb::Builder::new().open_read_only(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(()),
+            Err(redb::DatabaseError::RepairAborted) => return Ok(repaired_copy_is_sound(path)),
+            Err(_) => return Ok(Probe::Damaged),
+        };
+        let readable = (|| {
+            let txn = db.begin_read().ok()?;
+            let table = txn.open_table(EVENTS_TABLE).ok()?;
+            for entry in table.iter().ok()? {
+                let (_, value) = entry.ok()?;
+                legible_event(value.value())?;
+            }
+            Some(())
+        })();
+        Ok(if readable.is_some() {
+            Probe::Sound
+        } else {
+            Probe::Damaged
+        })
     }));
     std::panic::set_hook(quiet);
-    Ok(!matches!(readable, Ok(Some(()))))
+    match looked {
+        Ok(Ok(probe)) => Ok(probe),
+        Ok(Err(())) => Err(SalvageError::InUse(path.to_path_buf())),
+        Err(_) => Ok(Probe::Damaged),
+    }
+}
+
+/// A log that was not closed cleanly, repaired on a copy beside it (removed after): whether
+/// the repair is all it needs. A copy that cannot be made (no room) counts as damaged, and
+/// salvage goes on as it would for one.
+fn repaired_copy_is_sound(path: &Path) -> Probe {
+    use redb::{ReadableDatabase, ReadableTable};
+    let copy = path.with_extension("redb.repair-check");
+    let sound = std::fs::copy(path, &copy).is_ok()
+        && redb::Database::open(&copy).is_ok_and(|db| {
+            (|| {
+                let txn = db.begin_read().ok()?;
+                let table = txn.open_table(EVENTS_TABLE).ok()?;
+                for entry in table.iter().ok()? {
+                    let (_, value) = entry.ok()?;
+                    legible_event(value.value())?;
+                }
+                Some(())
+            })()
+            .is_some()
+        });
+    let _ = std::fs::remove_file(&copy);
+    if sound {
+        Probe::NeedsRepair
+    } else {
+        Probe::Damaged
+    }
 }
 
 /// Writes the legible events above the acknowledged mark into a new log, in sequence order,
@@ -505,6 +560,15 @@ pub fn render(report: &SalvageReport) -> String {
         mark(report.acked_through)
     );
     let _ = writeln!(out, "  next seq         {}", mark(report.next_seq));
+    if report.acked_through.is_none() {
+        let _ = writeln!(
+            out,
+            "  note             the log holds no acknowledged mark (an agent older than salvage \
+             wrote it, or the page is unreadable): events the relay already had may be among \
+             those recovered; the relay drops repeats it still remembers (outbox.dedup_ids) \
+             and the connectors write idempotently by id"
+        );
+    }
     let _ = writeln!(
         out,
         "  recovered        {} events, written to the new log in their order",
