@@ -224,7 +224,6 @@ enum Probe {
 /// Whether redb refuses the file or any of its events, without changing it (a read-only open
 /// takes no write lock and repairs nothing). A log the agent holds is refused as in use.
 fn probe(path: &Path) -> Result<Probe, SalvageError> {
-    use redb::{ReadableDatabase, ReadableTable};
     // redb may panic on a page it cannot make sense of, opening the file as well as reading
     // it; that is an answer here, not news for the operator's terminal.
     let quiet = std::panic::take_hook();
@@ -236,16 +235,7 @@ fn probe(path: &Path) -> Result<Probe, SalvageError> {
             Err(redb::DatabaseError::RepairAborted) => return Ok(repaired_copy_is_sound(path)),
             Err(_) => return Ok(Probe::Damaged),
         };
-        let readable = (|| {
-            let txn = db.begin_read().ok()?;
-            let table = txn.open_table(EVENTS_TABLE).ok()?;
-            for entry in table.iter().ok()? {
-                let (_, value) = entry.ok()?;
-                legible_event(value.value())?;
-            }
-            Some(())
-        })();
-        Ok(if readable.is_some() {
+        Ok(if every_event_legible(&db) {
             Probe::Sound
         } else {
             Probe::Damaged
@@ -259,25 +249,28 @@ fn probe(path: &Path) -> Result<Probe, SalvageError> {
     }
 }
 
+/// Whether redb reads every event of the log and each is a valid event.
+fn every_event_legible(db: &impl redb::ReadableDatabase) -> bool {
+    use redb::ReadableTable;
+    (|| {
+        let txn = db.begin_read().ok()?;
+        let table = txn.open_table(EVENTS_TABLE).ok()?;
+        for entry in table.iter().ok()? {
+            let (_, value) = entry.ok()?;
+            legible_event(value.value())?;
+        }
+        Some(())
+    })()
+    .is_some()
+}
+
 /// A log that was not closed cleanly, repaired on a copy beside it (removed after): whether
 /// the repair is all it needs. A copy that cannot be made (no room) counts as damaged, and
 /// salvage goes on as it would for one.
 fn repaired_copy_is_sound(path: &Path) -> Probe {
-    use redb::{ReadableDatabase, ReadableTable};
     let copy = path.with_extension("redb.repair-check");
     let sound = std::fs::copy(path, &copy).is_ok()
-        && redb::Database::open(&copy).is_ok_and(|db| {
-            (|| {
-                let txn = db.begin_read().ok()?;
-                let table = txn.open_table(EVENTS_TABLE).ok()?;
-                for entry in table.iter().ok()? {
-                    let (_, value) = entry.ok()?;
-                    legible_event(value.value())?;
-                }
-                Some(())
-            })()
-            .is_some()
-        });
+        && redb::Database::open(&copy).is_ok_and(|db| every_event_legible(&db));
     let _ = std::fs::remove_file(&copy);
     if sound {
         Probe::NeedsRepair

@@ -22,6 +22,12 @@ fn event(id: &str, fields: Value) -> Value {
     event
 }
 
+/// Posts events to the agent over HTTP; they are durable when it answers 202.
+fn post(agent: &AgentProcess, events: Vec<Value>) {
+    let response = agent.post_events(&Value::Array(events), None);
+    assert_eq!(response.status().as_u16(), 202);
+}
+
 /// Yesterday, today and tomorrow (UTC): a run that crosses midnight still covers its events.
 fn days_around_now() -> (String, String) {
     let format = time::macros::format_description!("[year]-[month]-[day]");
@@ -102,13 +108,7 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
             json!({"type": "count", "sku": "SKU-002", "qty": "17", "location": "A1"}),
         ),
     ];
-    assert_eq!(
-        agent
-            .post_events(&Value::Array(morning), None)
-            .status()
-            .as_u16(),
-        202
-    );
+    post(&agent, morning);
     let in_tryton = |model: &str, reference: &str| {
         tryton.shipment_state(model, reference).as_deref() == Some("done")
     };
@@ -154,13 +154,7 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
             json!({"type": "ship", "sku": "SKU-001", "qty": "3", "order": "SO-R-1"}),
         ),
     ];
-    assert_eq!(
-        agent
-            .post_events(&Value::Array(afternoon), None)
-            .status()
-            .as_u16(),
-        202
-    );
+    post(&agent, afternoon);
     assert_eq!(agent.status()["backlog"]["events"], 5);
 
     // Back up: everything goes; Tryton refuses the unknown SKU.
@@ -350,13 +344,7 @@ fn the_ledger_is_reconciled_against_its_own_lines() {
             )
         })
         .collect();
-    assert_eq!(
-        agent
-            .post_events(&Value::Array(events), None)
-            .status()
-            .as_u16(),
-        202
-    );
+    post(&agent, events);
     assert!(
         poll_until(Duration::from_secs(30), || (relay.ledger().len() == 5)
             .then_some(()))
@@ -414,13 +402,7 @@ fn an_http_erp_is_asked_at_its_lookup_url() {
             )
         })
         .collect();
-    assert_eq!(
-        agent
-            .post_events(&Value::Array(events), None)
-            .status()
-            .as_u16(),
-        202
-    );
+    post(&agent, events);
     assert!(
         poll_until(Duration::from_secs(30), || (erp.effects().len() == 4)
             .then_some(()))

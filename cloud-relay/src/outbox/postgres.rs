@@ -329,6 +329,22 @@ impl PgOutbox {
 
     /// Runs `work` in a transaction and commits it, again when PostgreSQL aborts it as a
     /// deadlock or a serialisation failure.
+    /// The postcard record in the first column of the one row `sql` finds, if any.
+    fn one_record<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Option<T>, OutboxError> {
+        let row = self.transaction(|txn| Ok(txn.query_opt(sql, params)?))?;
+        match row {
+            Some(row) => {
+                let bytes: Vec<u8> = row.get(0);
+                postcard::from_bytes(&bytes).map(Some).map_err(storage)
+            }
+            None => Ok(None),
+        }
+    }
+
     fn transaction<T>(
         &self,
         mut work: impl FnMut(&mut Transaction<'_>) -> Result<T, Failure>,
@@ -1219,19 +1235,10 @@ impl Outbox for PgOutbox {
     }
 
     fn trace(&self, site: &str, id: &str) -> Result<Option<EventTrace>, OutboxError> {
-        let row = self.transaction(|txn| {
-            Ok(txn.query_opt(
-                "SELECT record FROM backhaul.traces WHERE site = $1 AND event_id = $2",
-                &[&site, &id],
-            )?)
-        })?;
-        match row {
-            Some(row) => {
-                let bytes: Vec<u8> = row.get(0);
-                postcard::from_bytes(&bytes).map(Some).map_err(storage)
-            }
-            None => Ok(None),
-        }
+        self.one_record(
+            "SELECT record FROM backhaul.traces WHERE site = $1 AND event_id = $2",
+            &[&site, &id],
+        )
     }
 
     fn record_tallies(&self, tallies: &[TallyFrame]) -> Result<(), OutboxError> {
@@ -1254,19 +1261,10 @@ impl Outbox for PgOutbox {
     }
 
     fn tally(&self, site: &str) -> Result<Option<TallyFrame>, OutboxError> {
-        let row = self.transaction(|txn| {
-            Ok(txn.query_opt(
-                "SELECT frame FROM backhaul.tallies WHERE site = $1",
-                &[&site],
-            )?)
-        })?;
-        match row {
-            Some(row) => {
-                let bytes: Vec<u8> = row.get(0);
-                postcard::from_bytes(&bytes).map(Some).map_err(storage)
-            }
-            None => Ok(None),
-        }
+        self.one_record(
+            "SELECT frame FROM backhaul.tallies WHERE site = $1",
+            &[&site],
+        )
     }
 
     fn batch_of(
