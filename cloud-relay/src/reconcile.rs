@@ -28,6 +28,8 @@ pub const WAREHOUSE_STORAGE: &str = "(storage)";
 pub const DIFFERENCES_LISTED: usize = 1000;
 /// Entries read from the outbox per call.
 const PAGE: usize = 5000;
+/// Repeats of a site read at most.
+const REPEATS_READ: usize = 100_000;
 const MS_PER_DAY: i64 = 86_400_000;
 const UNIX_EPOCH_JULIAN_DAY: i32 = 2_440_588;
 
@@ -46,6 +48,9 @@ pub enum RelayState {
     Discarded {
         reason: String,
     },
+    /// Dropped at intake as a repeat of an id already stored (under another sequence
+    /// number): the ERP gets it once.
+    Repeated,
 }
 
 /// An event of the site the relay knows of.
@@ -99,12 +104,15 @@ pub struct Row {
     /// Accepted at the site and not known to the relay; `None` before the trace horizon,
     /// where the relay no longer knows what it delivered.
     pub not_at_relay: Option<u64>,
-    /// Known to the relay: waiting + posted + dead-lettered + discarded.
+    /// Known to the relay: waiting + posted + dead-lettered + discarded + repeats.
     pub at_relay: u64,
     pub waiting: u64,
     pub posted: u64,
     pub dead_lettered: u64,
     pub discarded: u64,
+    /// Accepted again by the site after the first copy had left it; dropped by the relay.
+    #[serde(default)]
+    pub repeats: u64,
     /// Posted and held by the ERP; `None` when the ERP cannot be asked.
     pub in_erp: Option<u64>,
     /// Posted, but the ERP no longer holds it.
@@ -264,6 +272,23 @@ pub fn relay_side(
         }
     }
     let mut known: Vec<Known> = known.into_values().collect();
+    for repeat in outbox.site_repeats(site, REPEATS_READ)? {
+        seen.insert((repeat.epoch, repeat.seq));
+        if days.contains(&day_of_ms(repeat.received_at_ms)) {
+            known.push(Known {
+                id: repeat.id,
+                epoch: repeat.epoch,
+                seq: repeat.seq,
+                kind: repeat.kind,
+                received_at_ms: repeat.received_at_ms,
+                state: RelayState::Repeated,
+                sku: String::new(),
+                qty: rust_decimal::Decimal::ZERO,
+                location: None,
+                order: None,
+            });
+        }
+    }
     known.sort_by_key(|k| (k.epoch, k.seq));
     Ok(known)
 }
@@ -273,7 +298,7 @@ pub fn relay_side(
 /// only says it was refused.
 fn rank(state: &RelayState) -> u8 {
     match state {
-        RelayState::Discarded { .. } => 0,
+        RelayState::Discarded { .. } | RelayState::Repeated => 0,
         RelayState::DeadLettered { .. } => 1,
         RelayState::Waiting => 2,
         RelayState::Posted { .. } => 3,
@@ -379,6 +404,7 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
                     format!("in the dead-letter queue: {reason}"),
                 ));
             }
+            RelayState::Repeated => r.repeats += 1,
             RelayState::Discarded { reason } => {
                 r.discarded += 1;
                 differences.push(difference(
@@ -432,8 +458,8 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
                 } else {
                     (
                         "not_at_relay",
-                        "acknowledged by a relay but not in its records: a repeat of an id it \
-                         already had, or a record lost with its outbox",
+                        "acknowledged by a relay but not in its records: lost with its outbox, \
+                         or a repeat older than what the relay keeps of repeats",
                     )
                 };
                 let missing = missing_seqs(inputs.seen, epoch, lo, hi, differences.room());
@@ -626,6 +652,7 @@ pub fn render(report: &Report) -> String {
         "posted",
         "dead",
         "discarded",
+        "repeats",
         "in ERP",
         "not in ERP",
     ];
@@ -641,6 +668,7 @@ pub fn render(report: &Report) -> String {
             r.posted.to_string(),
             r.dead_lettered.to_string(),
             r.discarded.to_string(),
+            r.repeats.to_string(),
             cell(r.in_erp),
             cell(r.not_in_erp),
         ]);
@@ -740,13 +768,13 @@ pub fn render(report: &Report) -> String {
 pub fn csv(report: &Report) -> String {
     let mut out = String::from(
         "site,day,type,accepted_at_site,not_at_relay,at_relay,waiting,posted,dead_lettered,\
-         discarded,in_erp,not_in_erp\n",
+         discarded,repeats,in_erp,not_in_erp\n",
     );
     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
     for r in &report.rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&report.site),
             r.day,
             r.kind,
@@ -757,6 +785,7 @@ pub fn csv(report: &Report) -> String {
             r.posted,
             r.dead_lettered,
             r.discarded,
+            r.repeats,
             opt(r.in_erp),
             opt(r.not_in_erp)
         );

@@ -408,8 +408,16 @@ fn dead_letters_are_seen_and_handled_from_any_relay() {
         );
     }
 
-    // Either relay reconciles the site's day from the PostgreSQL outbox: nine accepted, eight
-    // posted, one discarded; the HTTP ERP cannot be asked, and the report says so.
+    // The site takes dlq-0 again (it had forwarded and forgotten it): a repeat, dropped.
+    let again = agent.post_events(
+        &serde_json::json!([{"v": 1, "id": "dlq-0", "type": "receive",
+            "ts": "2026-11-22T10:15:00Z", "sku": "SKU-OK", "qty": 1, "location": "L-0"}]),
+        None,
+    );
+    assert_eq!(again.status().as_u16(), 202);
+
+    // Either relay reconciles the site's day from the PostgreSQL outbox: ten accepted, eight
+    // posted, one discarded, one repeat; the HTTP ERP cannot be asked, and the report says so.
     let today = time::OffsetDateTime::now_utc().date();
     let format = time::macros::format_description!("[year]-[month]-[day]");
     let (from, to) = (
@@ -434,7 +442,7 @@ fn dead_letters_are_seen_and_handled_from_any_relay() {
                 .iter()
                 .find(|r| r["type"] == "receive" && r["accepted"].as_u64() > Some(0))?
                 .clone();
-            (receive["accepted"] == 9).then_some((report, receive))
+            (receive["accepted"] == 10 && receive["repeats"] == 1).then_some((report, receive))
         });
         let (report, receive) = reconciled.expect("the site's tally on PostgreSQL");
         assert_eq!(receive["posted"], 8, "{report:#}");

@@ -153,9 +153,15 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
             "ship-1",
             json!({"type": "ship", "sku": "SKU-001", "qty": "3", "order": "SO-R-1"}),
         ),
+        // The WMS sends the morning's adjustment again: the agent, which forwarded and
+        // forgot it, takes it as new; the relay drops it as a repeat.
+        event(
+            "adj-1",
+            json!({"type": "adjust", "sku": "SKU-001", "qty": "-2", "reason": "damaged"}),
+        ),
     ];
     post(&agent, afternoon);
-    assert_eq!(agent.status()["backlog"]["events"], 5);
+    assert_eq!(agent.status()["backlog"]["events"], 6);
 
     // Back up: everything goes; Tryton refuses the unknown SKU.
     wan.restore();
@@ -193,11 +199,11 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
             .iter()
             .filter_map(|kind| by_type(&report, kind, "accepted"))
             .sum();
-        (accepted == 8 && report["waiting_at_site"] == 0).then_some(report)
+        (accepted == 9 && report["waiting_at_site"] == 0).then_some(report)
     })
     .unwrap_or_else(|| {
         panic!(
-            "the relay never had the site's tally of 8 accepted events: {}",
+            "the relay never had the site's tally of 9 accepted events: {}",
             reconcile(&relay, "wh1")
         )
     });
@@ -214,8 +220,11 @@ fn a_day_with_a_cut_a_dead_letter_and_a_deleted_document_reconciles_to_exactly_t
     assert_eq!(column("receive", "dead_lettered"), Some(1));
     assert_eq!(column("receive", "in_erp"), Some(1));
     assert_eq!(column("receive", "not_in_erp"), Some(1));
-    // Adjustments and counts: everything in Tryton.
-    assert_eq!(column("adjust", "accepted"), Some(2));
+    // Adjustments and counts: everything in Tryton, the repeat once.
+    assert_eq!(column("adjust", "accepted"), Some(3));
+    assert_eq!(column("adjust", "repeats"), Some(1), "{report:#}");
+    assert_eq!(column("adjust", "posted"), Some(2));
+    assert_eq!(column("adjust", "not_at_relay"), Some(0));
     assert_eq!(column("adjust", "in_erp"), Some(2));
     assert_eq!(column("adjust", "not_in_erp"), Some(0));
     assert_eq!(column("count", "accepted"), Some(1));

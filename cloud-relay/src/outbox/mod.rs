@@ -143,6 +143,11 @@ pub trait Outbox: Send + Sync {
         limit: usize,
     ) -> Result<Vec<EventTrace>, OutboxError>;
 
+    /// Events of the site dropped as repeats of an id the outbox already had (under another
+    /// sequence number: a producer that sent an event again after its first copy had left
+    /// the agent's log), kept as long as traces, at most `limit`.
+    fn site_repeats(&self, site: &str, limit: usize) -> Result<Vec<Repeat>, OutboxError>;
+
     /// The batch that carried `seq` of the site's `epoch`, if it is still kept.
     fn batch_of(
         &self,
@@ -299,6 +304,37 @@ impl Stored {
             stale_epoch: false,
             outcomes: Vec::new(),
         }
+    }
+}
+
+/// An event dropped at intake as a repeat of an id already stored: the ERP has it once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repeat {
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub id: String,
+    pub kind: backhaul_events::EventType,
+    pub received_at_ms: i64,
+}
+
+impl Repeat {
+    /// The repeats among a batch's results, described from the batch's own entries.
+    pub(crate) fn of(batch: &BatchFrame, outcomes: &[EventOutcome]) -> Vec<Repeat> {
+        outcomes
+            .iter()
+            .filter(|o| matches!(o.outcome, backhaul_events::Outcome::Duplicate))
+            .filter_map(|o| {
+                let at = batch.events.binary_search_by_key(&o.seq, |e| e.seq).ok()?;
+                let entry = &batch.events[at];
+                Some(Repeat {
+                    epoch: batch.epoch,
+                    seq: entry.seq,
+                    id: entry.event.id.clone(),
+                    kind: entry.event.kind,
+                    received_at_ms: entry.received_at_ms,
+                })
+            })
+            .collect()
     }
 }
 

@@ -35,8 +35,8 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 
 use super::{
-    Admission, DeadLetter, Head, Outbox, OutboxError, SiteRecord, Stored, admit, decode_record,
-    now_ms, queue_of,
+    Admission, DeadLetter, Head, Outbox, OutboxError, Repeat, SiteRecord, Stored, admit,
+    decode_record, now_ms, queue_of,
 };
 use crate::connector::CommitToken;
 use crate::trace::{BatchRecord, EventTrace};
@@ -143,6 +143,15 @@ CREATE TABLE backhaul.tallies (
     at_ms bigint NOT NULL,
     frame bytea NOT NULL
 );
+CREATE TABLE backhaul.repeats (
+    site text NOT NULL,
+    epoch text NOT NULL,
+    seq bigint NOT NULL,
+    stored_at_ms bigint NOT NULL,
+    record bytea NOT NULL,
+    PRIMARY KEY (site, epoch, seq)
+);
+CREATE INDEX repeats_by_age ON backhaul.repeats (stored_at_ms);
 "#,
 ];
 
@@ -845,6 +854,7 @@ impl PgOutbox {
             let (mut queues, mut event_sites, mut event_ids, mut records) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let mut per_queue: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+            let mut repeats = Vec::new();
             for event in &stamped {
                 let first = new_ids
                     .get_mut(&(event.site.clone(), event.event.id.clone()))
@@ -859,6 +869,21 @@ impl PgOutbox {
                     // an id the agent had forgotten): counted, not delivered twice.
                     site.stored -= 1;
                     site.duplicates += 1;
+                    if self.keep_batches {
+                        let repeat = Repeat {
+                            epoch: event.epoch,
+                            seq: event.seq,
+                            id: event.event.id.clone(),
+                            kind: event.event.kind,
+                            received_at_ms: event.received_at_ms,
+                        };
+                        repeats.push((
+                            event.site.as_str(),
+                            event.epoch.to_string(),
+                            big(event.seq),
+                            postcard::to_stdvec(&repeat).map_err(storage)?,
+                        ));
+                    }
                     continue;
                 }
                 let queue = queue_of(event);
@@ -879,6 +904,13 @@ impl PgOutbox {
                     &[&queues, &event_sites, &event_ids, &records],
                 )?;
                 add_waiting(txn, &per_queue)?;
+            }
+            for (site, epoch, seq, record) in &repeats {
+                txn.execute(
+                    "INSERT INTO backhaul.repeats (site, epoch, seq, stored_at_ms, record)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &[site, epoch, seq, &now_ms(), record],
+                )?;
             }
             Self::write_sites(txn, &sites)?;
             Ok(stamped.len())
@@ -1230,6 +1262,11 @@ impl Outbox for PgOutbox {
                  WHERE stored_at_ms < $1 LIMIT 10000)",
                 &[&forget_before_ms],
             )?;
+            txn.execute(
+                "DELETE FROM backhaul.repeats WHERE ctid IN (SELECT ctid FROM backhaul.repeats
+                 WHERE stored_at_ms < $1 LIMIT 10000)",
+                &[&forget_before_ms],
+            )?;
             Ok(())
         })
     }
@@ -1239,6 +1276,21 @@ impl Outbox for PgOutbox {
             "SELECT record FROM backhaul.traces WHERE site = $1 AND event_id = $2",
             &[&site, &id],
         )
+    }
+
+    fn site_repeats(&self, site: &str, limit: usize) -> Result<Vec<Repeat>, OutboxError> {
+        let rows = self.transaction(|txn| {
+            Ok(txn.query(
+                "SELECT record FROM backhaul.repeats WHERE site = $1 ORDER BY epoch, seq LIMIT $2",
+                &[&site, &big(limit as u64)],
+            )?)
+        })?;
+        rows.iter()
+            .map(|row| {
+                let bytes: Vec<u8> = row.get(0);
+                postcard::from_bytes(&bytes).map_err(storage)
+            })
+            .collect()
     }
 
     fn record_tallies(&self, tallies: &[TallyFrame]) -> Result<(), OutboxError> {

@@ -29,8 +29,8 @@ use redb::{
 use serde::Serialize;
 
 use super::{
-    Admission, DeadLetter, Head, Outbox, OutboxError, SiteRecord, Stored, admit, decode_record,
-    now_ms, queue_bytes, queue_of, site_key,
+    Admission, DeadLetter, Head, Outbox, OutboxError, Repeat, SiteRecord, Stored, admit,
+    decode_record, now_ms, queue_bytes, queue_of, site_key,
 };
 use crate::connector::CommitToken;
 use crate::trace::{BatchRecord, EventTrace};
@@ -62,6 +62,9 @@ const BATCHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("batches");
 /// Traces and batches by age, to forget them after the retention: time (ms, big endian), then
 /// the key in [`TRACES`] (tag 0) or [`BATCHES`] (tag 1).
 const TRACE_AGES: TableDefinition<&[u8], ()> = TableDefinition::new("trace_ages");
+/// Events dropped as repeats of a stored id: site, 0, epoch, seq (big endian) → postcard
+/// [`Repeat`]; forgotten with the traces (tag 2 in [`TRACE_AGES`]).
+const REPEATS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("repeats");
 /// Each site's latest tally: site → postcard [`TallyFrame`].
 const TALLIES: TableDefinition<&str, &[u8]> = TableDefinition::new("tallies");
 /// Traces and batches forgotten per commit at most.
@@ -558,9 +561,21 @@ impl RedbOutbox {
             let mut epochs = txn.open_table(EPOCHS).map_err(storage)?;
             let mut kept = txn.open_table(BATCHES).map_err(storage)?;
             let mut ages = txn.open_table(TRACE_AGES).map_err(storage)?;
+            let mut repeats = txn.open_table(REPEATS).map_err(storage)?;
             let stored_at_ms = now_ms();
             for batch in batches {
                 let result = store_batch(&mut queue, &mut epochs, batch, &mut sites, full)?;
+                if self.options.keep_batches {
+                    for repeat in Repeat::of(batch, &result.outcomes) {
+                        let key = batch_key(&batch.site, repeat.epoch, repeat.seq);
+                        let bytes = postcard::to_stdvec(&repeat).map_err(storage)?;
+                        repeats
+                            .insert(key.as_slice(), bytes.as_slice())
+                            .map_err(storage)?;
+                        ages.insert(age_key(stored_at_ms, 2, &key).as_slice(), ())
+                            .map_err(storage)?;
+                    }
+                }
                 if result.stored > 0 && self.options.keep_batches {
                     let key = batch_key(&batch.site, batch.epoch, batch.first_seq);
                     let record = BatchRecord {
@@ -1152,6 +1167,7 @@ impl RedbOutbox {
             let mut kept = txn.open_table(TRACES).map_err(storage)?;
             let mut batches = txn.open_table(BATCHES).map_err(storage)?;
             let mut ages = txn.open_table(TRACE_AGES).map_err(storage)?;
+            let mut repeats = txn.open_table(REPEATS).map_err(storage)?;
             for trace in traces {
                 let key = site_key(&trace.event.site, trace.event.event.id.as_bytes());
                 let mut trace = trace.clone();
@@ -1181,11 +1197,11 @@ impl RedbOutbox {
             }
             for age in forgotten {
                 let (tag, key) = (age[8], &age[9..]);
-                if tag == 0 {
-                    kept.remove(key).map_err(storage)?;
-                } else {
-                    batches.remove(key).map_err(storage)?;
-                }
+                match tag {
+                    0 => kept.remove(key).map_err(storage)?,
+                    1 => batches.remove(key).map_err(storage)?,
+                    _ => repeats.remove(key).map_err(storage)?,
+                };
             }
         }
         txn.commit().map_err(storage)
@@ -1313,6 +1329,25 @@ impl Outbox for RedbOutbox {
         limit: usize,
     ) -> Result<Vec<(u64, StampedEvent)>, OutboxError> {
         RedbOutbox::pending_after(self, after, limit)
+    }
+
+    fn site_repeats(&self, site: &str, limit: usize) -> Result<Vec<Repeat>, OutboxError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(REPEATS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let prefix = site_key(site, &[]);
+        let mut out = Vec::new();
+        for entry in table.range(prefix.as_slice()..).map_err(storage)? {
+            let (key, value) = entry.map_err(storage)?;
+            if !key.value().starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(postcard::from_bytes(value.value()).map_err(storage)?);
+        }
+        Ok(out)
     }
 
     fn record_tallies(&self, tallies: &[TallyFrame]) -> Result<(), OutboxError> {

@@ -277,6 +277,7 @@ impl TrytonConnector {
         let moved: Vec<&crate::reconcile::Known> = events
             .iter()
             .filter(|e| e.kind != EventType::Count)
+            .filter(|e| e.state != crate::reconcile::RelayState::Repeated)
             .collect();
         let skus: Vec<&str> = moved.iter().map(|e| e.sku.as_str()).collect();
         let labels: Vec<&str> = moved.iter().filter_map(|e| e.location.as_deref()).collect();
