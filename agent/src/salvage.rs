@@ -224,6 +224,8 @@ enum Probe {
 /// Whether redb refuses the file or any of its events, without changing it (a read-only open
 /// takes no write lock and repairs nothing). A log the agent holds is refused as in use.
 fn probe(path: &Path) -> Result<Probe, SalvageError> {
+    // A check cut short (a crash, power lost) leaves its copy: it is never needed again.
+    let _ = std::fs::remove_file(repair_check_path(path));
     // redb may panic on a page it cannot make sense of, opening the file as well as reading
     // it; that is an answer here, not news for the operator's terminal.
     let quiet = std::panic::take_hook();
@@ -268,15 +270,34 @@ fn every_event_legible(db: &impl redb::ReadableDatabase) -> bool {
 /// the repair is all it needs. A copy that cannot be made (no room) counts as damaged, and
 /// salvage goes on as it would for one.
 fn repaired_copy_is_sound(path: &Path) -> Probe {
-    let copy = path.with_extension("redb.repair-check");
-    let sound = std::fs::copy(path, &copy).is_ok()
-        && redb::Database::open(&copy).is_ok_and(|db| every_event_legible(&db));
-    let _ = std::fs::remove_file(&copy);
+    /// Removes the copy however the check ends, a panic in redb included.
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let copy = Scratch(repair_check_path(path));
+    if std::fs::copy(path, &copy.0).is_err() {
+        // No room for the copy: the agent's own repair, in place, is the next step to try;
+        // salvage --force is there if the agent still refuses the log.
+        return Probe::NeedsRepair;
+    }
+    // Opened as the agent opens its log, so the answer is the agent's.
+    let sound = redb::Builder::new()
+        .set_check_integrity_on_open(true)
+        .open(&copy.0)
+        .is_ok_and(|db| every_event_legible(&db));
     if sound {
         Probe::NeedsRepair
     } else {
         Probe::Damaged
     }
+}
+
+/// Where the repair check copies a log: beside it, so on the same file system.
+fn repair_check_path(path: &Path) -> PathBuf {
+    path.with_extension("redb.repair-check")
 }
 
 /// Writes the legible events above the acknowledged mark into a new log, in sequence order,

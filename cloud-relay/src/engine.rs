@@ -419,13 +419,14 @@ impl<S: Sink> Engine<S> {
             "delivery engine running"
         );
         let mut unavailable_since: Option<Instant> = None;
-        // Traces are written by their own task, so a delivery never waits for one unless the
-        // writer falls TRACE_QUEUE calls behind.
-        let (trace_tx, trace_rx) = tokio::sync::mpsc::channel(TRACE_QUEUE);
+        // Traces are written by their own task, so a delivery never waits for one unless
+        // TRACES_QUEUED traces already wait for the writer.
+        let (trace_tx, trace_rx) = mpsc::unbounded_channel();
+        let trace_room = Arc::new(tokio::sync::Semaphore::new(TRACES_QUEUED));
         let trace_writer = self
             .trace_retention
             .map(|retention| tokio::spawn(keep_traces(self.outbox.clone(), retention, trace_rx)));
-        let result = loop {
+        let result = 'delivery: loop {
             self.heartbeat.beat();
             let now = Instant::now();
             let mut next_wake = now + LOOK_AGAIN;
@@ -447,10 +448,7 @@ impl<S: Sink> Engine<S> {
                         next_wake = now + OUTBOX_RETRY_MAX;
                         break;
                     }
-                    Err(e) => {
-                        calls.abort_all();
-                        return Err(e);
-                    }
+                    Err(e) => break 'delivery Err(e),
                 };
                 if let Some(since) = unavailable_since.take() {
                     tracing::info!(
@@ -513,13 +511,25 @@ impl<S: Sink> Engine<S> {
             }
             if self.trace_retention.is_some() && !traces.is_empty() {
                 // Only after `complete`: a trace never says more than the outbox recorded.
-                let _ = trace_tx.send(traces).await;
+                let wanted = traces.len().min(TRACES_QUEUED) as u32;
+                let room = tokio::select! {
+                    room = trace_room.clone().acquire_many_owned(wanted) => room.ok(),
+                    _ = stop.cancelled() => None,
+                };
+                if let Some(room) = room {
+                    let _ = trace_tx.send((traces, room));
+                }
             }
         };
         calls.abort_all();
         drop(trace_tx);
-        if let Some(writer) = trace_writer {
-            let _ = writer.await;
+        if let Some(mut writer) = trace_writer
+            && tokio::time::timeout(TRACE_WRITER_STOP, &mut writer)
+                .await
+                .is_err()
+        {
+            writer.abort();
+            tracing::warn!("the latest traces were not all kept before the relay stopped");
         }
         result
     }
@@ -644,22 +654,29 @@ impl<S: Sink> Engine<S> {
     }
 }
 
-/// Calls whose traces may wait for the trace writer before a delivery waits for it.
-const TRACE_QUEUE: usize = 64;
+/// Traces that may wait for the trace writer before a delivery waits for it: each holds its
+/// event, so this bounds their memory (a few MiB).
+const TRACES_QUEUED: usize = 10_000;
+/// Traces written in one transaction at most (unless one call finished more).
+const TRACES_PER_WRITE: usize = 1_000;
+/// How long a stopping relay gives the trace writer to finish.
+const TRACE_WRITER_STOP: Duration = Duration::from_secs(5);
 
 /// Writes the traces of finished events, several calls' worth per transaction, and forgets
 /// those older than `retention`. Diagnosis only: a failure is logged and delivery goes on.
 async fn keep_traces(
     outbox: Arc<dyn Outbox>,
     retention: Duration,
-    mut traces: tokio::sync::mpsc::Receiver<Vec<EventTrace>>,
+    mut traces: mpsc::UnboundedReceiver<(Vec<EventTrace>, tokio::sync::OwnedSemaphorePermit)>,
 ) {
-    while let Some(mut batch) = traces.recv().await {
-        while let Ok(more) = traces.try_recv() {
-            batch.extend(more);
-            if batch.len() >= 10_000 {
+    while let Some((mut batch, room)) = traces.recv().await {
+        let mut held = vec![room];
+        while batch.len() < TRACES_PER_WRITE {
+            let Ok((more, room)) = traces.try_recv() else {
                 break;
-            }
+            };
+            batch.extend(more);
+            held.push(room);
         }
         let forget_before_ms = now_ms() - retention.as_millis() as i64;
         let outbox = outbox.clone();
@@ -675,5 +692,7 @@ async fn keep_traces(
                 tracing::warn!(error = %e, "the traces of delivered events could not be kept")
             }
         }
+        // Written (or given up on): room for as many more.
+        drop(held);
     }
 }

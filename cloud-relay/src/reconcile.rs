@@ -458,8 +458,9 @@ pub fn report(inputs: &Inputs<'_>) -> Report {
                 } else {
                     (
                         "not_at_relay",
-                        "acknowledged by a relay but not in its records: lost with its outbox, \
-                         or a repeat older than what the relay keeps of repeats",
+                        "acknowledged by a relay but not in its records: delivered in the last \
+                         seconds (its trace is written just after; ask again), a repeat beyond \
+                         what the relay lists, or lost with its outbox",
                     )
                 };
                 let missing = missing_seqs(inputs.seen, epoch, lo, hi, differences.room());
@@ -768,7 +769,7 @@ pub fn render(report: &Report) -> String {
 pub fn csv(report: &Report) -> String {
     let mut out = String::from(
         "site,day,type,accepted_at_site,not_at_relay,at_relay,waiting,posted,dead_lettered,\
-         discarded,repeats,in_erp,not_in_erp\n",
+         discarded,in_erp,not_in_erp,repeats\n",
     );
     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
     for r in &report.rows {
@@ -785,9 +786,9 @@ pub fn csv(report: &Report) -> String {
             r.posted,
             r.dead_lettered,
             r.discarded,
-            r.repeats,
             opt(r.in_erp),
-            opt(r.not_in_erp)
+            opt(r.not_in_erp),
+            r.repeats
         );
     }
     if let Some(quantities) = &report.quantities {

@@ -143,6 +143,8 @@ CREATE TABLE backhaul.tallies (
     at_ms bigint NOT NULL,
     frame bytea NOT NULL
 );
+"#,
+    r#"
 CREATE TABLE backhaul.repeats (
     site text NOT NULL,
     epoch text NOT NULL,
@@ -905,11 +907,21 @@ impl PgOutbox {
                 )?;
                 add_waiting(txn, &per_queue)?;
             }
-            for (site, epoch, seq, record) in &repeats {
+            if !repeats.is_empty() {
+                let (mut sites, mut epochs, mut seqs, mut records) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for (site, epoch, seq, record) in repeats {
+                    sites.push(site);
+                    epochs.push(epoch);
+                    seqs.push(seq);
+                    records.push(record);
+                }
                 txn.execute(
                     "INSERT INTO backhaul.repeats (site, epoch, seq, stored_at_ms, record)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[site, epoch, seq, &now_ms(), record],
+                     SELECT s, e, q, $4, r
+                     FROM unnest($1::text[], $2::text[], $3::bigint[], $5::bytea[]) AS u(s, e, q, r)
+                     ON CONFLICT DO NOTHING",
+                    &[&sites, &epochs, &seqs, &now_ms(), &records],
                 )?;
             }
             Self::write_sites(txn, &sites)?;
