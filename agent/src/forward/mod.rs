@@ -806,10 +806,11 @@ fn polled_v5(event: Result<v5::Event, v5::ConnectionError>) -> Polled {
                 PubAckReason::Success | PubAckReason::NoMatchingSubscribers
             ) =>
         {
-            // The batch is not re-sent at once: the relay's acknowledgement does not come, and
-            // the ack timeout sends it again from the log.
+            // A batch is not re-sent at once: the relay's acknowledgement does not come, and
+            // the ack timeout sends it again from the log. A tally or a refusal acknowledgement
+            // refused here (a broker ACL older than them) goes again later.
             let reason = ack.properties.and_then(|p| p.reason_string);
-            tracing::warn!(pkid = ack.pkid, code = ?ack.reason, reason = reason.as_deref().unwrap_or(""), "the broker refused a batch");
+            tracing::warn!(pkid = ack.pkid, code = ?ack.reason, reason = reason.as_deref().unwrap_or(""), "the broker refused a publish (a batch, a tally or a refusal acknowledgement): check its ACL against config/mosquitto/backhaul.acl");
             Polled::Other
         }
         Ok(_) => Polled::Other,
