@@ -419,14 +419,7 @@ impl<S: Sink> Engine<S> {
             "delivery engine running"
         );
         let mut unavailable_since: Option<Instant> = None;
-        // Traces are written by their own task, so a delivery never waits for one unless
-        // TRACES_QUEUED traces already wait for the writer.
-        let (trace_tx, trace_rx) = mpsc::unbounded_channel();
-        let trace_room = Arc::new(tokio::sync::Semaphore::new(TRACES_QUEUED));
-        let trace_writer = self
-            .trace_retention
-            .map(|retention| tokio::spawn(keep_traces(self.outbox.clone(), retention, trace_rx)));
-        let result = 'delivery: loop {
+        let result = loop {
             self.heartbeat.beat();
             let now = Instant::now();
             let mut next_wake = now + LOOK_AGAIN;
@@ -448,7 +441,10 @@ impl<S: Sink> Engine<S> {
                         next_wake = now + OUTBOX_RETRY_MAX;
                         break;
                     }
-                    Err(e) => break 'delivery Err(e),
+                    Err(e) => {
+                        calls.abort_all();
+                        return Err(e);
+                    }
                 };
                 if let Some(since) = unavailable_since.take() {
                     tracing::info!(
@@ -506,31 +502,11 @@ impl<S: Sink> Engine<S> {
             let traces = self.note_attempts(&done);
             let settled =
                 schedule.call_finished(&done.heads, done.delivered.results, Instant::now());
-            if let Err(e) = self.record(settled, done.delivered.commit).await {
+            if let Err(e) = self.record(settled, done.delivered.commit, traces).await {
                 break Err(e);
-            }
-            if self.trace_retention.is_some() && !traces.is_empty() {
-                // Only after `complete`: a trace never says more than the outbox recorded.
-                let wanted = traces.len().min(TRACES_QUEUED) as u32;
-                let room = tokio::select! {
-                    room = trace_room.clone().acquire_many_owned(wanted) => room.ok(),
-                    _ = stop.cancelled() => None,
-                };
-                if let Some(room) = room {
-                    let _ = trace_tx.send((traces, room));
-                }
             }
         };
         calls.abort_all();
-        drop(trace_tx);
-        if let Some(mut writer) = trace_writer
-            && tokio::time::timeout(TRACE_WRITER_STOP, &mut writer)
-                .await
-                .is_err()
-        {
-            writer.abort();
-            tracing::warn!("the latest traces were not all kept before the relay stopped");
-        }
         result
     }
 
@@ -616,6 +592,7 @@ impl<S: Sink> Engine<S> {
         &self,
         settled: Settled,
         commit: Option<CommitToken>,
+        traces: Vec<EventTrace>,
     ) -> Result<(), EngineError> {
         self.metrics.delivery_retries.inc_by(settled.retried);
         if settled.posted.is_empty() && settled.dead.is_empty() && commit.is_none() {
@@ -650,49 +627,24 @@ impl<S: Sink> Engine<S> {
             // Outcomes are information for the warehouse; a full queue drops them.
             let _ = self.outcomes.try_send(site_outcomes);
         }
+        if let (Some(retention), false) = (self.trace_retention, traces.is_empty()) {
+            let forget_before_ms = now_ms() - retention.as_millis() as i64;
+            let outbox = self.outbox.clone();
+            let kept = tokio::task::spawn_blocking(move || {
+                outbox.record_traces(&traces, forget_before_ms)
+            })
+            .await;
+            // Diagnosis only: delivery goes on without it, whatever went wrong.
+            match kept {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the traces of delivered events could not be kept")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the traces of delivered events could not be kept")
+                }
+            }
+        }
         Ok(())
-    }
-}
-
-/// Traces that may wait for the trace writer before a delivery waits for it: each holds its
-/// event, so this bounds their memory (a few MiB).
-const TRACES_QUEUED: usize = 10_000;
-/// Traces written in one transaction at most (unless one call finished more).
-const TRACES_PER_WRITE: usize = 1_000;
-/// How long a stopping relay gives the trace writer to finish.
-const TRACE_WRITER_STOP: Duration = Duration::from_secs(5);
-
-/// Writes the traces of finished events, several calls' worth per transaction, and forgets
-/// those older than `retention`. Diagnosis only: a failure is logged and delivery goes on.
-async fn keep_traces(
-    outbox: Arc<dyn Outbox>,
-    retention: Duration,
-    mut traces: mpsc::UnboundedReceiver<(Vec<EventTrace>, tokio::sync::OwnedSemaphorePermit)>,
-) {
-    while let Some((mut batch, room)) = traces.recv().await {
-        let mut held = vec![room];
-        while batch.len() < TRACES_PER_WRITE {
-            let Ok((more, room)) = traces.try_recv() else {
-                break;
-            };
-            batch.extend(more);
-            held.push(room);
-        }
-        let forget_before_ms = now_ms() - retention.as_millis() as i64;
-        let outbox = outbox.clone();
-        let kept =
-            tokio::task::spawn_blocking(move || outbox.record_traces(&batch, forget_before_ms))
-                .await;
-        match kept {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "the traces of delivered events could not be kept")
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "the traces of delivered events could not be kept")
-            }
-        }
-        // Written (or given up on): room for as many more.
-        drop(held);
     }
 }
