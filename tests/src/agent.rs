@@ -13,7 +13,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 use toml_edit::{DocumentMut, InlineTable, Item, Table, value};
 
-use crate::{ChildGuard, binary, example_config, free_port, poll_until};
+use crate::{ChildGuard, binary, example_config, free_ports, poll_until};
 
 /// The site of the example configuration, which every stored event carries.
 pub const SITE: &str = "wh-east";
@@ -108,12 +108,13 @@ impl AgentProcess {
             .timeout(Duration::from_secs(60))
             .build()
             .expect("an HTTP client");
+        let [mqtt_port, http_port, admin_port] = free_ports();
         let mut agent = AgentProcess {
             dir,
             options,
-            mqtt_port: free_port(),
-            http_port: free_port(),
-            admin_port: free_port(),
+            mqtt_port,
+            http_port,
+            admin_port,
             child: None,
             http,
             starts: 0,
@@ -124,9 +125,7 @@ impl AgentProcess {
             match agent.spawn_and_wait() {
                 Ok(()) => return agent,
                 Err(stderr) if attempt < 3 && stderr.contains("cannot listen") => {
-                    agent.mqtt_port = free_port();
-                    agent.http_port = free_port();
-                    agent.admin_port = free_port();
+                    [agent.mqtt_port, agent.http_port, agent.admin_port] = free_ports();
                 }
                 Err(stderr) => panic!("the agent did not start:\n{stderr}"),
             }

@@ -49,6 +49,15 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// `N` free ports, all different: each is held until all are chosen, so the kernel cannot hand
+/// out one of them twice (as two calls of [`free_port`] in a row may).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("local address").port())
+}
+
 /// A child process that is killed when the guard is dropped, so a failing test leaves nothing
 /// running.
 pub struct ChildGuard {

@@ -34,7 +34,10 @@ impl RelayProcess {
         settings: &[(&str, toml_edit::Value)],
     ) -> RelayProcess {
         std::fs::create_dir_all(dir).expect("relay dir");
-        let admin_port = free_port();
+        // Never the broker's port, which the caller may have just been given.
+        let admin_port = std::iter::repeat_with(free_port)
+            .find(|port| *port != broker_port)
+            .expect("a free port");
         let state = dir.join("state");
         let text = std::fs::read_to_string(example_config("relay.toml"))
             .expect("example relay config")
