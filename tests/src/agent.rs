@@ -344,11 +344,21 @@ impl AgentProcess {
     /// GET a path of the agent's admin API, like `/v1/status`, with the admin token when the
     /// agent has one.
     pub fn get(&self, path: &str) -> Response {
-        let mut request = self.http.get(format!("{}{path}", self.admin_url()));
-        if let Some(token) = &self.options.admin_token {
-            request = request.bearer_auth(token);
+        // A GET is idempotent: a kept-alive connection the agent closed just as it was reused
+        // is tried again on a new one, as any HTTP client would.
+        let mut failure = None;
+        for _ in 0..3 {
+            let mut request = self.http.get(format!("{}{path}", self.admin_url()));
+            if let Some(token) = &self.options.admin_token {
+                request = request.bearer_auth(token);
+            }
+            match request.send() {
+                Ok(response) => return response,
+                Err(e) if e.is_request() || e.is_connect() => failure = Some(e),
+                Err(e) => panic!("GET {path}: {e}"),
+            }
         }
-        request.send().unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        panic!("GET {path}: {failure:?}")
     }
 
     /// GET a path and parse the JSON answer, asserting a 200.
