@@ -318,17 +318,8 @@ async fn site_delivered(
     Query(query): Query<DeliveredQuery>,
 ) -> Response {
     for (name, day) in [("from", &query.from), ("to", &query.to)] {
-        let valid = day.len() == 10
-            && time::Date::parse(
-                day,
-                time::macros::format_description!("[year]-[month]-[day]"),
-            )
-            .is_ok();
-        if !valid {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                format!("{name}: a calendar day, YYYY-MM-DD (got {day:?})"),
-            );
+        if let Err(e) = crate::reconcile::parse_day(name, day) {
+            return refuse(StatusCode::BAD_REQUEST, e);
         }
     }
     let limit = query.limit.unwrap_or(10_000).clamp(1, 100_000);

@@ -212,15 +212,12 @@ pub fn reconcile(
     );
     // The relay reads every trace of the site's window and asks the ERP: give it time.
     let client = AdminClient::with_timeout(target, std::time::Duration::from_secs(600))?;
-    if format == ReportFormat::Json {
-        return print_sent(&client, &path);
-    }
-    let report: crate::reconcile::Report = client.get_json(&path)?;
-    match format {
-        ReportFormat::Json => {}
-        ReportFormat::Csv => print!("{}", crate::reconcile::csv(&report)),
-        ReportFormat::Table => print!("{}", crate::reconcile::render(&report)),
-    }
+    let text = match format {
+        ReportFormat::Json => return print_sent(&client, &path),
+        ReportFormat::Csv => crate::reconcile::csv(&client.get_json(&path)?),
+        ReportFormat::Table => crate::reconcile::render(&client.get_json(&path)?),
+    };
+    print!("{text}");
     Ok(())
 }
 
